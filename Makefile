@@ -1,0 +1,35 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# CONSTRAINTS pins the CPU torch wheel (constraints.txt). A GPU user keeps their own torch with
+#   make test CONSTRAINTS= VENV_FLAGS=--system-site-packages
+PYTHON ?= python3
+VENV ?= .venv
+VENV_FLAGS ?=
+CONSTRAINTS ?= constraints.txt
+PY := $(VENV)/bin/python
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+STAMP := $(VENV)/.sdeflow-installed
+
+.PHONY: setup test test-all demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(PIP_C) -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest
+
+test-all: setup
+	$(PY) -m pytest -m ''
+
+demo: setup
+	$(PY) -m sdeflow.demo
+
+bench: setup
+	$(PY) benchmarks/solver_accuracy.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

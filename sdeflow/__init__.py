@@ -1,0 +1,19 @@
+"""sdeflow: score-based diffusion models as a numerical-solver problem."""
+
+from .analytic import GaussianMixture
+from .denoiser import Denoiser, Prediction
+from .sdes import DiscreteVPSDE, GaussianPath, GaussianSDE, SubVPSDE, VESDE, VPSDE
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GaussianSDE",
+    "VPSDE",
+    "SubVPSDE",
+    "VESDE",
+    "DiscreteVPSDE",
+    "GaussianPath",
+    "Denoiser",
+    "Prediction",
+    "GaussianMixture",
+]

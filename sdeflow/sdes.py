@@ -1,0 +1,536 @@
+r"""Gaussian diffusion processes as objects.
+
+Every SDE here is a *Gaussian probability path*
+
+.. math:: x_t = a(t)\, x_0 + s(t)\, \varepsilon, \qquad \varepsilon \sim N(0, I),
+
+and everything a sampler needs follows from :math:`a` and :math:`s` (Song et al. 2021, "Score-Based Generative
+Modeling through SDEs"; Kingma et al. 2021, "Variational Diffusion Models"):
+
+* drift coefficient  :math:`f(t) = \mathrm{d}\log a / \mathrm{d}t`, forward SDE :math:`dx = f(t) x\,dt + g(t)\,dW`;
+* diffusion          :math:`g(t)^2 = \mathrm{d}s^2/\mathrm{d}t - 2 f(t) s(t)^2`;
+* log-SNR            :math:`\lambda(t) = \log a(t) - \log s(t)` (strictly decreasing);
+* reverse SDE        :math:`dx = [f x - g^2 \nabla\log p_t(x)]\,dt + g\,d\bar W`;
+* probability flow   :math:`dx/dt = f x - \tfrac12 g^2 \nabla\log p_t(x)`.
+
+Subclasses give :math:`\log a`, :math:`\log s`, :math:`f` and (optionally in closed form) :math:`g^2` and the inverse of
+the log-SNR; the base class derives the rest once. All schedule arithmetic runs in the dtype of ``t`` (pass float64
+times for accuracy; python numbers become float64) and is cast to the state's dtype only where it meets ``x``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from ._utils import TimeLike, append_dims, as_time, check_choice, check_positive, check_time, log1mexp
+
+__all__ = ["GaussianSDE", "VPSDE", "SubVPSDE", "VESDE", "DiscreteVPSDE", "GaussianPath"]
+
+
+def _softplus(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + exp(x)) with no threshold (torch's softplus switches to x at x > 20, a 2e-9 error)."""
+    return torch.clamp(x, min=0) + torch.log1p(torch.exp(-torch.abs(x)))
+
+
+class GaussianSDE:
+    r"""Base class: a diffusion defined by its Gaussian marginals :math:`x_t = a(t) x_0 + s(t)\varepsilon`.
+
+    Subclasses implement :meth:`_log_alpha`, :meth:`_log_sigma`, :meth:`_f` (= d log a/dt) and either
+    :meth:`_dsigma2` (= d s^2/dt) or a closed-form :meth:`_g2`. A closed-form :meth:`_t_from_log_snr` is optional; the
+    default is a safeguarded bisection in float64.
+
+    Attributes:
+        T: final time (noise end). Samplers integrate from ``T`` down to ``t_end``.
+        eps: default smallest time for sampling and likelihoods (1e-3 VP/sub-VP, 1e-5 VE, 1/N discrete).
+    """
+
+    T: float = 1.0
+    eps: float = 1e-3
+
+    # ------------------------------------------------------------------ subclass hooks (tensor in, tensor out)
+    def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _log_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _f(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _dsigma2(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _g2(self, t: torch.Tensor) -> torch.Tensor:
+        s2 = torch.exp(2 * self._log_sigma(t))
+        return self._dsigma2(t) - 2 * self._f(t) * s2
+
+    def _t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
+        return self._bisect_log_snr(lam)
+
+    # ------------------------------------------------------------------ public, checked
+    def _t(self, t: TimeLike) -> torch.Tensor:
+        t = as_time(t)
+        check_time(t, self.T)
+        return t
+
+    def log_alpha(self, t: TimeLike) -> torch.Tensor:
+        """log a(t)."""
+        return self._log_alpha(self._t(t))
+
+    def log_sigma(self, t: TimeLike) -> torch.Tensor:
+        """log s(t)."""
+        return self._log_sigma(self._t(t))
+
+    def alpha(self, t: TimeLike) -> torch.Tensor:
+        """a(t), the signal scale of the marginal."""
+        return torch.exp(self.log_alpha(t))
+
+    def sigma(self, t: TimeLike) -> torch.Tensor:
+        """s(t), the noise scale of the marginal."""
+        return torch.exp(self.log_sigma(t))
+
+    def log_snr(self, t: TimeLike) -> torch.Tensor:
+        r""":math:`\lambda(t) = \log a(t) - \log s(t)`, strictly decreasing in t."""
+        t = self._t(t)
+        return self._log_alpha(t) - self._log_sigma(t)
+
+    def t_from_log_snr(self, lam: TimeLike) -> torch.Tensor:
+        r"""The inverse of :meth:`log_snr`: the t in [0, T] with :math:`\lambda(t) = \mathrm{lam}`."""
+        lam = as_time(lam)
+        return self._t_from_log_snr(lam).clamp(0.0, self.T)
+
+    def edm_sigma(self, t: TimeLike) -> torch.Tensor:
+        r"""The EDM noise level :math:`\sigma(t) = s(t)/a(t) = e^{-\lambda(t)}` (Karras et al. 2022)."""
+        return torch.exp(-self.log_snr(t))
+
+    def t_from_edm_sigma(self, sigma: TimeLike) -> torch.Tensor:
+        """Inverse of :meth:`edm_sigma`."""
+        return self.t_from_log_snr(-torch.log(as_time(sigma)))
+
+    def f(self, t: TimeLike) -> torch.Tensor:
+        """Drift coefficient f(t) = d log a / dt (the forward drift is f(t) x)."""
+        return self._f(self._t(t))
+
+    def g2(self, t: TimeLike) -> torch.Tensor:
+        """Squared diffusion g(t)^2 = d s^2/dt - 2 f s^2."""
+        return self._g2(self._t(t))
+
+    def diffusion(self, t: TimeLike) -> torch.Tensor:
+        """g(t): the forward SDE is dx = f(t) x dt + g(t) dW."""
+        return torch.sqrt(self.g2(t))
+
+    def drift(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
+        """Forward drift f(t) x, for x of shape (batch, *data_shape) and t scalar or (batch,)."""
+        return self._coef(self.f(t), x) * x
+
+    def marginal(self, x0: torch.Tensor, t: TimeLike, noise: torch.Tensor) -> torch.Tensor:
+        """Sample of x_t given x_0: a(t) x0 + s(t) noise."""
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
+        t = self._t(t)
+        return self._coef(torch.exp(self._log_alpha(t)), x0) * x0 + self._coef(torch.exp(self._log_sigma(t)), x0) * noise
+
+    def reverse_drift(self, x: torch.Tensor, t: TimeLike, score: torch.Tensor) -> torch.Tensor:
+        r"""Drift of the reverse-time SDE (Anderson 1982): :math:`f x - g^2 \nabla\log p_t`, to be integrated from T to 0."""
+        t = self._t(t)
+        return self._coef(self._f(t), x) * x - self._coef(self._g2(t), x) * score
+
+    def probability_flow_drift(self, x: torch.Tensor, t: TimeLike, score: torch.Tensor) -> torch.Tensor:
+        r"""Velocity of the probability-flow ODE (Song et al. 2021, eq. 13): :math:`f x - \tfrac12 g^2 \nabla\log p_t`."""
+        t = self._t(t)
+        return self._coef(self._f(t), x) * x - 0.5 * self._coef(self._g2(t), x) * score
+
+    def prior_std(self) -> float:
+        """s(T): the prior is N(0, s(T)^2 I)."""
+        return float(self.sigma(self.T))
+
+    def prior_sample(
+        self,
+        shape: tuple[int, ...] | torch.Size,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """Draw x_T ~ N(0, s(T)^2 I) of the given shape (batch, *data_shape)."""
+        if device is None and generator is not None:
+            device = generator.device
+        z = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
+        return self.prior_std() * z
+
+    def prior_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """log N(x; 0, s(T)^2 I), summed over all but the batch dimension: shape (batch,)."""
+        if x.ndim < 1:
+            raise ValueError("x must have a batch dimension")
+        s = self.prior_std()
+        d = x[0].numel()
+        sq = x.reshape(x.shape[0], -1).pow(2).sum(dim=1)
+        return -0.5 * sq / s**2 - 0.5 * d * math.log(2 * math.pi * s**2)
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _coef(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return append_dims(c.to(device=x.device, dtype=x.dtype), x.ndim)
+
+    def _bisect_log_snr(self, lam: torch.Tensor, iters: int = 100) -> torch.Tensor:
+        """Safeguarded inverse of the decreasing log-SNR by vectorized bisection on [0, T] in float64."""
+        lam64 = lam.to(torch.float64)
+        lo = torch.zeros_like(lam64)
+        hi = torch.full_like(lam64, self.T)
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            val = self._log_alpha(mid) - self._log_sigma(mid)
+            go_right = val > lam64  # lambda decreasing: the root lies to the right
+            lo = torch.where(go_right, mid, lo)
+            hi = torch.where(go_right, hi, mid)
+        return (0.5 * (lo + hi)).to(lam.dtype)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(T={self.T}, eps={self.eps})"
+
+
+class _VPBase(GaussianSDE):
+    r"""Variance-preserving paths: :math:`s^2 = 1 - a^2`, hence :math:`g^2 = \beta(t) = -2 f(t)`."""
+
+    def _log_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return 0.5 * log1mexp(2 * self._log_alpha(t))
+
+    def _g2(self, t: torch.Tensor) -> torch.Tensor:
+        return -2 * self._f(t)
+
+    @staticmethod
+    def _log_alpha_from_log_snr(lam: torch.Tensor) -> torch.Tensor:
+        # a^2 / (1 - a^2) = exp(2 lam)  =>  log a = -softplus(-2 lam) / 2
+        return -0.5 * _softplus(-2 * lam)
+
+    def beta(self, t: TimeLike) -> torch.Tensor:
+        r""":math:`\beta(t) = g(t)^2`."""
+        return self.g2(t)
+
+
+class VPSDE(_VPBase):
+    r"""Variance-preserving SDE :math:`dx = -\tfrac12\beta(t) x\,dt + \sqrt{\beta(t)}\,dW` (Song et al. 2021).
+
+    Schedules:
+
+    * ``"linear"``: :math:`\beta(t) = \beta_0 + t(\beta_1-\beta_0)`, :math:`\log a = -\tfrac14 t^2(\beta_1-\beta_0) -
+      \tfrac12 t\beta_0` (the continuous DDPM, Ho et al. 2020 / Song et al. 2021). Closed-form log-SNR inverse.
+    * ``"cosine"``: :math:`a(t) = \cos(\tfrac{\pi}{2}\tfrac{t+s}{1+s}) / \cos(\tfrac{\pi}{2}\tfrac{s}{1+s})`,
+      s = 0.008 (Nichol & Dhariwal 2021). :math:`\beta` blows up at t = 1, so, as in DPM-Solver's continuous cosine
+      schedule (Lu et al. 2022, ``NoiseScheduleVP``), the process stops at ``T = 0.9946`` (a(T) = 0.0084, beta(T) = 371)
+      instead of clipping beta. Closed-form inverse.
+    * ``"sigmoid"``: :math:`\bar a(t) = a^2 = \delta + (1-\delta)\,\frac{v_e - \mathrm{sig}(u(t))}{v_e - v_s}`,
+      :math:`u = (\text{start} + t(\text{end}-\text{start}))/\tau`, :math:`v_{s,e} = \mathrm{sig}(\text{start/end}/\tau)`
+      (the sigmoid schedule of Jabri et al. 2022, "Scalable Adaptive Computation for Iterative Generation", with
+      start = -3, end = 3, tau = 1). Their schedule is clipped at a floor; here the floor ``delta = alpha_bar_min``
+      (default 4.1e-5, the linear VP's a(1)^2) is mixed in affinely so the path stays smooth. Closed-form inverse.
+
+    ``beta_min``/``beta_max`` are used by the linear schedule only.
+    """
+
+    def __init__(
+        self,
+        beta_min: float = 0.1,
+        beta_max: float = 20.0,
+        schedule: str = "linear",
+        *,
+        T: float | None = None,
+        cosine_s: float = 0.008,
+        sigmoid_start: float = -3.0,
+        sigmoid_end: float = 3.0,
+        sigmoid_tau: float = 1.0,
+        alpha_bar_min: float = 4.1e-5,
+        eps: float = 1e-3,
+    ) -> None:
+        check_choice("schedule", schedule, ["linear", "cosine", "sigmoid"])
+        self.schedule = schedule
+        if schedule == "linear":
+            if not (beta_min > 0 and beta_max > 0):
+                raise ValueError(f"beta_min and beta_max must be positive, got beta_min={beta_min}, beta_max={beta_max}")
+            if not beta_min < beta_max:
+                raise ValueError(f"beta_min must be < beta_max, got beta_min={beta_min} >= beta_max={beta_max}")
+        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
+        if schedule == "cosine":
+            check_positive("cosine_s", cosine_s)
+            self.cosine_s = float(cosine_s)
+            self._cos_log_c0 = math.log(math.cos(math.pi / 2 * cosine_s / (1 + cosine_s)))
+            default_T = 0.9946
+        elif schedule == "sigmoid":
+            if not sigmoid_start < sigmoid_end:
+                raise ValueError(f"sigmoid_start must be < sigmoid_end, got {sigmoid_start} >= {sigmoid_end}")
+            check_positive("sigmoid_tau", sigmoid_tau)
+            if not 0 < alpha_bar_min < 1:
+                raise ValueError(f"alpha_bar_min must lie in (0, 1), got {alpha_bar_min}")
+            self.sig_start, self.sig_end, self.sig_tau = float(sigmoid_start), float(sigmoid_end), float(sigmoid_tau)
+            self.sig_vs = 1 / (1 + math.exp(-sigmoid_start / sigmoid_tau))
+            self.sig_ve = 1 / (1 + math.exp(-sigmoid_end / sigmoid_tau))
+            self.delta = float(alpha_bar_min)
+            default_T = 1.0
+        else:
+            default_T = 1.0
+        self.T = float(default_T if T is None else T)
+        if not 0 < self.T <= (0.9946 if schedule == "cosine" and T is None else 1.0) + 1e-12:
+            raise ValueError(f"T must lie in (0, 1] (cosine: < 1), got {self.T}")
+        if schedule == "cosine" and self.T >= 1.0:
+            raise ValueError(f"T must be < 1 for the cosine schedule (beta(1) is infinite), got {self.T}")
+        check_positive("eps", eps)
+        if not eps < self.T:
+            raise ValueError(f"eps must be < T={self.T}, got {eps}")
+        self.eps = float(eps)
+
+    # linear -------------------------------------------------------------------------------------------------
+    def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        if self.schedule == "linear":
+            b0, b1 = self.beta_min, self.beta_max
+            return -0.25 * t**2 * (b1 - b0) - 0.5 * t * b0
+        if self.schedule == "cosine":
+            s = self.cosine_s
+            return torch.log(torch.cos(math.pi / 2 * (t + s) / (1 + s))) - self._cos_log_c0
+        u = (self.sig_start + t * (self.sig_end - self.sig_start)) / self.sig_tau
+        one_minus_gamma = self._sig_one_minus_gamma(u)
+        return 0.5 * torch.log1p(-(1 - self.delta) * one_minus_gamma)
+
+    def _sig_one_minus_gamma(self, u: torch.Tensor) -> torch.Tensor:
+        # 1 - gamma = (sig(u) - v_s) / (v_e - v_s), with sig(u) - sig(u0) = -exp(-u0) expm1(u0 - u) sig(u) sig(u0)
+        u0 = self.sig_start / self.sig_tau
+        diff = -math.exp(-u0) * torch.expm1(u0 - u) * torch.sigmoid(u) * self.sig_vs
+        return diff / (self.sig_ve - self.sig_vs)
+
+    def _log_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        if self.schedule == "sigmoid":
+            u = (self.sig_start + t * (self.sig_end - self.sig_start)) / self.sig_tau
+            return 0.5 * (math.log1p(-self.delta) + torch.log(self._sig_one_minus_gamma(u)))
+        return super()._log_sigma(t)
+
+    def _f(self, t: torch.Tensor) -> torch.Tensor:
+        if self.schedule == "linear":
+            return -0.5 * (self.beta_min + t * (self.beta_max - self.beta_min))
+        if self.schedule == "cosine":
+            s = self.cosine_s
+            return -math.pi / (2 * (1 + s)) * torch.tan(math.pi / 2 * (t + s) / (1 + s))
+        u = (self.sig_start + t * (self.sig_end - self.sig_start)) / self.sig_tau
+        sg = torch.sigmoid(u)
+        dabar = -(1 - self.delta) * sg * (1 - sg) * (self.sig_end - self.sig_start) / self.sig_tau
+        dabar = dabar / (self.sig_ve - self.sig_vs)
+        return 0.5 * dabar / torch.exp(2 * self._log_alpha(t))
+
+    def _t_from_log_alpha(self, la: torch.Tensor) -> torch.Tensor:
+        # linear schedule: positive root of (b1-b0)/4 t^2 + b0/2 t + log a = 0, rationalized (no cancellation)
+        b0, b1 = self.beta_min, self.beta_max
+        return -2 * la / (0.5 * b0 + torch.sqrt(0.25 * b0**2 - (b1 - b0) * la))
+
+    def _t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
+        if self.schedule == "linear":
+            return self._t_from_log_alpha(self._log_alpha_from_log_snr(lam))
+        if self.schedule == "cosine":
+            s = self.cosine_s
+            a = torch.exp(self._log_alpha_from_log_snr(lam))
+            s2 = torch.sigmoid(-2 * lam)  # 1 - a^2
+            c0 = math.exp(self._cos_log_c0)
+            sin0_sq = 1 - c0**2
+            # theta = arccos(c0 a) written as atan2(sin, cos) with sin^2 = sin0^2 + c0^2 (1 - a^2): no cancellation
+            theta = torch.atan2(torch.sqrt(sin0_sq + c0**2 * s2), c0 * a)
+            return theta * 2 * (1 + s) / math.pi - s
+        # sigmoid: 1 - gamma = (1 - abar)/(1 - delta), sig(u) = v_s + (1 - gamma)(v_e - v_s)
+        one_minus_gamma = torch.sigmoid(-2 * lam) / (1 - self.delta)
+        su = self.sig_vs + one_minus_gamma * (self.sig_ve - self.sig_vs)
+        u = torch.log(su) - torch.log1p(-su)
+        return (u * self.sig_tau - self.sig_start) / (self.sig_end - self.sig_start)
+
+    def __repr__(self) -> str:
+        if self.schedule == "linear":
+            return f"VPSDE(beta_min={self.beta_min}, beta_max={self.beta_max}, schedule='linear')"
+        return f"VPSDE(schedule={self.schedule!r}, T={self.T})"
+
+
+class SubVPSDE(GaussianSDE):
+    r"""Sub-VP SDE (Song et al. 2021, eq. 29): :math:`dx = -\tfrac12\beta x\,dt + \sqrt{\beta(1-e^{-2\int\beta})}\,dW`.
+
+    Same a(t) as the linear VP; :math:`s(t) = 1 - a(t)^2` (the *standard deviation*, so the variance is bounded by the
+    VP one); :math:`g^2 = \beta(t)(1 - a^4)`. Log-SNR inverse in closed form:
+    :math:`\log a = -\operatorname{asinh}(e^{-\lambda}/2)` from :math:`a/(1-a^2) = e^\lambda`.
+    """
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, *, eps: float = 1e-3) -> None:
+        self._vp = VPSDE(beta_min, beta_max, "linear", eps=eps)
+        self.beta_min, self.beta_max = self._vp.beta_min, self._vp.beta_max
+        self.T, self.eps = 1.0, float(eps)
+
+    def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return self._vp._log_alpha(t)
+
+    def _log_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return log1mexp(2 * self._log_alpha(t))
+
+    def _f(self, t: torch.Tensor) -> torch.Tensor:
+        return self._vp._f(t)
+
+    def _g2(self, t: torch.Tensor) -> torch.Tensor:
+        return -2 * self._f(t) * -torch.expm1(4 * self._log_alpha(t))
+
+    def _t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
+        return self._vp._t_from_log_alpha(-torch.asinh(0.5 * torch.exp(-lam)))
+
+    def __repr__(self) -> str:
+        return f"SubVPSDE(beta_min={self.beta_min}, beta_max={self.beta_max})"
+
+
+class VESDE(GaussianSDE):
+    r"""Variance-exploding SDE (Song et al. 2021; NCSN, Song & Ermon 2019).
+
+    :math:`a = 1`, :math:`s(t) = \sigma_{min}(\sigma_{max}/\sigma_{min})^t`, :math:`f = 0`,
+    :math:`g^2 = \mathrm{d}s^2/\mathrm{d}t = 2 s^2 \log(\sigma_{max}/\sigma_{min})`; default ``eps = 1e-5`` as in the
+    score_sde reference code. Prior N(0, sigma_max^2 I).
+    """
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, *, eps: float = 1e-5) -> None:
+        check_positive("sigma_min", sigma_min)
+        check_positive("sigma_max", sigma_max)
+        if not sigma_min < sigma_max:
+            raise ValueError(f"sigma_min must be < sigma_max, got sigma_min={sigma_min} >= sigma_max={sigma_max}")
+        check_positive("eps", eps)
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self._log_ratio = math.log(sigma_max / sigma_min)
+        self.T, self.eps = 1.0, float(eps)
+
+    def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(t)
+
+    def _log_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return math.log(self.sigma_min) + t * self._log_ratio
+
+    def _f(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(t)
+
+    def _g2(self, t: torch.Tensor) -> torch.Tensor:
+        return 2 * self._log_ratio * torch.exp(2 * self._log_sigma(t))
+
+    def _t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
+        return (-lam - math.log(self.sigma_min)) / self._log_ratio
+
+    def __repr__(self) -> str:
+        return f"VESDE(sigma_min={self.sigma_min}, sigma_max={self.sigma_max})"
+
+
+class DiscreteVPSDE(_VPBase):
+    r"""A DDPM schedule of N steps as a continuous VP path, in the DPM-Solver convention (Lu et al. 2022, App. D).
+
+    Step n = 0..N-1 sits at :math:`t_n = (n+1)/N` with :math:`\log a(t_n) = \tfrac12\sum_{i\le n}\log(1-\beta_i)`, and
+    t = 0 is the clean data (log a = 0). Between grid points log a is linear in t, so f = d log a/dt is piecewise
+    constant and :math:`g^2 = -2f`; the VP relation :math:`s^2 = 1 - a^2` holds everywhere and the moment equations hold
+    exactly inside every segment. ``eps = 1/N`` (the first DDPM step), ``T = 1``. A net trained on integer steps is
+    called with ``t*N - 1`` through ``Denoiser(..., time_input="index")``.
+    """
+
+    def __init__(self, betas: torch.Tensor | list[float]) -> None:
+        betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
+        if betas.numel() < 1:
+            raise ValueError("betas must hold at least one value")
+        if not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("betas must lie in (0, 1)")
+        self.betas = betas
+        self.N = int(betas.numel())
+        la = 0.5 * torch.cumsum(torch.log1p(-betas), 0)
+        self._la = torch.cat([torch.zeros(1, dtype=torch.float64), la])  # at t = 0, 1/N, ..., 1
+        self._la_cache: dict[torch.device, torch.Tensor] = {}
+        self.T, self.eps = 1.0, 1.0 / self.N
+
+    @classmethod
+    def linear(cls, n: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "DiscreteVPSDE":
+        """DDPM's linear betas (Ho et al. 2020): beta_i = linspace(beta_start, beta_end, n)."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        return cls(torch.linspace(beta_start, beta_end, n, dtype=torch.float64))
+
+    @classmethod
+    def cosine(cls, n: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> "DiscreteVPSDE":
+        """Improved-DDPM cosine betas (Nichol & Dhariwal 2021, eq. 17), beta clipped at ``max_beta`` = 0.999."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        i = torch.arange(n + 1, dtype=torch.float64)
+        abar = torch.cos((i / n + s) / (1 + s) * math.pi / 2) ** 2
+        betas = (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
+        return cls(betas)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """\bar alpha_n = a(t_n)^2 for n = 0..N-1 (float64)."""
+        return torch.exp(2 * self._la[1:])
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        tab = self._la_cache.get(device)
+        if tab is None:
+            tab = self._la.to(device)
+            self._la_cache[device] = tab
+        return tab
+
+    def _segment(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tab = self._table(t.device).to(t.dtype)
+        pos = t * self.N
+        idx = torch.clamp(torch.floor(pos), 0, self.N - 1).long()
+        lo, hi = tab[idx], tab[idx + 1]
+        return pos - idx.to(t.dtype), lo, hi
+
+    def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        w, lo, hi = self._segment(t)
+        return lo + w * (hi - lo)
+
+    def _f(self, t: torch.Tensor) -> torch.Tensor:
+        _, lo, hi = self._segment(t)
+        return (hi - lo) * self.N
+
+    def _t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
+        target = self._log_alpha_from_log_snr(lam)
+        tab = self._table(lam.device).to(lam.dtype)
+        # tab decreases; -tab increases: find the segment [idx, idx+1] holding the target
+        idx = torch.searchsorted(-tab, (-target).contiguous(), right=True) - 1
+        idx = idx.clamp(0, self.N - 1)
+        lo, hi = tab[idx], tab[idx + 1]
+        w = (target - lo) / (hi - lo)
+        return (idx.to(lam.dtype) + w) / self.N
+
+    def __repr__(self) -> str:
+        return f"DiscreteVPSDE(N={self.N})"
+
+
+class GaussianPath(GaussianSDE):
+    r"""A generic Gaussian path from user functions :math:`\log a(t)` and :math:`\log s(t)` (tensor -> tensor).
+
+    Derivatives come from forward-mode autodiff (``torch.func.jvp``); the log-SNR inverse is the safeguarded
+    bisection. The path must have a strictly decreasing log-SNR on [0, T] and a non-negative g^2.
+    Example (a "rectified-flow" path): ``GaussianPath(lambda t: torch.log1p(-t), lambda t: torch.log(t), eps=1e-3,
+    T=0.999)``.
+    """
+
+    def __init__(
+        self,
+        log_alpha: Callable[[torch.Tensor], torch.Tensor],
+        log_sigma: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        T: float = 1.0,
+        eps: float = 1e-3,
+    ) -> None:
+        check_positive("T", T)
+        check_positive("eps", eps)
+        if not eps < T:
+            raise ValueError(f"eps must be < T, got eps={eps}, T={T}")
+        self._la_fn, self._ls_fn = log_alpha, log_sigma
+        self.T, self.eps = float(T), float(eps)
+
+    def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return self._la_fn(t)
+
+    def _log_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return self._ls_fn(t)
+
+    @staticmethod
+    def _deriv(fn: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+        return torch.func.jvp(fn, (t,), (torch.ones_like(t),))[1]
+
+    def _f(self, t: torch.Tensor) -> torch.Tensor:
+        return self._deriv(self._la_fn, t)
+
+    def _dsigma2(self, t: torch.Tensor) -> torch.Tensor:
+        return 2 * torch.exp(2 * self._ls_fn(t)) * self._deriv(self._ls_fn, t)
