@@ -17,3 +17,8 @@ __all__ = [
     "Prediction",
     "GaussianMixture",
 ]
+
+from . import solvers  # noqa: E402
+from .integrate import SampleResult, sample, solve, solve_adaptive  # noqa: E402
+
+__all__ += ["solvers", "sample", "solve", "solve_adaptive", "SampleResult"]
