@@ -40,10 +40,11 @@ def check_time(t: torch.Tensor, T: float, name: str = "t", low: float = 0.0) -> 
         return
     if t.numel() == 0:
         return
-    if not bool(torch.isfinite(t).all()):
+    if not bool(torch.isfinite(t.detach()).all()):
         raise ValueError(f"{name} must be finite, got {t}")
-    tol = 1e-12 * max(1.0, T)
-    lo, hi = float(t.min()), float(t.max())
+    # a float32 time cannot represent T = 0.999 or 0.9946 exactly: allow a few ulps of the time's own dtype
+    tol = max(1e-12, 4 * torch.finfo(t.dtype).eps) * max(1.0, T)
+    lo, hi = float(t.detach().min()), float(t.detach().max())
     if lo < low - tol or hi > T + tol:
         raise ValueError(f"{name} must lie in [{low}, {T}], got values in [{lo}, {hi}]")
 

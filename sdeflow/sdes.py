@@ -302,6 +302,11 @@ class VPSDE(_VPBase):
         if self.schedule == "sigmoid":
             u = (self.sig_start + t * (self.sig_end - self.sig_start)) / self.sig_tau
             return 0.5 * (math.log1p(-self.delta) + torch.log(self._sig_one_minus_gamma(u)))
+        if self.schedule == "cosine":
+            # 1 - a^2 = (cos^2 th0 - cos^2 th)/cos^2 th0 = sin(th - th0) sin(th + th0)/cos^2 th0: no cancellation, and
+            # exactly 0 at t = 0 (log a can round to +1e-17 there, which would make log(1 - a^2) NaN)
+            c = math.pi / (2 * (1 + self.cosine_s))
+            return 0.5 * (torch.log(torch.sin(c * t)) + torch.log(torch.sin(c * (t + 2 * self.cosine_s)))) - self._cos_log_c0
         return super()._log_sigma(t)
 
     def _f(self, t: torch.Tensor) -> torch.Tensor:
