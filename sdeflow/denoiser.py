@@ -26,7 +26,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from ._utils import TimeLike, append_dims, as_time, batch_time, check_choice
+from ._utils import TimeLike, append_dims, as_time, batch_time, check_choice, check_time
 from .sdes import GaussianSDE
 
 __all__ = ["Denoiser", "Prediction", "PREDICTIONS", "convert"]
@@ -141,6 +141,7 @@ class Denoiser:
     def raw(self, x: torch.Tensor, t: TimeLike, **kwargs: Any) -> torch.Tensor:
         """One counted net call, returning the net's own output (of type ``self.prediction``)."""
         t = as_time(t, x)
+        check_time(t, self.sde.T)  # also when no conversion (hence no sde.alpha call) follows; CPU only, no sync
         tb = batch_time(t, x)
         out = self.net(x, self.net_time(tb), **kwargs)
         self.nfe += 1
