@@ -1,0 +1,268 @@
+r"""The training loop: AdamW with linear warm-up, gradient clipping, EMA, optional CUDA mixed precision, and
+bit-exact resumable checkpoints that are also written when SIGINT or SIGTERM arrives.
+
+One step: draw a batch from the data source with the data generator, draw (t, noise, label dropout) with the loss
+generator, minimise the :class:`~sdeflow.training.losses.DenoisingScoreMatching` objective with AdamW (Loshchilov &
+Hutter 2019) at learning rate :math:`\eta \min(1, (k+1)/k_{warm})`, clip the global gradient norm, and update the
+exponential moving average :math:`\bar\theta \leftarrow \beta_k\bar\theta + (1-\beta_k)\theta` with
+:math:`\beta_k = \min(\beta, (1+k)/(10+k))` (the warm-started EMA of the TensorFlow ExponentialMovingAverage, used by
+score_sde), where k is the step index.
+
+Reproducibility: every random number comes from the trainer's two generators (data, loss) or torch's global CPU
+generator (dropout); all three states, the model, the EMA, the optimizer (and the AMP scaler) and the step go into the
+checkpoint, so on CPU N steps + save + load + N steps equal 2N steps bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .checkpoint import check_primitive, load_checkpoint, save_checkpoint
+from .data import DataSource
+from .losses import DenoisingScoreMatching
+
+__all__ = ["Trainer", "FitResult"]
+
+
+class FitResult(NamedTuple):
+    """What :meth:`Trainer.fit` did: the step reached, the last logged mean loss, the signal that stopped it (or None),
+    the wall time and the checkpoint path (None when no ``out_dir``)."""
+
+    step: int
+    loss: float
+    interrupted: int | None
+    seconds: float
+    checkpoint: Path | None
+
+
+class Trainer:
+    """Trains a score net by denoising score matching.
+
+    Args:
+        net: the network, ``net(x, t, y=None) -> tensor like x`` (an ``nn.Module``).
+        loss: the objective (holds the SDE, prediction type, weighting and time sampling).
+        data: a :class:`~sdeflow.training.data.DataSource` (``sample(batch, generator) -> (x, y)``).
+        batch_size: samples per step.
+        lr: peak AdamW learning rate; ``betas``, ``weight_decay``: AdamW's.
+        warmup: linear warm-up steps (0: none).
+        grad_clip: max global gradient norm (None or 0: no clipping).
+        ema_decay: EMA decay beta in [0, 1).
+        amp: float16 autocast with a gradient scaler; CUDA only.
+        device: where to train (defaults to the net's device).
+        seed: seeds the data generator (CPU) and the loss generator (on ``device``).
+        conditional: feed the data's labels to the net (needs a class-conditional net and labelled data).
+        out_dir: folder for ``ckpt.pt`` / ``ckpt.prev.pt`` (None: no checkpoints).
+        save_every: write a checkpoint every this many steps (0: only at the end or on a signal).
+        log_every: steps between progress-bar loss updates (one host sync each).
+        progress: show a tqdm progress bar with the loss and steps/s.
+        config: a plain dict of primitives stored in the checkpoint (enough to rebuild the SDE, net and loss; see
+            :func:`sdeflow.training.config.load_denoiser`).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: DenoisingScoreMatching,
+        data: DataSource,
+        *,
+        batch_size: int = 256,
+        lr: float = 2e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        warmup: int = 0,
+        grad_clip: float | None = 1.0,
+        ema_decay: float = 0.999,
+        amp: bool = False,
+        device: torch.device | str | None = None,
+        seed: int = 0,
+        conditional: bool = False,
+        out_dir: str | Path | None = None,
+        save_every: int = 0,
+        log_every: int = 50,
+        progress: bool = True,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"net must be an nn.Module, got {type(net).__name__}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if warmup < 0 or save_every < 0 or log_every < 1:
+            raise ValueError(f"warmup and save_every must be >= 0 and log_every >= 1, got {warmup}, {save_every}, {log_every}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}")
+        if grad_clip is not None and grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 or None, got {grad_clip}")
+        params = list(net.parameters())
+        if not params:
+            raise ValueError("net has no parameters to train")
+        self.device = torch.device(device) if device is not None else params[0].device
+        if amp and self.device.type != "cuda":
+            raise ValueError(f"amp=True needs a CUDA device, got device={str(self.device)!r}")
+        if conditional and (data.num_classes is None or getattr(net, "num_classes", None) is None):
+            raise ValueError("conditional=True needs labelled data and a class-conditional net (num_classes set)")
+        self.config = dict(config or {})
+        check_primitive(self.config)
+        self.net = net.to(self.device)
+        self.dtype = params[0].dtype
+        self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
+        self.loss, self.data = loss, data
+        self.batch_size, self.lr, self.warmup = int(batch_size), float(lr), int(warmup)
+        self.grad_clip = float(grad_clip) if grad_clip else None
+        self.ema_decay, self.amp, self.conditional = float(ema_decay), bool(amp), bool(conditional)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.data_generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(self.device).manual_seed(seed + 1)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.save_every, self.log_every, self.progress = int(save_every), int(log_every), bool(progress)
+        self.step = 0
+        self._signal: int | None = None
+
+    # ------------------------------------------------------------------ one step
+    def _lr_at(self, step: int) -> float:
+        return self.lr * min(1.0, (step + 1) / self.warmup) if self.warmup else self.lr
+
+    def train_step(self) -> torch.Tensor:
+        """One optimisation step; returns the batch loss (a detached 0-dim tensor, no host sync)."""
+        self.net.train()
+        x, y = self.data.sample(self.batch_size, self.data_generator)
+        x = x.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        y = y.to(self.device, non_blocking=True) if (self.conditional and y is not None) else None
+        for group in self.opt.param_groups:
+            group["lr"] = self._lr_at(self.step)
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
+        with autocast:
+            loss = self.loss(self.net, x, self.generator, y)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip is not None:
+            self.scaler.unscale_(self.opt)
+            nn.utils.clip_grad_norm_(self.net.parameters(), self.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self._update_ema()
+        self.step += 1
+        return loss.detach()
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = min(self.ema_decay, (1 + self.step) / (10 + self.step))
+        for e, p in zip(self.ema.parameters(), self.net.parameters()):
+            e.lerp_(p, 1.0 - decay)
+        for e, b in zip(self.ema.buffers(), self.net.buffers()):
+            e.copy_(b)
+
+    # ------------------------------------------------------------------ the loop
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signal = signum
+
+    def fit(self, steps: int) -> FitResult:
+        """Train until ``self.step == steps`` (a total, so a resumed run continues to the same end).
+
+        SIGINT / SIGTERM (when called from the main thread) stop the loop after the current step and write a
+        checkpoint before returning; ``FitResult.interrupted`` holds the signal number.
+        """
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        handlers: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handlers[sig] = signal.signal(sig, self._on_signal)
+        self._signal = None
+        start, last, running, count = time.perf_counter(), float("nan"), None, 0
+        bar = self._bar(steps)
+        try:
+            while self.step < steps and self._signal is None:
+                loss = self.train_step()
+                running = loss if running is None else running + loss
+                count += 1
+                if count == self.log_every or self.step == steps:
+                    last = float(running) / count  # one host sync per log_every steps
+                    if not math.isfinite(last):
+                        raise FloatingPointError(f"loss became {last} by step {self.step}; lower lr or check the data")
+                    running, count = None, 0
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last:.4g}", refresh=False)
+                if bar is not None:
+                    bar.update(1)
+                if self.out_dir is not None and self.save_every and self.step % self.save_every == 0:
+                    self.save()
+            if count:
+                last = float(running) / count
+            path = self.save() if self.out_dir is not None else None
+        finally:
+            if bar is not None:
+                bar.close()
+            for sig, old in handlers.items():
+                signal.signal(sig, old)
+        return FitResult(self.step, last, self._signal, time.perf_counter() - start, path)
+
+    def _bar(self, steps: int):
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=steps, initial=self.step, unit="step", dynamic_ncols=True, smoothing=0.05)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a bit-exact resume needs (tensors and primitives only)."""
+        rng: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "data_generator": self.data_generator.get_state(),
+            "generator": self.generator.get_state(),
+        }
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "model": self.net.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict() if self.amp else {},
+            "step": self.step,
+            "rng": rng,
+            "config": self.config,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (from a checkpoint of a run built the same way)."""
+        self.net.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.amp and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.data_generator.set_state(rng["data_generator"])
+        self.generator.set_state(rng["generator"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        if self.out_dir is None:
+            raise ValueError("this trainer has no out_dir")
+        return self.out_dir / "ckpt.pt"
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write a checkpoint atomically (default ``out_dir/ckpt.pt``; the old one becomes ``ckpt.prev.pt``)."""
+        return save_checkpoint(self.state_dict(), path if path is not None else self.checkpoint_path)
+
+    def resume(self, path: str | Path | None = None) -> int:
+        """Load a checkpoint (default ``out_dir/ckpt.pt``) into this trainer; returns the step reached."""
+        state = load_checkpoint(path if path is not None else self.checkpoint_path, map_location="cpu")
+        self.load_state_dict(state)
+        return self.step
