@@ -66,12 +66,13 @@ def solve(
     return_trajectory: bool = False,
     progress: bool = False,
 ) -> SampleResult:
-    """Integrate with ``stepper`` along the decreasing float64 ``grid`` starting from ``x`` at ``grid[0]``.
+    """Integrate with ``stepper`` along the float64 ``grid`` starting from ``x`` at ``grid[0]``.
 
     Args:
         stepper: a fixed-grid :class:`~sdeflow.solvers.base.Stepper`.
         x: the state at grid[0], shape (batch, *data_shape).
-        grid: float64 times, strictly decreasing.
+        grid: float64 times, strictly decreasing (sampling); an increasing grid integrates forward in time
+            (probability-flow ODE inversion, :func:`sdeflow.guidance.encode`).
         noise: the noise source for stochastic steppers (default: IID from the global RNG).
         callback: called after every step with ``{"i", "t", "x", "x0"}``.
         return_trajectory: stack the states at every grid time.
@@ -159,13 +160,17 @@ def solve_adaptive(
 ) -> SampleResult:
     """Adaptive integration from ``t_start`` down to ``t_end`` with one step size per sample.
 
+    ``t_end > t_start`` integrates forward in time (probability-flow ODE inversion, :func:`sdeflow.guidance.encode`);
+    steppers' formulas from t0 to t1 hold in either direction.
+
     The stepper's ``step`` is called on the active samples with per-sample times (B_active,). If it returns no
     ``error``, step doubling estimates it (deterministic steppers only).
     """
     if not (rtol > 0 and atol > 0):
         raise ValueError(f"rtol and atol must be positive, got rtol={rtol}, atol={atol}")
-    if not t_end < t_start:
-        raise ValueError(f"t_end must be < t_start, got t_end={t_end}, t_start={t_start}")
+    if t_end == t_start:
+        raise ValueError(f"t_end must differ from t_start, got t_end={t_end}, t_start={t_start}")
+    direction = -1.0 if t_end < t_start else 1.0
     controller = controller or PIController()
     den = stepper.den
     nfe0 = den.nfe
@@ -173,7 +178,7 @@ def solve_adaptive(
         noise = IIDNoise(None)
     B, dev = x.shape[0], x.device
     f64 = dict(dtype=torch.float64, device=dev)
-    span = t_start - t_end
+    span = abs(t_start - t_end)
     t = torch.full((B,), float(t_start), **f64)
     h = torch.full((B,), float(h0 if h0 is not None else 0.05 * span), **f64)
     h_min = 1e-12 * max(1.0, span)
@@ -184,7 +189,7 @@ def solve_adaptive(
     bar = _progress(None, progress, stepper.name)
     done_tol = 1e-12 * max(1.0, abs(t_end))
     while True:
-        active = (t - t_end) > done_tol
+        active = direction * (t_end - t) > done_tol
         idx = active.nonzero().squeeze(1)
         if idx.numel() == 0:
             break
@@ -192,7 +197,8 @@ def solve_adaptive(
         if rounds > max_steps:
             raise SolverError(f"adaptive solve did not reach t_end={t_end} in max_steps={max_steps} rounds")
         t0 = t[idx]
-        t1 = torch.maximum(t0 - h[idx], torch.full_like(t0, t_end))
+        t1 = t0 + direction * h[idx]
+        t1 = torch.maximum(t1, torch.full_like(t0, t_end)) if direction < 0 else torch.minimum(t1, torch.full_like(t0, t_end))
         xs = x[idx]
         z = noise(rounds - 1, t0, t1, xs, stepper.noise_draws) if stepper.noise_draws else None
         res = stepper.step(t0, t1, xs, None, z)
@@ -206,8 +212,9 @@ def solve_adaptive(
             x_new = half.x
         en = error_norm(err, xs, x_new, rtol, atol)
         accept = en <= 1.0
-        hs = t0 - t1
-        fac = controller.factor(en, err_prev[idx], stepper.order)
+        hs = direction * (t1 - t0)
+        k_order = stepper.order if (res.error is None or stepper.error_order is None) else stepper.error_order
+        fac = controller.factor(en, err_prev[idx], k_order)
         acc_idx = idx[accept]
         x = x.index_copy(0, acc_idx, x_new[accept]) if acc_idx.numel() else x
         t = t.index_copy(0, acc_idx, t1[accept])
