@@ -5,11 +5,13 @@ from __future__ import annotations
 from .base import SolverError, Stepper, StepResult
 from .ddim import DDIM, DDPM
 from .euler import Euler
+from ..parallel import Parallel  # noqa: E402  (parallel.py imports only .base at load time)
 
 SOLVERS: dict[str, type[Stepper]] = {
     "euler": Euler,
     "ddim": DDIM,
     "ddpm": DDPM,
+    "parallel": Parallel,
 }
 
 
