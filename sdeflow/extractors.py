@@ -7,7 +7,8 @@ its penultimate layer gives the features ("FD_digits", the analogue of FID with 
 saved with their SHA-256 next to them and are verified (and loaded with ``weights_only=True``, so a weight file never
 executes code) before use.
 
-Digits are fed as images in [-1, 1] (pixel / 8 - 1, pixel in 0..16), the usual diffusion convention, of shape
+Digits are fed as images in [-1, 1] (pixel / 16 * 2 - 1, pixel in 0..16: the scaling of
+:func:`sdeflow.training.data.load_digits`, so model samples are scored in the units they were trained in), of shape
 (N, 64), (N, 8, 8) or (N, 1, 8, 8).
 """
 
@@ -23,10 +24,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .training.data import load_digits
+
 __all__ = [
     "sha256_file",
     "verify_sha256",
-    "load_digits",
     "DigitsCNN",
     "train_digits_extractor",
     "save_digits_extractor",
@@ -86,18 +88,6 @@ def _atomic_save(obj: object, path: Path) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-# ---------------------------------------------------------------------------------------------- digits data
-def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's 1797 digits as float32 images (1797, 1, 8, 8) in [-1, 1] and int64 labels (1797,)."""
-    try:
-        from sklearn.datasets import load_digits as _sk_load_digits
-    except ImportError as e:  # pragma: no cover - the 'digits' extra
-        raise ImportError("the digits data need scikit-learn: pip install 'sdeflow[digits]'") from e
-    bunch = _sk_load_digits()
-    x = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
-    return x, torch.as_tensor(bunch.target, dtype=torch.int64)
 
 
 # ---------------------------------------------------------------------------------------------- the network

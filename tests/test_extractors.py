@@ -10,7 +10,6 @@ import torch
 from sdeflow.extractors import (
     DigitsCNN,
     digits_extractor,
-    load_digits,
     load_digits_extractor,
     save_digits_extractor,
     sha256_file,
@@ -18,6 +17,7 @@ from sdeflow.extractors import (
     verify_sha256,
 )
 from sdeflow.metrics import FeatureExtractor, feature_stats, frechet_distance
+from sdeflow.training.data import load_digits
 
 pytest.importorskip("sklearn")
 
