@@ -22,3 +22,7 @@ from . import solvers  # noqa: E402
 from .integrate import SampleResult, sample, solve, solve_adaptive  # noqa: E402
 
 __all__ += ["solvers", "sample", "solve", "solve_adaptive", "SampleResult"]
+
+from .likelihood import LikelihoodResult, UniformDequantization, log_likelihood  # noqa: E402
+
+__all__ += ["log_likelihood", "LikelihoodResult", "UniformDequantization"]
