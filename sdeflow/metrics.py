@@ -273,8 +273,15 @@ def _zero_tolerance(dim: int, *dtypes: torch.dtype) -> float:
     return 4.0 * math.sqrt(dim) * eps + dim * torch.finfo(torch.float64).eps
 
 
-def _psd_eigh(s: torch.Tensor, name: str, rtol: float, zero_rtol: float, scale: torch.Tensor | None = None):
-    """Eigendecomposition of a symmetric PSD matrix with rounding-level eigenvalues set to exactly 0.
+def _psd_eigh(
+    s: torch.Tensor,
+    name: str,
+    rtol: float,
+    zero_rtol: float,
+    scale: torch.Tensor | None = None,
+    vectors: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Eigenvalues (and eigenvectors when ``vectors``) of a symmetric PSD matrix, rounding-level eigenvalues set to 0.
 
     Relative to ``scale`` (default: the largest |eigenvalue|): eigenvalues in [-zero_rtol, zero_rtol] become 0, ones
     in [-rtol, -zero_rtol) are clipped to 0, and one below -rtol (or an asymmetric ``s``) raises a ValueError.
@@ -282,7 +289,8 @@ def _psd_eigh(s: torch.Tensor, name: str, rtol: float, zero_rtol: float, scale: 
     if not bool(torch.isfinite(s).all()):
         raise ValueError(f"{name} must be finite")
     asym = (s - s.mT).abs().max()
-    w, v = torch.linalg.eigh((s + s.mT) / 2)
+    sym = (s + s.mT) / 2
+    w, v = torch.linalg.eigh(sym) if vectors else (torch.linalg.eigvalsh(sym), None)
     size = w.abs().max() if scale is None else scale
     size = torch.clamp(size, min=torch.finfo(torch.float64).tiny)
     if float(asym) > max(rtol, zero_rtol) * float(size) * max(1, s.shape[0]) ** 0.5:
@@ -347,12 +355,12 @@ def frechet_distance(
     mu2, s2 = q.mean.to(dev, torch.float64), q.cov.to(dev, torch.float64)
 
     w1, v1 = _psd_eigh(s1, "p's covariance", tol, zero_tol)
-    w2, _ = _psd_eigh(s2, "q's covariance", tol, zero_tol)
+    w2, _ = _psd_eigh(s2, "q's covariance", tol, zero_tol, vectors=False)
     sqrt_s1 = (v1 * w1.sqrt()) @ v1.mT
     middle = sqrt_s1 @ s2 @ sqrt_s1
     # the middle matrix is PSD up to q's clipped negatives (<= tol * lam_max(q) * lam_max(p)) and product rounding
     scale = w1.max() * w2.max()
-    lam, _ = _psd_eigh(middle, "sqrt(S_p) S_q sqrt(S_p)", 2 * tol, zero_tol, scale=scale)
+    lam, _ = _psd_eigh(middle, "sqrt(S_p) S_q sqrt(S_p)", 2 * tol, zero_tol, scale=scale, vectors=False)
     trace_sqrt = lam.sqrt().sum()
     d2 = (mu1 - mu2).square().sum() + w1.sum() + w2.sum() - 2 * trace_sqrt
     return max(float(d2), 0.0)
