@@ -26,3 +26,8 @@ __all__ += ["solvers", "sample", "solve", "solve_adaptive", "SampleResult"]
 from .likelihood import LikelihoodResult, UniformDequantization, log_likelihood  # noqa: E402
 
 __all__ += ["log_likelihood", "LikelihoodResult", "UniformDequantization"]
+
+from .nets import MLPScoreNet, UNet  # noqa: E402
+from .training import DenoisingScoreMatching, Trainer, load_denoiser  # noqa: E402
+
+__all__ += ["MLPScoreNet", "UNet", "DenoisingScoreMatching", "Trainer", "load_denoiser"]

@@ -6,8 +6,15 @@ Architecture (the usual toy-diffusion MLP, e.g. the 2-D experiments of Song et a
 .. math:: h \leftarrow h + W_2\,\mathrm{SiLU}\big(W_1\,\mathrm{SiLU}(\mathrm{LN}(h)) + P\,e(t, y)\big),
 
 where :math:`e(t, y)` is the time embedding (:class:`~sdeflow.nets.embeddings.TimeMLP`) plus, for a class-conditional
-net, a learned class embedding with a null class. The output layer is zero-initialised, so an untrained net predicts 0
-(an untrained eps-net has the DSM loss E||eps||^2 / d = 1 per dimension).
+net, a learned class embedding with a null class. The output is
+
+.. math:: F(x, t, y) = W_o\,\mathrm{SiLU}(\mathrm{LN}(h)) + c(e)\odot x,
+
+a bounded head plus a linear path with a learned per-coordinate gain :math:`c(e)`. The linear path matters in low
+dimension: the prior's tails (|x_T| = 4 happens once in 3000 draws in 2-D) lie outside the training distribution,
+the exact eps there is ~ x / s(t) (linear), and a purely bounded head makes x0 = (x - s eps)/a explode by 1/a(T).
+Both output layers are zero-initialised, so an untrained net predicts 0 (an eps-net then has the DSM loss
+E||eps||^2 / d = 1 per dimension).
 """
 
 from __future__ import annotations
@@ -77,8 +84,10 @@ class MLPScoreNet(nn.Module):
         self.blocks = nn.ModuleList(_ResidualBlock(hidden, emb_dim, dropout) for _ in range(depth))
         self.out_norm = nn.LayerNorm(hidden)
         self.out = nn.Linear(hidden, dim)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        self.skip = nn.Linear(emb_dim, dim)  # per-coordinate gain c(t) of the linear path c(t) * x
+        for layer in (self.out, self.skip):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | int | None = None) -> torch.Tensor:
         if x.ndim < 2 or math.prod(x.shape[1:]) != self.dim:
@@ -92,7 +101,9 @@ class MLPScoreNet(nn.Module):
         if self.label is not None:
             emb = emb + self.label(labels)
         emb = self.emb_act(emb)
-        h = self.inp(x.reshape(batch, self.dim))
+        xf = x.reshape(batch, self.dim)
+        h = self.inp(xf)
         for block in self.blocks:
             h = block(h, emb)
-        return self.out(torch.nn.functional.silu(self.out_norm(h))).reshape(x.shape)
+        out = self.out(torch.nn.functional.silu(self.out_norm(h))) + self.skip(emb) * xf
+        return out.reshape(x.shape)

@@ -182,6 +182,8 @@ class Trainer:
                 handlers[sig] = signal.signal(sig, self._on_signal)
         self._signal = None
         start, last, running, count = time.perf_counter(), float("nan"), None, 0
+        path: Path | None = None
+        saved_at = -1
         bar = self._bar(steps)
         try:
             while self.step < steps and self._signal is None:
@@ -198,10 +200,11 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 if self.out_dir is not None and self.save_every and self.step % self.save_every == 0:
-                    self.save()
+                    path, saved_at = self.save(), self.step
             if count:
                 last = float(running) / count
-            path = self.save() if self.out_dir is not None else None
+            if self.out_dir is not None and saved_at != self.step:
+                path = self.save()
         finally:
             if bar is not None:
                 bar.close()
