@@ -10,8 +10,8 @@ to :math:`T` gives
           \approx \log\pi(x_T) + \Delta(T),
 
 where the prior :math:`\pi = N(0, s(T)^2 I)` stands in for the unknown :math:`p_T` (the *prior gap*, bounded in
-:class:`LikelihoodResult`). The divergence is either the exact Jacobian trace (``d`` vector-Jacobian products,
-vectorized with ``torch.func.vmap`` and chunked for memory) or the Hutchinson / Skilling estimator
+:class:`LikelihoodResult`). The divergence is either the exact Jacobian trace (``d`` vector-Jacobian products through
+one net call's graph, vectorized in chunks with ``is_grads_batched``) or the Hutchinson / Skilling estimator
 :math:`E_\varepsilon[\varepsilon^\top J\varepsilon]` with probes drawn once per solve. The derivation, the bits/dim
 offset for dequantized images and the pitfalls are in ``docs/likelihood.md``.
 """
@@ -39,7 +39,7 @@ METHODS = ADAPTIVE_METHODS + FIXED_METHODS
 # basis vectors per vectorized backward pass: chunk * batch * dim stays below this many elements by default (on CPU,
 # vmap's batched backward beats a loop only while the cotangents stay in cache)
 _EXACT_CHUNK_ELEMENTS = 1 << 22
-_EXACT_CHUNK_ELEMENTS_CPU = 1 << 16
+_EXACT_CHUNK_ELEMENTS_CPU = 1 << 12
 _LN2 = math.log(2.0)
 
 
@@ -161,12 +161,58 @@ def _default_chunk(x: torch.Tensor) -> int:
     return max(1, min(d, budget // x.numel()))
 
 
+def _cotangents(
+    x: torch.Tensor, divergence: str, probes: torch.Tensor | None, chunk_size: int | None
+) -> list[tuple[torch.Tensor, int | None]]:
+    """The vectors e of the products e^T J, in chunks (c, *x.shape), each with the index of its first basis vector
+    (exact) or None (Hutchinson probes). Built once per solve."""
+    check_choice("divergence", divergence, DIVERGENCES)
+    if divergence == "hutchinson":
+        if probes is None or probes.ndim != x.ndim + 1 or probes.shape[1:] != x.shape or probes.shape[0] < 1:
+            raise ValueError(f"divergence='hutchinson' needs probes of shape (n_probes, *{tuple(x.shape)})")
+        return [(probes, None)]
+    B, d = x.shape[0], x[0].numel()
+    c = _default_chunk(x) if chunk_size is None else max(1, min(chunk_size, d))
+    eye = torch.eye(d, dtype=x.dtype, device=x.device)
+    return [
+        (eye[i0 : min(d, i0 + c), None, :].expand(min(d, i0 + c) - i0, B, d).reshape(-1, *x.shape), i0)
+        for i0 in range(0, d, c)
+    ]
+
+
 def _vjp(v: torch.Tensor, z: torch.Tensor, cotangents: torch.Tensor, batched: bool, create_graph: bool) -> torch.Tensor:
     """cotangent^T dv/dz for one cotangent like v, or a leading batch of them (``batched``, vectorized by vmap)."""
     (rows,) = torch.autograd.grad(
         v, z, cotangents, retain_graph=True, create_graph=create_graph, allow_unused=True, is_grads_batched=batched
     )
     return torch.zeros_like(cotangents) if rows is None else rows
+
+
+def _drift_and_trace(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    cotangents: list[tuple[torch.Tensor, int | None]],
+    create_graph: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B, d = x.shape[0], x[0].numel()
+    with torch.enable_grad():
+        z = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
+        v = fn(z)
+        div = torch.zeros(B, dtype=x.dtype, device=x.device)
+        for vectors, start in cotangents:
+            n = vectors.shape[0]
+            if n == 1:
+                rows = _vjp(v, z, vectors[0], False, create_graph)[None]
+            else:
+                rows = _vjp(v, z, vectors, True, create_graph)
+            rows = rows.reshape(n, B, d)
+            if start is None:  # Hutchinson: mean over probes of e^T J e
+                div = div + (rows * vectors.reshape(n, B, d)).sum(dim=2).mean(dim=0)
+            else:  # exact: the diagonal entries (e_i^T J)_i of this chunk
+                div = div + torch.diagonal(rows[:, :, start : start + n], dim1=0, dim2=2).sum(dim=1)
+    if not create_graph:
+        v, div = v.detach(), div.detach()
+    return v, div
 
 
 def drift_and_divergence(
@@ -182,8 +228,9 @@ def drift_and_divergence(
     One forward call of ``fn``, then vector-Jacobian products :math:`e^\top J` through its graph (vectorized over
     ``chunk_size`` vectors at a time with ``is_grads_batched``; no host sync):
 
-    * ``"exact"``: :math:`\sum_i (e_i^\top J)_i` over the d basis vectors (d backward passes; default chunk about
-      2^16 cotangent elements per pass on CPU, 2^22 on accelerators);
+    * ``"exact"``: :math:`\sum_i (e_i^\top J)_i` over the d basis vectors (d backward passes; by default
+      ``chunk_size * batch * d`` stays near 2^12 elements on CPU, where a plain loop is as fast as vmap, and 2^22 on
+      accelerators, where vectorizing pays);
     * ``"hutchinson"``: :math:`\frac1n\sum_j \varepsilon_j^\top J\varepsilon_j` for ``probes`` of shape
       (n, *x.shape), unbiased when :math:`E[\varepsilon\varepsilon^\top] = I` (Hutchinson 1990; Skilling 1989).
 
@@ -197,36 +244,7 @@ def drift_and_divergence(
     Returns:
         (v, div) with shapes (B, *shape) and (B,).
     """
-    B, d = x.shape[0], x[0].numel()
-    with torch.enable_grad():
-        z = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
-        v = fn(z)
-        if divergence == "hutchinson":
-            if probes is None or probes.shape[1:] != x.shape:
-                raise ValueError(f"divergence='hutchinson' needs probes of shape (n_probes, *{tuple(x.shape)})")
-            n = probes.shape[0]
-            if n == 1:
-                rows = _vjp(v, z, probes[0], False, create_graph)[None]
-            else:
-                rows = _vjp(v, z, probes, True, create_graph)
-            div = (rows * probes).reshape(n, B, d).sum(dim=2).mean(dim=0)
-        else:
-            check_choice("divergence", divergence, DIVERGENCES)
-            c = _default_chunk(x) if chunk_size is None else min(chunk_size, d)
-            eye = torch.eye(d, dtype=x.dtype, device=x.device)
-            div = torch.zeros(B, dtype=x.dtype, device=x.device)
-            for i0 in range(0, d, c):
-                i1 = min(d, i0 + c)
-                if i1 - i0 == 1:
-                    row = _vjp(v, z, eye[i0].expand(B, d).reshape(x.shape), False, create_graph)
-                    div = div + row.reshape(B, d)[:, i0]
-                else:
-                    basis = eye[i0:i1, None, :].expand(i1 - i0, B, d).reshape(i1 - i0, *x.shape)
-                    rows = _vjp(v, z, basis, True, create_graph).reshape(i1 - i0, B, d)
-                    div = div + torch.diagonal(rows[:, :, i0:i1], dim1=0, dim2=2).sum(dim=1)
-    if not create_graph:
-        v, div = v.detach(), div.detach()
-    return v, div
+    return _drift_and_trace(fn, x, _cotangents(x, divergence, probes, chunk_size), create_graph)
 
 
 class _AugmentedFlow:
@@ -237,11 +255,15 @@ class _AugmentedFlow:
     """
 
     def __init__(
-        self, den: Denoiser, model_dtype: torch.dtype, divergence: str, probes, chunk_size, params_need_grad: bool
+        self,
+        den: Denoiser,
+        model_dtype: torch.dtype,
+        cotangents: list[tuple[torch.Tensor, int | None]],
+        params_need_grad: bool,
     ) -> None:
         self.den, self.sde, self.model_dtype = den, den.sde, model_dtype
         self.T = float(den.sde.T)
-        self.divergence, self.probes, self.chunk_size = divergence, probes, chunk_size
+        self.cotangents = cotangents
         self.params_need_grad = params_need_grad
         self.evaluations = 0
 
@@ -255,7 +277,7 @@ class _AugmentedFlow:
         def velocity(z: torch.Tensor) -> torch.Tensor:
             return self.sde.probability_flow_drift(z, t, self.den.score(z, t))
 
-        v, div = drift_and_divergence(velocity, x, self.divergence, self.probes, self.chunk_size, create_graph)
+        v, div = _drift_and_trace(velocity, x, self.cotangents, create_graph)
         self.evaluations += 1
         return v.to(y.dtype), div.to(y.dtype)
 
@@ -348,11 +370,12 @@ def log_likelihood(
     Dormand-Prince 5(4), adaptive on rtol/atol, one shared step sequence per batch), then
     :math:`\log p_{t_\epsilon}(x) = \log\pi(x_T) + \Delta(T)`. The ODE state is float64 (times, the controller and
     the log-density accumulator in float64; the net runs in x's dtype), on x's device, with no host sync inside an
-    evaluation. Cost per evaluation: one net call plus d (exact) or n_probes (Hutchinson) vectorized backward passes.
+    evaluation. Cost per evaluation: one net call plus d (exact) or n_probes (Hutchinson) backward passes through
+    its graph, vectorized ``chunk_size`` at a time.
 
     Args:
-        den: the model (a :class:`~sdeflow.Denoiser`); its net must act on samples independently and be
-            ``torch.func``-transformable (call ``net.eval()`` for BatchNorm / dropout).
+        den: the model (a :class:`~sdeflow.Denoiser`); its net must act on samples independently (call
+            ``net.eval()`` for BatchNorm / dropout) and be twice differentiable when gradients are wanted.
         x: (batch, *data_shape) data; integers in [0, levels-1] when ``dequantize`` is given.
         divergence: ``"exact"`` (Jacobian trace) or ``"hutchinson"`` (``n_probes`` ``probe`` vectors per sample,
             ``"rademacher"`` or ``"gaussian"``, drawn once per solve from ``generator``).
@@ -428,7 +451,8 @@ def log_likelihood(
         probes = None
         if divergence == "hutchinson":
             probes = _probes(probe, (n_probes, *xb.shape), model_dtype, xb.device, generator)
-        flow = _AugmentedFlow(den, model_dtype, divergence, probes, chunk_size, params_need_grad)
+        cotangents = _cotangents(xb.to(model_dtype), divergence, probes, chunk_size)
+        flow = _AugmentedFlow(den, model_dtype, cotangents, params_need_grad)
         y0 = (xb.to(state_dtype), torch.zeros(xb.shape[0], dtype=state_dtype, device=xb.device))
         try:
             if adjoint:
