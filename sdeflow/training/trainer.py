@@ -20,6 +20,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -226,6 +227,7 @@ class Trainer:
             "torch": torch.get_rng_state(),
             "data_generator": self.data_generator.get_state(),
             "generator": self.generator.get_state(),
+            "generator_device": self.device.type,
         }
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -250,7 +252,15 @@ class Trainer:
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         self.data_generator.set_state(rng["data_generator"])
-        self.generator.set_state(rng["generator"])
+        saved_type = rng.get("generator_device", self.device.type)
+        if saved_type == self.device.type:
+            self.generator.set_state(rng["generator"])
+        else:  # a CPU generator state does not fit a CUDA generator: continue, but not bit-exactly
+            warnings.warn(
+                f"the checkpoint's loss generator lived on {saved_type!r}, this run trains on {self.device.type!r}: "
+                "resuming with a fresh loss generator (the continuation is not bit-exact)",
+                stacklevel=2,
+            )
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
 
