@@ -31,3 +31,29 @@ from .nets import MLPScoreNet, UNet  # noqa: E402
 from .training import DenoisingScoreMatching, Trainer, load_denoiser  # noqa: E402
 
 __all__ += ["MLPScoreNet", "UNet", "DenoisingScoreMatching", "Trainer", "load_denoiser"]
+
+from .guidance import (  # noqa: E402
+    ClassifierFreeGuidance,
+    ClassifierGuidance,
+    ClassifierLoss,
+    ConditionalDenoiser,
+    NoiseAwareClassifier,
+    decode,
+    encode,
+    interpolate,
+    slerp,
+    train_classifier,
+)
+
+__all__ += [
+    "ConditionalDenoiser",
+    "ClassifierFreeGuidance",
+    "ClassifierGuidance",
+    "NoiseAwareClassifier",
+    "ClassifierLoss",
+    "train_classifier",
+    "encode",
+    "decode",
+    "slerp",
+    "interpolate",
+]
