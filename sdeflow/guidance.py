@@ -69,6 +69,8 @@ def _null_label(den: Denoiser, null_label: int | None) -> int:
 
 def _labels(y: Labels, x: torch.Tensor, name: str = "y") -> torch.Tensor:
     """Labels as a long tensor of shape (batch,) on x's device: an int broadcasts, a (batch,) tensor passes."""
+    if isinstance(y, int) and not isinstance(y, bool):
+        return torch.full((x.shape[0],), y, dtype=torch.long, device=x.device)  # a fill, no host-to-device copy
     y = torch.as_tensor(y, device=x.device)
     if y.is_floating_point() or y.is_complex():
         raise ValueError(f"{name} must hold integer class labels, got dtype {y.dtype}")
