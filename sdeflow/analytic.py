@@ -80,6 +80,8 @@ class GaussianMixture:
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         gdev = generator.device if generator is not None else (device or "cpu")
+        if n == 0:  # torch.multinomial rejects n = 0
+            return torch.empty(0, self.d, dtype=dtype, device=device if device is not None else gdev)
         k = torch.multinomial(self.weights.to(gdev), n, replacement=True, generator=generator)
         z = torch.randn(n, self.d, generator=generator, dtype=torch.float64, device=gdev)
         x = self.means.to(gdev)[k] + self.stds.to(gdev)[k] * z
@@ -124,7 +126,10 @@ class GaussianMixture:
     def _eps_x0(self, x: torch.Tensor, t: TimeLike, sde: GaussianSDE) -> tuple[torch.Tensor, torch.Tensor]:
         xf, a, s = self._as(x, t, sde)
         logits, diff, var = self._components(xf, a, s)
-        r = torch.softmax(logits, dim=1)[..., None]
+        # softmax written out (torch.softmax's thread pool costs ~ms per call on small CPU batches); the max is
+        # subtracted first so that far from every mean (logits ~ -1e6) float32 keeps the logits' differences exact
+        z = logits - logits.amax(dim=1, keepdim=True)
+        r = torch.exp(z - torch.logsumexp(z, dim=1, keepdim=True))[..., None]
         mu, sd, _ = self._params(xf)
         ab = a.to(dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
         sb = s.to(dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
