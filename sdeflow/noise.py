@@ -93,6 +93,7 @@ class BrownianNoise(NoiseSource):
         seed: the path's entropy (same seed, same path).
         t_min, t_max: the span the path covers (the sampling interval).
         tol: the tree's resolution for off-dyadic queries.
+        levy_area_approximation: torchsde's Levy-area option (``"space-time"`` for the torchsde bridge's ``srk``).
     """
 
     def __init__(
@@ -105,6 +106,7 @@ class BrownianNoise(NoiseSource):
         device: torch.device | str = "cpu",
         tol: float = 1e-10,
         generator: torch.Generator | None = None,
+        levy_area_approximation: str = "none",
     ) -> None:
         import torchsde
 
@@ -114,7 +116,7 @@ class BrownianNoise(NoiseSource):
         self.t_min, self.t_max = float(t_min), float(t_max)
         self.bm = torchsde.BrownianInterval(
             t0=self.t_min, t1=self.t_max, size=self.shape, dtype=dtype, device=device, entropy=int(seed), tol=tol,
-            halfway_tree=True,
+            halfway_tree=True, levy_area_approximation=levy_area_approximation,
         )
         self.generator = generator
 

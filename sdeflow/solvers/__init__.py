@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from .base import SolverError, Stepper, StepResult
 from .ddim import DDIM, DDPM
-from .euler import Euler
+from .euler import Euler, EulerMaruyama
+from .external import TorchSDE
+from .heun import Heun
+from .pc import PredictorCorrector
+from .rk import RK45
 from ..parallel import Parallel  # noqa: E402  (parallel.py imports only .base at load time)
 
 SOLVERS: dict[str, type[Stepper]] = {
     "euler": Euler,
     "ddim": DDIM,
     "ddpm": DDPM,
+    "euler_maruyama": EulerMaruyama,
+    "pc": PredictorCorrector,
+    "heun": Heun,
+    "rk45": RK45,
+    "torchsde": TorchSDE,
     "parallel": Parallel,
 }
 

@@ -73,10 +73,14 @@ class Stepper:
     stochastic: ClassVar[bool] = False
     nfe_per_step: ClassVar[int] = 1
     requires: ClassVar[frozenset[str]] = frozenset({"reverse_sde"})
+    #: order of the embedded solution behind step()'s ``error`` (the PI controller's exponent is 1/(error_order + 1));
+    #: None: the error estimate is of the step's own order (step doubling).
+    error_order: ClassVar[float | None] = None
     default_grid: ClassVar[str] = "uniform"
     #: "fixed" (the driver walks a grid), "adaptive" (the driver runs its step-size controller; step() must return an
-    #: error estimate or the driver uses step doubling) or "external" (one call of step() integrates the whole span,
-    #: e.g. the torchdiffeq / torchsde bridges).
+    #: error estimate or the driver uses step doubling) or "external" (``integrate(x, grid, noise=, callback=,
+    #: return_trajectory=, progress=)`` runs the whole solve and returns a SampleResult: the torchdiffeq / scipy /
+    #: torchsde bridges).
     mode: ClassVar[str] = "fixed"
     #: option name -> default; the constructor validates user options against this.
     options: ClassVar[dict[str, Any]] = {}
