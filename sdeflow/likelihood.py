@@ -28,8 +28,18 @@ import torchdiffeq
 
 from ._utils import check_choice, check_positive
 from .denoiser import Denoiser
+from .sdes import GaussianSDE
 
-__all__ = ["log_likelihood", "LikelihoodResult", "UniformDequantization", "DIVERGENCES", "PROBES", "METHODS"]
+__all__ = [
+    "log_likelihood",
+    "LikelihoodResult",
+    "UniformDequantization",
+    "drift_and_divergence",
+    "prior_gap_bound",
+    "DIVERGENCES",
+    "PROBES",
+    "METHODS",
+]
 
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
@@ -320,14 +330,14 @@ def _adjoint_params(den: Denoiser, extra: Sequence[torch.Tensor] | None) -> tupl
     return tuple(params)
 
 
-def prior_gap_bound(den_or_sde: Any, x: torch.Tensor) -> torch.Tensor:
+def prior_gap_bound(den_or_sde: Denoiser | GaussianSDE, x: torch.Tensor) -> torch.Tensor:
     r"""Per-sample :math:`\mathrm{KL}(N(a_T x, s_T^2 I)\,\|\,N(0, s_\pi^2 I))`, nats, shape (batch,).
 
     :math:`= \tfrac d2(r - 1 - \log r) + a_T^2\lVert x\rVert^2/(2 s_\pi^2)` with :math:`r = s_T^2/s_\pi^2`. By joint
     convexity of KL its mean over data x bounds :math:`\mathrm{KL}(p_T\|\pi)`, the expected amount by which the prior
     term underestimates :math:`\log p_T(x_T)`.
     """
-    sde = getattr(den_or_sde, "sde", den_or_sde)
+    sde = den_or_sde.sde if isinstance(den_or_sde, Denoiser) else den_or_sde
     a = float(sde.alpha(sde.T))
     s = float(sde.sigma(sde.T))
     sp = sde.prior_std()

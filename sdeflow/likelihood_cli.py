@@ -38,6 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--atol", type=float, default=1e-5)
     parser.add_argument("--t-eps", type=float, default=None, help="start time (default: the SDE's eps)")
     parser.add_argument("--method", choices=METHODS, default="dopri5", help="torchdiffeq method")
+    parser.add_argument("--step-size", type=float, default=None, help="step of the fixed-grid methods (rk4, ...)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--levels", type=int, default=None, help="integer levels (default 256; digits: 17)")
     parser.add_argument("--low", type=float, default=None, help="model value of the lowest cell's lower edge")
@@ -115,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         res = log_likelihood(
             den, data, divergence=args.divergence, rtol=args.rtol, atol=args.atol, t_eps=args.t_eps,
             generator=gen, n_probes=args.n_probes, probe=args.probe, method=args.method, dequantize=deq,
+            options=None if args.step_size is None else {"step_size": args.step_size},
             batch_size=args.batch_size, progress=not args.no_progress,
         )
     seconds = time.perf_counter() - start
