@@ -83,7 +83,8 @@ def test_marginal_log_prob_tends_to_log_prob(sde_kind, make_sde, diagonal):
     """s(t) -> 0 as t -> 0 (all but VE): log p_t -> log p_0 with an O(s^2) gap; VE at t = 0 is p_0 * N(0, s_min^2)."""
     sde = make_sde(sde_kind)
     g = torch.Generator().manual_seed(0)
-    gmm = sf.GaussianMixture(torch.randn(3, 2, generator=g, dtype=F64), 0.3 + torch.rand(3, *([2] if diagonal else []), generator=g, dtype=F64), torch.tensor([0.2, 0.3, 0.5], dtype=F64))
+    stds = 0.3 + torch.rand((3, 2) if diagonal else (3,), generator=g, dtype=F64)
+    gmm = sf.GaussianMixture(torch.randn(3, 2, generator=g, dtype=F64), stds, torch.tensor([0.2, 0.3, 0.5], dtype=F64))
     x = gmm.sample(50, generator=g)
     exact = gmm.log_prob(x)
     if isinstance(sde, sf.VESDE):
@@ -125,7 +126,8 @@ def test_score_equals_autograd_of_marginal_log_prob(sde_kind, sde_strategy, diag
 def test_score_stable_far_from_every_mean(sde_kind, make_sde, dtype):
     """At |x| = 1e3 every responsibility but one underflows: log-sum-exp keeps the score finite and exact."""
     sde = make_sde(sde_kind)
-    gmm = sf.GaussianMixture(torch.tensor([[0.0, 1.0], [2.0, -1.0]]), torch.tensor([0.1, 0.2]), torch.tensor([0.5, 0.5]))
+    means, stds = torch.tensor([[0.0, 1.0], [2.0, -1.0]]), torch.tensor([0.1, 0.2])
+    gmm = sf.GaussianMixture(means, stds, torch.tensor([0.5, 0.5]))
     x = torch.tensor([[1e3, 0.0], [-1e3, 0.0], [0.0, 1e3], [7e2, -7e2]], dtype=dtype)
     for t in (sde.eps, 0.5 * sde.T, sde.T):
         score = gmm.score(x, t, sde)
@@ -167,9 +169,8 @@ def test_probability_flow_solves_the_continuity_equation(sde_kind, sde_strategy,
     scale = float(div.abs().max() + (v * score).sum(1).abs().max())
     assert float((rhs - dlogp_dt).abs().max()) <= 1e-8 * scale
     # the reverse SDE drift differs from the PF drift by the other half of the score term
-    np.testing.assert_allclose(
-        sde.reverse_drift(x, t0, score).detach().numpy(), (2 * v - sde.drift(x, t0)).detach().numpy(), rtol=1e-12, atol=1e-12
-    )
+    reverse, expected = sde.reverse_drift(x, t0, score), 2 * v - sde.drift(x, t0)
+    np.testing.assert_allclose(reverse.detach().numpy(), expected.detach().numpy(), rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------- denoiser

@@ -35,7 +35,7 @@ def _draw(sde: sf.GaussianSDE, data: st.DataObject, shape=(6, 3)):
     x0 = 3 * torch.randn(shape, generator=g, dtype=F64)
     eps = torch.randn(shape, generator=g, dtype=F64)
     t = torch.tensor(data.draw(st.lists(st.floats(sde.eps, sde.T), min_size=shape[0], max_size=shape[0])), dtype=F64)
-    return x0, eps, t, g
+    return x0, eps, t
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-9) -> None:
@@ -57,7 +57,7 @@ def test_velocity_is_derivative_of_rescaled_path():
 def test_convert_matches_definitions(sde_kind, sde_strategy, data):
     """From the exact value of any target, convert() gives the exact value of every other target."""
     sde = data.draw(sde_strategy(sde_kind))
-    x0, eps, t, _ = _draw(sde, data)
+    x0, eps, t = _draw(sde, data)
     tr = truth(sde, x0, eps, t)
     for src, dst in itertools.product(PREDICTIONS, PREDICTIONS):
         out = convert(tr[src], tr["x"], tr["a"], tr["s"], src, dst)
@@ -68,7 +68,7 @@ def test_convert_matches_definitions(sde_kind, sde_strategy, data):
 def test_convert_round_trips(sde_kind, sde_strategy, data):
     """Any output (consistent or not) survives p -> q -> p, and the cycle eps -> x0 -> v -> score -> eps."""
     sde = data.draw(sde_strategy(sde_kind))
-    x, out, t, _ = _draw(sde, data, shape=(5, 2, 3))
+    x, out, t = _draw(sde, data, shape=(5, 2, 3))
     a, s = col(sde.alpha(t), x.ndim), col(sde.sigma(t), x.ndim)
     # each output at its natural scale (a score is ~ eps / s); otherwise x + s^2 score cancels by design
     outs = {p: out / s if p == "score" else out for p in PREDICTIONS}
@@ -89,7 +89,7 @@ def test_v_is_salimans_ho_for_vp(data):
     """VP paths (a^2 + s^2 = 1): v = a eps - s x0 (Salimans & Ho 2022, eq. 4)."""
     kind = data.draw(st.sampled_from(VP_KINDS))
     sde = sf.VPSDE(schedule=kind[3:]) if kind.startswith("vp") else getattr(sf.DiscreteVPSDE, kind[9:])(1000)
-    x0, eps, t, _ = _draw(sde, data)
+    x0, eps, t = _draw(sde, data)
     a, s = col(sde.alpha(t), 2), col(sde.sigma(t), 2)
     x = a * x0 + s * eps
     _close(convert(eps, x, a, s, "eps", "v"), a * eps - s * x0, rtol=1e-10)
@@ -100,7 +100,7 @@ def test_v_is_salimans_ho_for_vp(data):
 def test_v_for_ve_and_subvp(data):
     """VE (a = 1): v = (eps - sigma x0)/sqrt(1 + sigma^2); sub-VP: v = (a eps - s x0)/sqrt(a^2 + s^2)."""
     for sde in (sf.VESDE(0.01, 50.0), sf.SubVPSDE(0.1, 20.0)):
-        x0, eps, t, _ = _draw(sde, data)
+        x0, eps, t = _draw(sde, data)
         a, s = col(sde.alpha(t), 2), col(sde.sigma(t), 2)
         x = a * x0 + s * eps
         expected = (a * eps - s * x0) / torch.sqrt(a**2 + s**2)

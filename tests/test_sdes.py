@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -364,3 +366,14 @@ def test_marginal_noise_shape_mismatch_raises(make_sde):
     sde = make_sde("vp_linear")
     with pytest.raises(ValueError, match="noise"):
         sde.marginal(torch.zeros(2, 3), 0.5, torch.zeros(2, 4))
+
+
+# ---------------------------------------------------------------------------------------------------- docs
+
+
+def test_docs_example_runs():
+    """The runnable example of docs/sdes.md runs and its own assertions hold."""
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "sdes.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks, "docs/sdes.md lost its example"
+    exec(compile(blocks[-1], "docs/sdes.md", "exec"), {"__name__": "__docs__", "print": lambda *a, **k: None})
