@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -q
 
 test-all: setup
 	$(PY) -m pytest -m ''
