@@ -25,8 +25,11 @@ needs about :math:`N\,k/W` rounds where k (about 2 to 10) is the Picard overhead
 sequential run is :math:`e(W)/k`, with :math:`e(W) = W\,c(B)/c(WB)` the batching efficiency of the net (c(n) = time of
 one call of batch n). ``window="auto"`` measures c and picks W (see :func:`choose_window`); docs/parallel.md derives it.
 
-Multistep steppers (a history carried in ``state``) are not supported: :class:`Parallel` raises a ValueError naming
-them. The update is computed in the residual form :math:`x^{k+1}_{j+1} = \Phi_j(x^k_j) + \sum_{i<j}(\Phi_i(x^k_i) -
+Steppers that carry a state are handled per kind (:func:`window_evaluator`): EDM Heun (its state only counts steps:
+every step but the last is a full Heun step, the last one, an Euler step, runs after the Picard phase) and
+DPM-Solver++(kM) (the multistep history: the window's model outputs come from one call, step j's older nodes are the
+outputs at steps j-1, ... of the same round or the accepted ones before the window). Others raise a ValueError.
+The update is computed in the residual form :math:`x^{k+1}_{j+1} = \Phi_j(x^k_j) + \sum_{i<j}(\Phi_i(x^k_i) -
 x^k_{i+1})`, which equals the form above in exact arithmetic, is exact for the window's first state (so W = 1
 reproduces the sequential run bit for bit) and sums small residuals instead of large increments.
 """
@@ -62,70 +65,175 @@ def step_noise_variance(sde, grid: torch.Tensor) -> torch.Tensor:
     return posterior_std(sde, g[:-1], g[1:]) ** 2
 
 
-# --------------------------------------------------------------------------------------------- batched evaluation
-def _evaluate(
-    stepper: Stepper, xs: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor, z: torch.Tensor | None, group: Any
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Step every state of a window at once: xs (W, B, *d), t0/t1 (W,) float64, z (W, draws, B, *d) or None.
-
-    Returns (Phi(xs) (W, B, *d), x0 predictions like xs or None). With a process group the W steps are split across
-    its ranks (each rank evaluates a contiguous chunk, then all ranks gather the whole window).
-    """
-    if group is not None:
-        return _evaluate_distributed(stepper, xs, t0, t1, z, group)
-    W, B = xs.shape[:2]
-    rest = xs.shape[2:]
-    flat = xs.reshape(W * B, *rest)
-    zz = None
-    if z is not None:
-        zz = z.transpose(0, 1).reshape(z.shape[1], W * B, *rest)
-    res = stepper.step(t0.repeat_interleave(B), t1.repeat_interleave(B), flat, None, zz)
-    y = res.x.reshape(W, B, *rest)
-    x0 = res.x0.reshape(W, B, *rest) if res.x0 is not None else None
-    return y, x0
-
-
-def _evaluate_distributed(stepper, xs, t0, t1, z, group):
+# --------------------------------------------------------------------------------------------- window evaluation
+def _over_ranks(fn: Callable[..., tuple], group: Any, *args: torch.Tensor | None) -> tuple:
+    """``fn(*args)`` with every arg split along its leading (window) axis across the ranks of ``group`` (None: no
+    split). Each rank evaluates one contiguous chunk (padded with copies of the last entry so that all chunks have
+    the same length), then all ranks gather every output (tensors with the window axis first, or None)."""
+    if group is None:
+        return fn(*args)
     import torch.distributed as dist
 
     grp = None if group is True else group
     P, rank = dist.get_world_size(grp), dist.get_rank(grp)
-    W = xs.shape[0]
-    chunk = -(-W // P)  # ceil: every rank gets the same chunk size (all_gather needs equal shapes); pad with copies
+    W = next(a for a in args if a is not None).shape[0]
+    chunk = -(-W // P)
     pad = chunk * P - W
-    if pad:
-        xs = torch.cat([xs, xs[-1:].expand(pad, *xs.shape[1:])])
-        t0 = torch.cat([t0, t0[-1:].expand(pad)])
-        t1 = torch.cat([t1, t1[-1:].expand(pad)])
-        if z is not None:
-            z = torch.cat([z, z[-1:].expand(pad, *z.shape[1:])])
-    sl = slice(rank * chunk, (rank + 1) * chunk)
-    y, x0 = _evaluate(stepper, xs[sl], t0[sl], t1[sl], None if z is None else z[sl], None)
-    ys = [torch.empty_like(y) for _ in range(P)]
-    dist.all_gather(ys, y.contiguous(), group=grp)
-    y_all = torch.cat(ys)[:W]
-    x0_all = None
-    if x0 is not None:
-        x0s = [torch.empty_like(x0) for _ in range(P)]
-        dist.all_gather(x0s, x0.contiguous(), group=grp)
-        x0_all = torch.cat(x0s)[:W]
-    return y_all, x0_all
+
+    def piece(a: torch.Tensor | None) -> torch.Tensor | None:
+        if a is None:
+            return None
+        if pad:
+            a = torch.cat([a, a[-1:].expand(pad, *a.shape[1:])])
+        return a[rank * chunk : (rank + 1) * chunk]
+
+    outs = fn(*(piece(a) for a in args))
+    gathered = []
+    for o in outs:
+        if o is None:
+            gathered.append(None)
+            continue
+        parts = [torch.empty_like(o) for _ in range(P)]
+        dist.all_gather(parts, o.contiguous(), group=grp)
+        gathered.append(torch.cat(parts)[:W])
+    return tuple(gathered)
+
+
+def _flat(v: torch.Tensor) -> torch.Tensor:
+    """(w, B, *d) -> (w·B, *d)."""
+    return v.reshape(v.shape[0] * v.shape[1], *v.shape[2:])
+
+
+def _noise_flat(z: torch.Tensor | None) -> torch.Tensor | None:
+    """(w, draws, B, *d) -> (draws, w·B, *d), the layout ``Stepper.step`` takes."""
+    if z is None:
+        return None
+    return z.transpose(0, 1).reshape(z.shape[1], z.shape[0] * z.shape[2], *z.shape[3:])
+
+
+class StepEvaluator:
+    r"""Evaluates the maps :math:`\Phi_j` of a window of a single-step stepper: ``stepper.step`` on the W·B states at
+    once with per-element times, the same ``state`` for every step (None for stateless steppers).
+
+    Attributes:
+        parallel_steps: the steps [0, parallel_steps) that Picard may batch; the rest run one by one afterwards.
+    """
+
+    def __init__(self, stepper: Stepper, grid: torch.Tensor, group: Any = None, state: Any = None) -> None:
+        self.stepper, self.grid, self.group, self.state = stepper, grid, group, state
+        self.parallel_steps = grid.numel() - 1
+
+    def state_at(self, i: int) -> Any:
+        """The state step i receives when it runs on its own (the sequential tail)."""
+        return self.state
+
+    def __call__(
+        self, xs: torch.Tensor, begin: int, t0: torch.Tensor, t1: torch.Tensor, z: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """xs (w, B, *d) at steps begin..begin+w-1, t0/t1 (w,) float64, z (w, draws, B, *d) -> (Phi(xs), x0 or None)."""
+        if xs.shape[0] == 1 and self.group is None:  # one step: scalar host times, exactly the sequential call
+            i = begin
+            res = self.stepper.step(self.grid[i], self.grid[i + 1], xs[0], self.state_at(i),
+                                    None if z is None else z[0])
+            return res.x[None], None if res.x0 is None else res.x0[None]
+        return _over_ranks(self._batched, self.group, xs, t0, t1, z)
+
+    def _batched(self, xs, t0, t1, z):
+        B = xs.shape[1]
+        res = self.stepper.step(t0.repeat_interleave(B), t1.repeat_interleave(B), _flat(xs), self.state, _noise_flat(z))
+        y = res.x.reshape(xs.shape)
+        return y, None if res.x0 is None else res.x0.reshape(xs.shape)
+
+    def accept(self, count: int) -> None:
+        """The first ``count`` steps of the last evaluated window are final (multistep histories advance)."""
+
+
+class HeunEvaluator(StepEvaluator):
+    """EDM Heun (Algorithm 1/2): its state counts steps only (the last step is an Euler step, churn's gamma uses N), so
+    every step but the last is batched with the state of step 0 and the last runs on its own after the Picard phase."""
+
+    def __init__(self, stepper: Stepper, grid: torch.Tensor, group: Any = None, state: Any = None) -> None:
+        super().__init__(stepper, grid, group, state)
+        self.parallel_steps = grid.numel() - 2
+
+    def state_at(self, i: int) -> Any:
+        return {**self.state, "i": i}
+
+
+class MultistepEvaluator(StepEvaluator):
+    r"""DPM-Solver++(kM) (Lu et al. 2022b) in a Picard window: ONE net call gives the model outputs :math:`f_j` at
+    every state of the window; step j's update takes the nodes :math:`(\lambda_{j-m}, f_{j-m})`, m < k_j, from the
+    same round (or, before the window, from the accepted steps), with the stepper's own per-step order plan and
+    quadrature (:meth:`~sdeflow.solvers.exponential.ExponentialStepper.update`). At the fixed point this is exactly
+    the sequential recursion."""
+
+    def __init__(self, stepper: Stepper, grid: torch.Tensor, group: Any = None, state: Any = None) -> None:
+        super().__init__(stepper, grid, group, state)
+        self.keep = int(stepper.opts["order"]) - 1  # nodes carried from step to step
+        self.hist: list[tuple[int, torch.Tensor]] = []  # (step index, f) of accepted steps, oldest first
+        self.last: torch.Tensor | None = None  # f of the last evaluated window, (w, B, *d)
+
+    def _history(self, i: int):
+        from .solvers.exponential import History
+
+        view = self.stepper.view
+        nodes = [(view.point(self.grid[j]), f) for j, f in reversed(self.hist)]
+        return History(i, self.state.plan, nodes)
+
+    def __call__(self, xs, begin, t0, t1, z):
+        self.begin = begin
+        if xs.shape[0] == 1 and self.group is None:  # the sequential step itself, with the accepted history
+            res = self.stepper.step(self.grid[begin], self.grid[begin + 1], xs[0], self._history(begin),
+                                    None if z is None else z[0])
+            self.last = res.state.nodes[0][1][None] if res.state.nodes else None
+            return res.x[None], res.x0[None]
+        f, x0 = _over_ranks(self._outputs, self.group, xs, t0)
+        self.last = f
+        w, B = xs.shape[:2]
+        view = self.stepper.view
+        tg = self.grid.to(device=xs.device, dtype=torch.float64)
+        H = len(self.hist)
+        F = torch.cat([torch.stack([h for _, h in self.hist]), f]) if H else f  # (H + w, B, *d)
+        T = torch.cat([tg[begin - H : begin], t0])  # times of F's rows
+        plan = self.state.plan
+        orders = [min(plan[begin + j], H + j + 1) for j in range(w)]
+        y = torch.empty_like(xs)
+        for k in sorted(set(orders)):
+            sel = torch.tensor([j for j in range(w) if orders[j] == k], device=xs.device)
+            nodes = [(view.point(T[H + sel - m].repeat_interleave(B)), _flat(F[H + sel - m])) for m in range(k)]
+            p1 = view.point(t1[sel].repeat_interleave(B))
+            zk = None if z is None else _noise_flat(z[sel])[0]
+            x1, _ = self.stepper.update(_flat(xs[sel]), nodes[0][0], p1, nodes, self.stepper.rule, zk)
+            y[sel] = x1.reshape(len(sel), B, *xs.shape[2:])
+        return y, x0
+
+    def _outputs(self, xs, t0):
+        B = xs.shape[1]
+        f, pred = self.stepper.evaluate(_flat(xs), self.stepper.view.point(t0.repeat_interleave(B)))
+        return f.reshape(xs.shape), pred.x0.reshape(xs.shape)
+
+    def accept(self, count: int) -> None:
+        if self.keep <= 0 or self.last is None:
+            return
+        self.hist = (self.hist + [(self.begin + j, self.last[j]) for j in range(count)])[-self.keep :]
+
+
+def window_evaluator(stepper: Stepper, x: torch.Tensor, grid: torch.Tensor, group: Any = None) -> StepEvaluator:
+    """The window evaluator for ``stepper`` (ValueError for a stepper whose carried state Picard cannot batch)."""
+    state = stepper.init(x, grid)
+    if state is None:
+        return StepEvaluator(stepper, grid, group)
+    if stepper.name == "heun":
+        return HeunEvaluator(stepper, grid, group, state)
+    if stepper.name == "dpm_solver++":
+        return MultistepEvaluator(stepper, grid, group, state)
+    raise ValueError(
+        f"base solver {stepper.name!r} carries a state across steps that the Picard window cannot batch; supported: "
+        "single-step solvers (init() returns None), 'heun' and 'dpm_solver++'"
+    )
 
 
 # --------------------------------------------------------------------------------------------- the Picard loop
-class _ResumedNoise(NoiseSource):
-    """The noise of a sequential tail that starts at step ``offset``: the draws already taken for the steps still in
-    the window (``drawn``, (m, draws, B, *d)), then the source's own draws, so the stream matches a sequential run."""
-
-    def __init__(self, source: NoiseSource, offset: int, drawn: torch.Tensor) -> None:
-        self.source, self.offset, self.drawn = source, offset, drawn
-
-    def __call__(self, i, t0, t1, like, draws=1):
-        if i < self.drawn.shape[0]:
-            return self.drawn[i]
-        return self.source(i + self.offset, t0, t1, like, draws)
-
-
 def picard_solve(
     stepper: Stepper,
     x: torch.Tensor,
@@ -142,7 +250,8 @@ def picard_solve(
     r"""Solve the chain of ``stepper`` along ``grid`` by sliding-window Picard iteration (ParaDiGMS, module doc).
 
     Args:
-        stepper: a fixed-grid, single-step :class:`~sdeflow.solvers.base.Stepper` (its ``step`` takes batched times).
+        stepper: a fixed-grid :class:`~sdeflow.solvers.base.Stepper` whose ``step`` takes batched times
+            (single-step, EDM Heun or DPM-Solver++(kM); see :func:`window_evaluator`).
         x: the state at grid[0], shape (B, *data_shape).
         grid: float64 times, strictly decreasing, N + 1 of them.
         noise: the noise source of a stochastic stepper (default: IID from the global RNG); step j's draws are taken
@@ -160,28 +269,29 @@ def picard_solve(
 
     Returns:
         :class:`~sdeflow.integrate.SampleResult`; ``stats``: nfe (net calls), rounds (Picard rounds, the sequential
-        depth; a sequential tail counts one round per step), evaluations (per-step evaluations: window length times
-        net calls, summed over rounds), window, converged, iterations (most sweeps any step received), steps,
-        sequential_steps (steps of a sequential tail after an auto fallback).
+        depth; a step run on its own counts one round), evaluations (per-step evaluations: window length times net
+        calls, summed over rounds), window, converged, iterations (most sweeps any step received), steps,
+        sequential_steps (steps run one by one: an auto fallback, Heun's last step).
     """
-    from .integrate import SampleResult, solve
+    from .integrate import SampleResult
     from .noise import IIDNoise
 
     policy = window if isinstance(window, AutoWindow) else None
     if policy is not None:
         window = policy.window
-    _check_window(window)
     if window == "auto":
         raise ValueError("picard_solve takes an integer window or an AutoWindow; 'auto' is the Parallel solver's option")
+    _check_window(window)
     _check_tol(tol)
     _check_max_iters(max_iters)
     den = stepper.den
     nfe0 = den.nfe
-    grid_host = grid
     n = grid.numel() - 1
     if n < 1:
         raise ValueError(f"grid must hold at least 2 times, got {grid.numel()}")
-    W = min(int(window), n)
+    ev = window_evaluator(stepper, x, grid, group)
+    n_par = ev.parallel_steps
+    W = max(1, min(int(window), n_par))
     draws = stepper.noise_draws
     if draws and noise is None:
         noise = IIDNoise(None)
@@ -190,12 +300,8 @@ def picard_solve(
     B = x.shape[0]
 
     def draw(i: int) -> torch.Tensor | None:
-        return noise(i, grid_host[i], grid_host[i + 1], x, draws) if draws else None
+        return noise(i, grid[i], grid[i + 1], x, draws) if draws else None
 
-    begin, end = 0, W
-    buf = x.unsqueeze(0).expand(W + 1, *x.shape).clone()  # the states at grid[begin .. end]
-    zbuf = torch.stack([draw(i) for i in range(W)]) if draws else None  # (W, draws, B, *d)
-    sweeps = [0] * W
     traj = [x] if return_trajectory else None
     rounds = evaluations = 0
     converged = True
@@ -205,10 +311,23 @@ def picard_solve(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, desc=f"parallel({stepper.name})", leave=False)
-    while begin < n:
+
+    def emit(i: int, xi: torch.Tensor, x0i: torch.Tensor | None) -> None:
+        if traj is not None:
+            traj.append(xi)
+        if callback is not None:
+            callback({"i": i, "t": g[i + 1], "x": xi, "x0": x0i})
+
+    begin, end = 0, min(W, n_par)
+    parallel = n_par > 0 and (policy is None or policy.window > 1)  # an explicit W = 1 runs the loop too
+    if parallel:
+        buf = x.unsqueeze(0).expand(end + 1, *x.shape).clone()  # the states at grid[begin .. end]
+        zbuf = torch.stack([draw(i) for i in range(end)]) if draws else None  # (w, draws, B, *d)
+        sweeps = [0] * end
+    while parallel and begin < n_par:
         w = end - begin
         nfe_before = den.nfe
-        y, x0 = _evaluate(stepper, buf[:-1], g[begin:end], g[begin + 1 : end + 1], zbuf, group)
+        y, x0 = ev(buf[:-1], begin, g[begin:end], g[begin + 1 : end + 1], zbuf)
         rounds += 1
         evaluations += (den.nfe - nfe_before) * w
         # residual form of x_{j+1} = x_b + sum_{i<=j} (y_i - x_i): new_j = y_j + sum_{i<j} (y_i - old_{i+1})
@@ -230,21 +349,15 @@ def picard_solve(
                 converged = False
                 stride = forced
         if True in bad_l[:stride]:
-            i = begin + bad_l.index(True)
-            raise SolverError(
-                f"non-finite values (NaN/inf) at step {i}, t = {float(grid_host[i]):.6g} -> "
-                f"{float(grid_host[i + 1]):.6g} in the parallel solve: the model output or the state diverged"
-            )
+            _raise_nonfinite(begin + bad_l.index(True), grid)
         most_sweeps = max(most_sweeps, max(sweeps[:stride]))
+        ev.accept(stride)
         for j in range(stride):
-            if traj is not None:
-                traj.append(new[j])
-            if callback is not None:
-                callback({"i": begin + j, "t": g[begin + j + 1], "x": new[j], "x0": None if x0 is None else x0[j]})
+            emit(begin + j, new[j], None if x0 is None else x0[j])
         if bar is not None:
             bar.update(stride)
         # slide: keep the states from begin + stride on; the entering ones start at the window's last state
-        new_begin, new_end = begin + stride, min(begin + stride + W, n)
+        new_begin, new_end = begin + stride, min(begin + stride + W, n_par)
         grow = new_end - end
         buf = new[stride - 1 :]
         if grow > 0:
@@ -254,23 +367,27 @@ def picard_solve(
             zbuf = torch.cat([zbuf[stride:], torch.stack(fresh)]) if fresh else zbuf[stride:]
         sweeps = sweeps[stride:] + [0] * grow
         begin, end = new_begin, new_end
-        if policy is not None and begin < n and not policy.keep_parallel(w, stride):
+        if policy is not None and begin < n_par and not policy.keep_parallel(w, stride):
             break
+    # the steps left run one by one (auto fallback, Heun's last step): the noise already drawn is reused
+    x_cur = buf[0] if parallel else x
+    drawn = list(zbuf.unbind(0)) if parallel and draws else []
+    seq_steps = n - begin
+    for i in range(begin, n):
+        z = (drawn.pop(0) if drawn else draw(i)) if draws else None
+        nfe_before = den.nfe
+        y, x0 = ev(x_cur[None], i, g[i : i + 1], g[i + 1 : i + 2], None if z is None else z[None])
+        evaluations += den.nfe - nfe_before
+        rounds += 1
+        ev.accept(1)
+        x_cur = y[0]
+        emit(i, x_cur, None if x0 is None else x0[0])
+        if bar is not None:
+            bar.update(1)
     if bar is not None:
         bar.close()
-    x_out, seq_steps = buf[0], n - begin
-    if seq_steps:  # the auto policy found that no window pays: plain sequential steps, same noise stream
-        tail_cb = None
-        if callback is not None:
-            off = begin
-            tail_cb = lambda p: callback({**p, "i": p["i"] + off})  # noqa: E731
-        tail = solve(stepper, x_out, grid_host[begin:], _ResumedNoise(noise, begin, zbuf) if draws else None,
-                     tail_cb, return_trajectory, progress)
-        x_out = tail.x
-        rounds += seq_steps
-        evaluations += tail.nfe
-        if traj is not None:
-            traj.extend(tail.trajectory[1:])
+    if seq_steps and not bool(torch.isfinite(x_cur).all()):
+        _raise_nonfinite(n - 1, grid)
     nfe = den.nfe - nfe0
     stats = {
         "nfe": nfe,
@@ -286,7 +403,14 @@ def picard_solve(
         "sequential_steps": seq_steps,
     }
     trajectory = torch.stack(traj) if traj is not None else None
-    return SampleResult(x_out, nfe, grid, trajectory, stats)
+    return SampleResult(x_cur, nfe, grid, trajectory, stats)
+
+
+def _raise_nonfinite(i: int, grid: torch.Tensor) -> None:
+    raise SolverError(
+        f"non-finite values (NaN/inf) at step {i}, t = {float(grid[i]):.6g} -> {float(grid[i + 1]):.6g} in the "
+        "parallel solve: the model output or the state diverged; check the model, the dtype and the grid's end time"
+    )
 
 
 # --------------------------------------------------------------------------------------------- window="auto"
@@ -310,22 +434,22 @@ def measure_call_costs(
     Stops once batching stops paying (the batching efficiency :math:`e(W) = W c(1)/c(W)` falls below 0.9 of the best
     seen) or after ``budget_s`` seconds. The calls go through the Denoiser, so it counts them.
     """
-    n = grid.numel() - 1
+    ev = window_evaluator(stepper, x, grid)
     g = grid.to(device=x.device, dtype=torch.float64)
     costs: dict[int, float] = {}
     start = time.perf_counter()
     best_eff = 0.0
     draws = stepper.noise_draws
     W = 1
-    while W <= min(max_window, n):
+    while W <= min(max_window, ev.parallel_steps):
         xs = x.unsqueeze(0).expand(W, *x.shape)
         z = torch.zeros(W, draws, *x.shape, dtype=x.dtype, device=x.device) if draws else None
         t0, t1 = g[:W], g[1 : W + 1]
-        _sync(_evaluate(stepper, xs, t0, t1, z, None)[0])  # warm-up
+        _sync(ev(xs, 0, t0, t1, z)[0])  # warm-up
         samples = []
         for _ in range(repeats):
             tic = time.perf_counter()
-            _sync(_evaluate(stepper, xs, t0, t1, z, None)[0])
+            _sync(ev(xs, 0, t0, t1, z)[0])
             samples.append(time.perf_counter() - tic)
         costs[W] = statistics.median(samples)
         eff = W * costs[1] / costs[W]
@@ -450,7 +574,7 @@ class Parallel(Stepper):
                 raise ValueError("the base stepper must wrap the same denoiser as the parallel solver")
             self.base = base
         else:
-            names = [s for s in available() if s != self.name and getattr(SOLVERS[s], "mode", "fixed") == "fixed"]
+            names = [s for s in available() if s != self.name]
             if not isinstance(base, str) or base not in names:
                 raise ValueError(f"base={base!r} is not supported; allowed values: {', '.join(map(repr, names))}")
             self.base = SOLVERS[base](denoiser, **options)
@@ -497,13 +621,6 @@ class Parallel(Stepper):
     def num_steps(self, nfe: int) -> int:
         return self.base.num_steps(nfe)
 
-    def _check_single_step(self, x: torch.Tensor, grid: torch.Tensor) -> None:
-        if self.base.init(x, grid) is not None:
-            raise ValueError(
-                f"base solver {self.base.name!r} carries state across steps (multistep history or FSAL cache), which "
-                "the Picard window does not propagate; use a single-step base solver"
-            )
-
     def integrate(
         self,
         x_T: torch.Tensor,
@@ -515,20 +632,11 @@ class Parallel(Stepper):
     ):
         """Integrate along ``grid`` by sliding-window Picard iteration (or sequentially when ``window="auto"`` finds
         that no window pays). Returns a :class:`~sdeflow.integrate.SampleResult`."""
-        self._check_single_step(x_T, grid)
         window, extra = self.opts["window"], {}
         if window == "auto":
             costs, cal_nfe = _cached_costs(self.base, x_T, grid)
             window = AutoWindow(costs)
             extra = {"auto": True, "costs": costs, "calibration_nfe": cal_nfe}
-            if window.window == 1:  # no window pays: the plain sequential loop
-                from .integrate import solve
-
-                res = solve(self.base, x_T, grid, noise, callback, return_trajectory, progress)
-                res.stats.update(evaluations=res.nfe, window=1, converged=True, iterations=1,
-                                 tol=float(self.opts["tol"]), sequential_steps=res.stats["steps"], **extra)
-                res.stats["rounds"] = res.stats["steps"]
-                return res
         res = picard_solve(
             self.base, x_T, grid, noise, window=window, tol=float(self.opts["tol"]),
             max_iters=self.opts["max_iters"], callback=callback, return_trajectory=return_trajectory,
