@@ -29,6 +29,9 @@ __all__ = ["SampleResult", "PIController", "solve", "solve_adaptive", "sample", 
 
 Callback = Callable[[dict[str, Any]], None]
 
+#: solve_adaptive raises once a sample has had this many non-finite step proposals (each is rejected)
+MAX_NONFINITE = 10
+
 
 @dataclass
 class SampleResult:
@@ -185,6 +188,7 @@ def solve_adaptive(
     err_prev = torch.ones(B, **f64)
     n_acc = torch.zeros(B, dtype=torch.long, device=dev)
     n_rej = torch.zeros(B, dtype=torch.long, device=dev)
+    n_bad = torch.zeros(B, dtype=torch.long, device=dev)  # non-finite proposals per sample
     rounds = 0
     bar = _progress(None, progress, stepper.name)
     done_tol = 1e-12 * max(1.0, abs(t_end))
@@ -222,6 +226,14 @@ def solve_adaptive(
         n_acc = n_acc.index_add(0, idx, accept.long())
         n_rej = n_rej.index_add(0, idx, (~accept).long())
         h = h.index_copy(0, idx, hs * fac)
+        nonfinite = ~torch.isfinite(en) | ~torch.isfinite(x_new.reshape(x_new.shape[0], -1)).all(1)
+        n_bad = n_bad.index_add(0, idx, nonfinite.long())
+        if bool((n_bad[idx] >= MAX_NONFINITE).any()):
+            b = idx[n_bad[idx] >= MAX_NONFINITE][0]
+            raise SolverError(
+                f"non-finite values (NaN/inf) at t = {float(t[b]):.6g} for sample {int(b)}: {MAX_NONFINITE} step "
+                "proposals were not finite (each one shrank the step): the model output or the state diverged"
+            )
         if bool((h[idx][~accept] < h_min).any()):
             bad = idx[~accept][h[idx][~accept] < h_min][0]
             raise SolverError(
