@@ -40,7 +40,10 @@ STOCHASTIC_VARIANTS: dict[str, list[dict]] = {
     "euler_maruyama": [{}],
     "ddpm": [{"variance": "beta_tilde"}, {"variance": "beta"}],
     "ddim": [{"eta": 1.0}],
-    "pc": [{"predictor": "reverse_diffusion", "corrector": "none"}, {"predictor": "euler_maruyama", "corrector": "none"}],
+    "pc": [
+        {"predictor": "reverse_diffusion", "corrector": "none"},
+        {"predictor": "euler_maruyama", "corrector": "none"},
+    ],
     "heun": [{"S_churn": 20.0}, {"S_churn": 5.0, "S_tmin": 0.05, "S_tmax": 1.0}],
 }
 #: solvers the weak-order probe cannot drive (they draw their own noise); they are checked in test_solvers.py.

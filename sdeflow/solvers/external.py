@@ -43,7 +43,7 @@ def _bar(progress: bool, desc: str):
 
 
 class _PFODE:
-    """torchdiffeq's ``func(t, y)``: the probability-flow velocity, plus its step callbacks (accepted/rejected counts)."""
+    """torchdiffeq's ``func(t, y)``: the probability-flow velocity, and step callbacks counting accepted/rejected."""
 
     def __init__(self, stepper: Stepper, callback: Callable | None, bar) -> None:
         self.stepper, self.callback, self.bar = stepper, callback, bar
@@ -314,9 +314,13 @@ class TorchSDE(Stepper):
             return _ReversedBrownian(noise, B)
         gen = noise.generator if isinstance(noise, IIDNoise) else None
         if noise is not None and not isinstance(noise, IIDNoise):
-            raise ValueError(f"noise must be an IIDNoise or a BrownianNoise for solver 'torchsde', got {type(noise).__name__}")
+            raise ValueError(
+                f"noise must be an IIDNoise or a BrownianNoise for solver 'torchsde', got {type(noise).__name__}"
+            )
         if isinstance(gen, PerSampleGenerator):
-            raise ValueError("solver 'torchsde' draws one Brownian path for the batch: PerSampleGenerator is not supported")
+            raise ValueError(
+                "solver 'torchsde' draws one Brownian path for the batch: PerSampleGenerator is not supported"
+            )
         gdev = gen.device if gen is not None else "cpu"
         entropy = int(torch.randint(0, 2**62, (1,), generator=gen, device=gdev))
         levy = "space-time" if self.opts["method"] == "srk" else "none"

@@ -33,10 +33,10 @@ from .base import Stepper, StepResult
 class Heun(Stepper):
     r"""EDM Heun sampler, Karras et al. 2022, Algorithm 1 (deterministic) and Algorithm 2 (``S_churn > 0``).
 
-    Order 2, also as the weak order with churn (the noise injection maps :math:`p_{\sigma_0}` to
-    :math:`p_{\hat\sigma}` exactly, so only the Heun step errs; the weak-order test confirms 2), 2 NFE per step, Euler on the last step of a grid (2N - 1 NFE
-    for N steps); called without the state of :meth:`init` (adaptive driver) every step is a full Heun step. Default
-    grid ``"karras"`` (rho = 7). Options: ``S_churn`` >= 0, ``S_tmin``, ``S_tmax`` (the sigma = s/a range where churn
+    Order 2; with churn also weak order 2 (with S_noise = 1 the injection maps :math:`p_{\sigma_0}` to
+    :math:`p_{\hat\sigma}` exactly, so only the Heun step errs; the weak-order test confirms 2). 2 NFE per step,
+    Euler on the last step of a grid (2N - 1 NFE for N steps); called without the state of :meth:`init` (adaptive
+    driver) every step is a full Heun step. Default grid ``"karras"`` (rho = 7). Options: ``S_churn`` >= 0, ``S_tmin``, ``S_tmax`` (the sigma = s/a range where churn
     applies), ``S_noise`` (noise inflation, 1 = none). With churn, one standard-normal draw per step.
     """
 

@@ -105,7 +105,8 @@ class PredictorCorrector(Stepper):
                 pred = self.den.predict(x, t1)
                 score = -pred.eps / s1
                 z = noise[1 + j]
-                eps = 2 * self.coef(alpha_c, x) * (r * _norm(z) / _norm(score).clamp_min(torch.finfo(x.dtype).tiny)) ** 2
+                ratio = _norm(z) / _norm(score).clamp_min(torch.finfo(x.dtype).tiny)
+                eps = 2 * self.coef(alpha_c, x) * (r * ratio) ** 2
                 mean = x + eps * score
                 x = mean + torch.sqrt(2 * eps) * z
                 x0 = pred.x0
