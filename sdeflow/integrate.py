@@ -174,7 +174,9 @@ def solve_adaptive(
     if t_end == t_start:
         raise ValueError(f"t_end must differ from t_start, got t_end={t_end}, t_start={t_start}")
     direction = -1.0 if t_end < t_start else 1.0
-    controller = controller or PIController()
+    # a stepper may bring its paper's controller and error norm (e.g. adaptive_sde, Jolicoeur-Martineau et al. 2021)
+    controller = controller or getattr(stepper, "controller", None) or PIController()
+    norm = getattr(stepper, "error_norm", None) or error_norm
     den = stepper.den
     nfe0 = den.nfe
     if stepper.noise_draws and noise is None:
@@ -214,7 +216,7 @@ def solve_adaptive(
             half = stepper.step(mid, t1, stepper.step(t0, mid, xs, None, None).x, None, None)
             err = (half.x - x_new) / (2.0 ** stepper.order - 1.0)
             x_new = half.x
-        en = error_norm(err, xs, x_new, rtol, atol)
+        en = norm(err, xs, x_new, rtol, atol)
         accept = en <= 1.0
         hs = direction * (t1 - t0)
         k_order = stepper.order if (res.error is None or stepper.error_order is None) else stepper.error_order

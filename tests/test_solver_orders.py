@@ -34,6 +34,14 @@ DETERMINISTIC_VARIANTS: dict[str, list[dict]] = {
     "ddim": [{"eta": 0.0}],
     "heun": [{}],
     "rk45": [{}],
+    "dpm_solver": [{"order": 1}, {"order": 2}, {"order": 3}, {"order": 2, "solver_type": "taylor"},
+                   {"order": 3, "solver_type": "taylor"}, {"order": 3, "predict_x0": True}],
+    # DPM-Solver++(3M) and UniPC-3 are fitted in test_fast_solvers.py on mixtures: on Gaussian data 3M converges with
+    # order 4 (the Adams error telescopes to end-point derivatives that vanish there) and UniPC-3 reaches its order 4
+    # only beyond 128 steps
+    "dpm_solver++": [{"order": 1}, {"order": 2}, {"order": 2, "solver_type": "taylor"}],
+    "unipc": [{"order": 1}, {"order": 2}, {"order": 2, "variant": "bh1"}, {"order": 2, "corrector": False},
+              {"order": 2, "predict_x0": False}],
 }
 #: option variants of stochastic solvers for the exact weak-order test (samplers affine in x for Gaussian data).
 STOCHASTIC_VARIANTS: dict[str, list[dict]] = {
@@ -45,6 +53,7 @@ STOCHASTIC_VARIANTS: dict[str, list[dict]] = {
         {"predictor": "euler_maruyama", "corrector": "none"},
     ],
     "heun": [{"S_churn": 20.0}, {"S_churn": 5.0, "S_tmin": 0.05, "S_tmax": 1.0}],
+    "dpm_solver++": [{"sde": True, "order": 1}, {"sde": True, "order": 2}],
 }
 #: solvers the weak-order probe cannot drive (they draw their own noise); they are checked in test_solvers.py.
 EXTERNAL_NOISE = {"torchsde"}

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 from .base import SolverError, Stepper, StepResult
+from .adaptive_sde import AdaptiveSDE
 from .ddim import DDIM, DDPM
+from .dpm_solver import DPMSolver, DPMSolverPP
 from .euler import Euler, EulerMaruyama
 from .external import TorchSDE
 from .heun import Heun
 from .pc import PredictorCorrector
 from .rk import RK45
+from .unipc import UniPC
 from ..parallel import Parallel  # noqa: E402  (parallel.py imports only .base at load time)
 
 SOLVERS: dict[str, type[Stepper]] = {
     "euler": Euler,
     "ddim": DDIM,
     "ddpm": DDPM,
+    "dpm_solver": DPMSolver,
+    "dpm_solver++": DPMSolverPP,
+    "unipc": UniPC,
+    "adaptive_sde": AdaptiveSDE,
     "euler_maruyama": EulerMaruyama,
     "pc": PredictorCorrector,
     "heun": Heun,

@@ -1,0 +1,297 @@
+r"""DPM-Solver-1/2/3 (Lu et al. 2022, "DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model Sampling in
+Around 10 Steps"): singlestep exponential integrators of the probability-flow ODE in log-SNR, fixed or adaptive.
+
+With :math:`h = \lambda_1 - \lambda_0` and :math:`\hat\varepsilon` the noise prediction (:mod:`.exponential`),
+
+* DPM-Solver-1: :math:`x_1 = \frac{a_1}{a_0}x_0 - s_1(e^h - 1)\hat\varepsilon(x_0)` (= DDIM, eta = 0);
+* DPM-Solver-2 (Alg. 1, r1 = 1/2): :math:`u = \frac{a_{s}}{a_0}x_0 - s_s(e^{r_1h}-1)\hat\varepsilon_0`,
+  :math:`x_1 = \frac{a_1}{a_0}x_0 - s_1(e^h-1)\hat\varepsilon_0 - \frac{s_1}{2r_1}(e^h-1)(\hat\varepsilon(u) -
+  \hat\varepsilon_0)`;
+* DPM-Solver-3 (Alg. 2, r1 = 1/3, r2 = 2/3): two stages, the second with the :math:`\varphi_2` correction from the
+  first, the final step with the :math:`\varphi_2` correction from the second.
+
+Order k with k NFE per step. ``solver_type="taylor"`` swaps the published 2-node weight :math:`(e^h-1)/(2r_1)` for
+the exact :math:`\varphi_2` one and uses the full quadratic through all three stages for DPM-Solver-3 (the reference
+code's "taylor" type). ``predict_x0=True`` integrates the data prediction instead (DPM-Solver++(2S)/(3S), Lu et al.
+2022b).
+
+NFE budget (the paper's "DPM-Solver-fast", Sec. 3.4): order 3 takes K = NFE//3 + 1 steps ordered
+``[3]*(K-2) + [2, 1]`` if NFE % 3 == 0, ``[3]*(K-1) + [1]`` if 1, ``[3]*(K-1) + [2]`` if 2; order 2 takes
+``[2]*K`` (NFE even) or ``[2]*(K-1) + [1]``; the outer grid has K steps. Exactly NFE net calls.
+
+Adaptive (Sec. 3.4, Alg. 4/5, ``adaptive=True``): DPM-Solver-12 (order=2: the 1st-order step and DPM-Solver-2 share
+the evaluations, 2 NFE per step) or DPM-Solver-23 (order=3: DPM-Solver-2 with r1 = 1/3 and DPM-Solver-3, 3 NFE per
+step); the difference is the embedded error estimate, and :func:`sdeflow.solve_adaptive` picks a step size per sample
+(the reference code uses one for the whole batch, so the hardest sample sets everyone's cost).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .base import StepResult
+from .exponential import FORMS, ExponentialStepper, Form, History, Point, multistep_orders
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A singlestep scheme as data: stage positions in log-SNR (fractions of h), the nodes each stage interpolates
+    (0 = the step's start, j = stage j), and one or two final updates (high order first; a second is the embedded
+    lower-order solution of the adaptive pairs)."""
+
+    r: tuple[float, ...]
+    stage_nodes: tuple[tuple[int, ...], ...]
+    stage_rules: tuple[str, ...]
+    finals: tuple[tuple[tuple[int, ...], str], ...]
+
+    def __post_init__(self) -> None:  # the table validates itself
+        seq = (0.0,) + self.r + (1.0,)
+        ok = len(self.r) == len(self.stage_nodes) == len(self.stage_rules)
+        ok &= all(a < b for a, b in zip(seq[:-1], seq[1:]))  # stages strictly inside (0, 1), increasing
+        ok &= all(nodes[0] == 0 and max(nodes) < j for j, nodes in enumerate(self.stage_nodes, start=1))
+        ok &= all(nodes[0] == 0 and max(nodes) <= len(self.r) for nodes, _ in self.finals)
+        if not ok:
+            raise ValueError(f"inconsistent singlestep plan {self}")
+
+
+_PLANS: dict[tuple[int, str], Plan] = {
+    (1, "dpmsolver"): Plan((), (), (), (((0,), "taylor"),)),
+    (2, "dpmsolver"): Plan((0.5,), ((0,),), ("taylor",), (((0, 1), "bh2"),)),
+    (2, "taylor"): Plan((0.5,), ((0,),), ("taylor",), (((0, 1), "taylor"),)),
+    (3, "dpmsolver"): Plan((1 / 3, 2 / 3), ((0,), (0, 1)), ("taylor", "taylor"), (((0, 2), "taylor"),)),
+    (3, "taylor"): Plan((1 / 3, 2 / 3), ((0,), (0, 1)), ("taylor", "taylor"), (((0, 1, 2), "taylor"),)),
+}
+_PLANS[(1, "taylor")] = _PLANS[(1, "dpmsolver")]
+# adaptive pairs: (high, low) share the stages (Lu et al. 2022, Alg. 4 and 5)
+_ADAPTIVE: dict[int, Plan] = {
+    2: Plan((0.5,), ((0,),), ("taylor",), (((0, 1), "bh2"), ((0,), "taylor"))),
+    3: Plan((1 / 3, 2 / 3), ((0,), (0, 1)), ("taylor", "taylor"), (((0, 2), "taylor"), ((0, 1), "bh2"))),
+}
+
+
+def nfe_split(nfe: int, order: int) -> list[int]:
+    """The paper's per-step orders for an NFE budget (Lu et al. 2022, Sec. 3.4); they sum to ``nfe``."""
+    if nfe < 1:
+        raise ValueError(f"nfe must be >= 1, got {nfe}")
+    if order == 3:
+        k = nfe // 3 + 1
+        if nfe % 3 == 0:
+            return [3] * (k - 2) + [2, 1]
+        return [3] * (k - 1) + ([1] if nfe % 3 == 1 else [2])
+    if order == 2:
+        return [2] * (nfe // 2) + ([1] if nfe % 2 else [])
+    return [1] * nfe
+
+
+@dataclass
+class SinglestepState:
+    i: int
+    plan: list[int]
+
+
+class DPMSolver(ExponentialStepper):
+    r"""DPM-Solver-1/2/3, Lu et al. 2022: singlestep exponential integrator in log-SNR (fixed grid or adaptive).
+
+    Update rules in the module docstring. Order k = ``order``, k NFE per step; ``adaptive=True`` runs DPM-Solver-12
+    (order 2) or -23 (order 3) with a per-sample step size (rtol/atol). Works on every SDE with the semilinear view.
+
+    Options:
+        order: 1, 2 or 3.
+        solver_type: ``"dpmsolver"`` (the paper's algorithms) or ``"taylor"`` (exact phi weights, see module).
+        predict_x0: integrate the data prediction (DPM-Solver++(kS)) instead of the noise prediction.
+        adaptive, rtol, atol, h0: the adaptive variant and its tolerances (paper defaults 0.05 / 0.0078, for data
+            in [-1, 1]) and first step size (default: the driver's).
+        thresholding, threshold_ratio, threshold_max: dynamic thresholding of x0 (needs ``predict_x0=True``).
+    """
+
+    name = "dpm_solver"
+    _nfe_plan: list[int] | None = None
+    options = {
+        "order": 3,
+        "solver_type": "dpmsolver",
+        "predict_x0": False,
+        "adaptive": False,
+        "rtol": 0.05,
+        "atol": 0.0078,
+        "h0": None,
+        "thresholding": False,
+        "threshold_ratio": 0.995,
+        "threshold_max": 1.0,
+    }
+
+    def validate(self) -> None:
+        self._check_choice("order", (1, 2, 3))
+        self._check_choice("solver_type", ("dpmsolver", "taylor"))
+        self._check_bool("predict_x0")
+        self._check_bool("adaptive")
+        if self.opts["adaptive"]:
+            if self.opts["order"] == 1:
+                raise ValueError("order=1 has no embedded pair; adaptive=True needs order 2 (DPM-Solver-12) or 3 "
+                                 "(DPM-Solver-23)")
+            for k in ("rtol", "atol"):
+                if not (isinstance(self.opts[k], (int, float)) and self.opts[k] > 0):
+                    raise ValueError(f"{k} must be a positive number, got {self.opts[k]!r}")
+        self._check_threshold()
+
+    # ---------------------------------------------------------------- declared properties
+    @property
+    def form(self) -> Form:
+        return FORMS["x0" if self.opts["predict_x0"] else "eps"]
+
+    @property
+    def order(self) -> float:  # type: ignore[override]
+        return float(self.opts["order"])
+
+    @property
+    def nfe_per_step(self) -> int:  # type: ignore[override]
+        return int(self.opts["order"])
+
+    @property
+    def mode(self) -> str:  # type: ignore[override]
+        return "adaptive" if self.opts["adaptive"] else "fixed"
+
+    @property
+    def error_order(self) -> float | None:  # type: ignore[override]
+        """Order of the embedded lower solution (DPM-Solver-12: 1, -23: 2): the controller's exponent is 1/order."""
+        return float(self.opts["order"]) - 1.0 if self.opts["adaptive"] else None
+
+    # ---------------------------------------------------------------- step plan
+    def num_steps(self, nfe: int) -> int:
+        """K outer steps for an NFE budget (the paper's split, remembered for :meth:`init`)."""
+        if not isinstance(nfe, int) or nfe < 1:
+            raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
+        self._nfe_plan = nfe_split(nfe, int(self.opts["order"]))
+        return len(self._nfe_plan)
+
+    def init(self, x: torch.Tensor, grid: torch.Tensor) -> SinglestepState:
+        """The per-step orders: the NFE split of the last :meth:`num_steps` call when the grid has that many steps,
+        else ``order`` at every step (a user grid). Caches the grid's and the stages' semilinear coordinates."""
+        self.check_grid(grid)
+        steps = grid.numel() - 1
+        plan = self._nfe_plan if self._nfe_plan is not None and len(self._nfe_plan) == steps else None
+        self._nfe_plan = None
+        if plan is None:
+            plan = [int(self.opts["order"])] * steps
+        pts = [self.view.point(t) for t in grid.detach().to(device="cpu", dtype=torch.float64).unbind(0)]
+        # the stage log-SNRs exactly as step() computes them (python floats), so the cached times are hits
+        stage = [p0.lam + r * (p1.lam - p0.lam) for p0, p1, k in zip(pts[:-1], pts[1:], plan) for r in self._plan(k).r]
+        missing = [lam for lam in stage if not self.view.has_log_snr(lam)]
+        if missing:
+            self.view.prefill_log_snr(torch.tensor(missing, dtype=torch.float64))
+        return SinglestepState(0, plan)
+
+    def _plan(self, k: int) -> Plan:
+        if self.opts["adaptive"]:
+            return _ADAPTIVE[k]
+        return _PLANS[(k, self.opts["solver_type"])]
+
+    # ---------------------------------------------------------------- the step
+    def run_plan(self, x: torch.Tensor, p0: Point, p1: Point, plan: Plan) -> tuple[list[torch.Tensor], Any]:
+        """Evaluate the stages of ``plan`` from p0 and return its final updates (and the prediction at p0)."""
+        f0, pred = self.evaluate(x, p0)
+        nodes = [(p0, f0)]
+        h = p1.lam - p0.lam
+        for r, stage_nodes, rule in zip(plan.r, plan.stage_nodes, plan.stage_rules):
+            ps = self.view.at_log_snr(p0.lam + r * h, p0.t)
+            u = self.update(x, p0, ps, [nodes[n] for n in stage_nodes], rule)[0]
+            nodes.append((ps, self.evaluate(u, ps)[0]))
+        finals = [self.update(x, p0, p1, [nodes[n] for n in fn], rule)[0] for fn, rule in plan.finals]
+        return finals, pred
+
+    def step(self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, state: Any, noise: Any) -> StepResult:
+        p0, p1 = self.view.point(t0), self.view.point(t1)
+        if self.opts["adaptive"]:
+            (high, low), pred = self.run_plan(x, p0, p1, _ADAPTIVE[int(self.opts["order"])])
+            return StepResult(x=high, x_mean=high, error=high - low, state=state, x0=pred.x0)
+        k = state.plan[state.i] if isinstance(state, SinglestepState) else int(self.opts["order"])
+        (x1,), pred = self.run_plan(x, p0, p1, self._plan(k))
+        if isinstance(state, SinglestepState):
+            state = SinglestepState(state.i + 1, state.plan)
+        return StepResult(x=x1, x_mean=x1, state=state, x0=pred.x0)
+
+
+class DPMSolverPP(ExponentialStepper):
+    r"""Multistep DPM-Solver++(2M)/(3M), Lu et al. 2022b ("DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+    Probabilistic Models"), in data prediction; SDE-DPM-Solver++(2M) with ``sde=True``.
+
+    From the last k data predictions :math:`\hat x_0` at :math:`\lambda_i, \lambda_{i-1}, \dots`, with
+    :math:`h = \lambda_{i+1} - \lambda_i`, :math:`r = h_{i}/h`:
+
+    * (1): :math:`x_{i+1} = \frac{s_{i+1}}{s_i}x_i + a_{i+1}(1 - e^{-h})\hat x_0^{(i)}` (= DDIM);
+    * (2M, Alg. 2): :math:`x_{i+1} = \frac{s_{i+1}}{s_i}x_i + a_{i+1}(1-e^{-h})\big[(1+\tfrac1{2r})\hat x_0^{(i)}
+      - \tfrac1{2r}\hat x_0^{(i-1)}\big]` (``solver_type="midpoint"``; ``"taylor"``: the exact
+      :math:`\varphi_2` weight);
+    * (3M): the quadratic through three predictions, integrated exactly (:mod:`.exponential`);
+    * SDE (``sde=True``): :math:`x_{i+1} = \frac{s_{i+1}}{s_i}e^{-h}x_i + a_{i+1}(1-e^{-2h})[\dots] +
+      s_{i+1}\sqrt{1-e^{-2h}}\,z`, z from the driver's noise source.
+
+    Order k (warm-up: step i has order min(k, i+1); ``lower_order_final`` on grids of fewer than 15 steps: the last
+    steps drop to the number of steps left), 1 NFE per step. Dynamic thresholding of :math:`\hat x_0` (Saharia et al. 2022) with ``thresholding=True``.
+
+    Options:
+        order: 1, 2 or 3 (sde=True: 1 or 2).
+        solver_type: ``"midpoint"`` (the paper's 2M) or ``"taylor"``.
+        lower_order_final: below 15 steps, drop to lower order on the last steps (stabilizes few-step sampling).
+        sde: SDE-DPM-Solver++ (stochastic, one normal draw per step).
+        thresholding, threshold_ratio, threshold_max: dynamic thresholding (ratio-quantile of |x0|, data bound).
+    """
+
+    name = "dpm_solver++"
+    nfe_per_step = 1
+    options = {
+        "order": 2,
+        "solver_type": "midpoint",
+        "lower_order_final": True,
+        "sde": False,
+        "thresholding": False,
+        "threshold_ratio": 0.995,
+        "threshold_max": 1.0,
+    }
+
+    def validate(self) -> None:
+        self._check_choice("order", (1, 2, 3))
+        self._check_choice("solver_type", ("midpoint", "taylor"))
+        self._check_bool("lower_order_final")
+        self._check_bool("sde")
+        if self.opts["sde"] and self.opts["order"] == 3:
+            raise ValueError("order=3 is not supported with sde=True; allowed values: 1, 2 (SDE-DPM-Solver++(2M))")
+        self._check_threshold()
+
+    @property
+    def form(self) -> Form:
+        return FORMS["x0_sde" if self.opts["sde"] else "x0"]
+
+    @property
+    def order(self) -> float:  # type: ignore[override]
+        """k; with sde=True the weak order (k as well: exact moments on Gaussian data show it, see the tests)."""
+        return float(self.opts["order"])
+
+    @property
+    def stochastic(self) -> bool:  # type: ignore[override]
+        return bool(self.opts["sde"])
+
+    @property
+    def strong_order(self) -> float | None:  # type: ignore[override]
+        return 1.0 if self.opts["sde"] else None
+
+    @property
+    def rule(self) -> str:
+        return "bh2" if self.opts["solver_type"] == "midpoint" else "taylor"
+
+    def init(self, x: torch.Tensor, grid: torch.Tensor) -> History:
+        self.check_grid(grid)
+        order = int(self.opts["order"])
+        return History(0, multistep_orders(grid.numel() - 1, order, bool(self.opts["lower_order_final"])), [])
+
+    def step(self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, state: Any, noise: Any) -> StepResult:
+        hist = state if isinstance(state, History) else History(0, None, [])
+        p0, p1 = self.view.point(t0), self.view.point(t1)
+        f0, pred = self.evaluate(x, p0)
+        nodes = [(p0, f0)] + hist.nodes
+        k = min(hist.plan[hist.i], len(nodes)) if hist.plan is not None else 1
+        x1, mean = self.update(x, p0, p1, nodes[:k], self.rule, None if noise is None else noise[0])
+        new = History(hist.i + 1, hist.plan, nodes[: int(self.opts["order"]) - 1])
+        return StepResult(x=x1, x_mean=mean, state=new, x0=pred.x0)
