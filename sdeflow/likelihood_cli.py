@@ -7,6 +7,12 @@ Data: a .npy (``allow_pickle=False``) or .pt (``weights_only=True``) array of sh
 Integer data (uint8 images, digits) is dequantized uniformly, ``x = low + (high - low)/levels * (k + u)``, and its
 bits/dim include the offset ``log2(levels/(high - low))`` (docs/likelihood.md); the defaults (256 levels on [-1, 1))
 are the score_sde convention, for digits the cells have the training spacing 1/8 starting at -1.
+
+The data is evaluated in chunks of ``--batch-size`` samples (each chunk is one adaptive solve); the chunk that starts at
+sample i draws its dequantization noise and Hutchinson probes from a generator seeded with ``--seed + i``. Under
+torchrun (``torchrun --nproc_per_node=N -m sdeflow.cli -- likelihood ...``) the chunks are split across the ranks and
+the per-sample values gathered on rank 0, which prints and writes the summary: the values are bitwise those of a
+one-process run with the same ``--batch-size``.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .distributed import DistributedContext, map_chunks, run_cli
 from .likelihood import DIVERGENCES, METHODS, PROBES, UniformDequantization, log_likelihood
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -39,12 +46,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--t-eps", type=float, default=None, help="start time (default: the SDE's eps)")
     parser.add_argument("--method", choices=METHODS, default="dopri5", help="torchdiffeq method")
     parser.add_argument("--step-size", type=float, default=None, help="step of the fixed-grid methods (rk4, ...)")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256, help="samples per solve (the unit split across ranks)")
     parser.add_argument("--levels", type=int, default=None, help="integer levels (default 256; digits: 17)")
     parser.add_argument("--low", type=float, default=None, help="model value of the lowest cell's lower edge")
     parser.add_argument("--high", type=float, default=None, help="model value of the highest cell's upper edge")
     parser.add_argument("--seed", type=int, default=0, help="seed of the probes and the dequantization noise")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="under torchrun, cuda means cuda:LOCAL_RANK")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="the net's dtype")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     parser.add_argument("--out", default=None, help="write a JSON summary with per-sample values here")
@@ -98,48 +106,74 @@ def _summary(values: torch.Tensor) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the checkpoint and the data, compute the likelihood, print (and optionally save) the summary."""
+    """Load the checkpoint and the data, compute the likelihood, print (and optionally save) the summary.
+
+    Under torchrun all ranks run this together; rank 0 prints and writes ``--out``."""
+    return run_cli("sdeflow likelihood", lambda ctx: _run(args, ctx), device=args.device)
+
+
+def _run(args: argparse.Namespace, ctx: DistributedContext) -> int:
     from .training import load_denoiser
 
     dtype = _DTYPES[args.dtype]
-    den = load_denoiser(args.ckpt, ema=not args.no_ema, device=args.device, dtype=dtype)
+    device = ctx.device if ctx.distributed else torch.device(args.device)
+    if not (isinstance(args.batch_size, int) and args.batch_size >= 1):
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    den = load_denoiser(args.ckpt, ema=not args.no_ema, device=device, dtype=dtype)
     data, default_deq = load_data(args.data)
     deq = _dequantization(args, default_deq)
     if args.n is not None:
         if args.n < 1:
             raise ValueError(f"--n must be >= 1, got {args.n}")
         data = data[: args.n]
-    data = data.to(device=args.device, dtype=dtype if data.is_floating_point() else data.dtype)
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    options = None if args.step_size is None else {"step_size": args.step_size}
+
+    def chunk(idx: range) -> dict[str, Any]:
+        xb = data[idx.start : idx.stop].to(device=device, dtype=dtype if data.is_floating_point() else data.dtype)
+        gen = torch.Generator(device=device).manual_seed(args.seed + idx.start)
+        with torch.no_grad():
+            res = log_likelihood(
+                den, xb, divergence=args.divergence, rtol=args.rtol, atol=args.atol, t_eps=args.t_eps,
+                generator=gen, n_probes=args.n_probes, probe=args.probe, method=args.method, dequantize=deq,
+                options=options,
+            )
+        return {"log_prob": res.log_prob, "bits_per_dim": res.bits_per_dim, "prior_gap": res.prior_gap_bound,
+                "nfe": res.nfe, "evaluations": res.stats["evaluations"], "t_eps": res.t_eps,
+                "offset": res.dequantization_offset}
+
     start = time.perf_counter()
-    with torch.no_grad():
-        res = log_likelihood(
-            den, data, divergence=args.divergence, rtol=args.rtol, atol=args.atol, t_eps=args.t_eps,
-            generator=gen, n_probes=args.n_probes, probe=args.probe, method=args.method, dequantize=deq,
-            options=None if args.step_size is None else {"step_size": args.step_size},
-            batch_size=args.batch_size, progress=not args.no_progress,
-        )
+    parts = map_chunks(chunk, int(data.shape[0]), args.batch_size, progress=not args.no_progress,
+                       desc="log-likelihood")
+    if parts is None:  # not rank 0
+        return 0
     seconds = time.perf_counter() - start
+    log_prob = torch.cat([p["log_prob"] for p in parts])
+    bits_per_dim = torch.cat([p["bits_per_dim"] for p in parts])
+    gap = None if parts[0]["prior_gap"] is None else torch.cat([p["prior_gap"] for p in parts])
+    nfe = sum(p["nfe"] for p in parts)
+    offset = parts[0]["offset"]
     out: dict[str, Any] = {
         "ckpt": str(args.ckpt), "data": str(args.data), "n": int(data.shape[0]), "sde": repr(den.sde),
-        "divergence": args.divergence, "rtol": args.rtol, "atol": args.atol, "t_eps": res.t_eps,
+        "divergence": args.divergence, "rtol": args.rtol, "atol": args.atol, "t_eps": parts[0]["t_eps"],
         "dequantization": None if deq is None else {"levels": deq.levels, "low": deq.low, "high": deq.high},
-        "dequantization_offset_bits": res.dequantization_offset,
-        "log_prob": _summary(res.log_prob), "bits_per_dim": _summary(res.bits_per_dim),
-        "prior_gap_bound_nats": float(res.prior_gap_bound.mean()) if res.prior_gap_bound is not None else None,
-        "nfe": res.nfe, "evaluations": res.stats["evaluations"], "seconds": seconds,
+        "dequantization_offset_bits": offset,
+        "log_prob": _summary(log_prob), "bits_per_dim": _summary(bits_per_dim),
+        "prior_gap_bound_nats": float(gap.mean()) if gap is not None else None,
+        "nfe": nfe, "evaluations": sum(p["evaluations"] for p in parts), "seconds": seconds,
+        "world_size": ctx.world_size,
     }
     lp, bpd = out["log_prob"], out["bits_per_dim"]
     print(
         f"{out['n']} samples, {den.sde!r}, divergence={args.divergence}, rtol={args.rtol}, atol={args.atol}\n"
         f"log p (nats/sample): {lp['mean']:.6g} +- {lp['stderr']:.2g}\n"
         f"bits/dim:            {bpd['mean']:.6g} +- {bpd['stderr']:.2g}"
-        + (f"  (dequantization offset {res.dequantization_offset:.4f} bits)" if deq is not None else "")
+        + (f"  (dequantization offset {offset:.4f} bits)" if deq is not None else "")
         + f"\nprior gap bound:     {out['prior_gap_bound_nats']:.3g} nats/sample (mean)\n"
-        f"nfe {res.nfe}, {seconds:.2f} s ({seconds / out['n'] * 1e3:.3g} ms/sample)"
+        f"nfe {nfe}, {seconds:.2f} s ({seconds / out['n'] * 1e3:.3g} ms/sample)"
+        + (f" on {ctx.world_size} ranks" if ctx.distributed else "")
     )
     if args.out:
-        out["per_sample"] = {"log_prob": res.log_prob.cpu().tolist(), "bits_per_dim": res.bits_per_dim.cpu().tolist()}
+        out["per_sample"] = {"log_prob": log_prob.tolist(), "bits_per_dim": bits_per_dim.tolist()}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.out}", file=sys.stderr)

@@ -17,6 +17,7 @@ import torch
 import sdeflow as sf
 from sdeflow.cli import main
 from sdeflow.nets import MLPScoreNet
+from sdeflow.noise import PerSampleGenerator
 from sdeflow.training import DenoisingScoreMatching, SampledData, Trainer, load_checkpoint, load_denoiser
 from training_helpers import one_thread  # noqa: F401  (autouse fixture)
 
@@ -113,7 +114,8 @@ def test_sample_cli_matches_the_api_and_plots(tmp_path):
     assert x.shape == (50, 2) and x.dtype == np.float32 and np.isfinite(x).all()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     den = load_denoiser(run / "ckpt.pt")
-    direct = sf.sample(den, solver="ddim", nfe=4, shape=(50, 2), generator=torch.Generator().manual_seed(3))
+    seeds = PerSampleGenerator(range(3, 53))  # sample i uses seed 3 + i (sdeflow.distributed.sample_sharded)
+    direct = sf.sample(den, solver="ddim", nfe=4, shape=(50, 2), generator=seeds)
     np.testing.assert_array_equal(x, direct.x.numpy())
     assert main([*argv, "--batch-size", "20", "--out", str(tmp_path / "b.npy")]) == 0  # batches: same shape
     assert np.load(tmp_path / "b.npy").shape == (50, 2)

@@ -8,6 +8,11 @@ Example::
 
 Writes ``OUT/ckpt.pt`` (and keeps the previous one as ``OUT/ckpt.prev.pt``) and ``OUT/config.json``. SIGINT/SIGTERM
 write a checkpoint and exit with status 128 + signal number.
+
+Under torchrun (``torchrun --nproc_per_node=N -m sdeflow.cli train ...``) every process trains its share of the
+global batch ``--batch-size`` with DistributedDataParallel on ``cuda:LOCAL_RANK`` (NCCL) or the CPU (gloo); rank 0
+prints and writes the checkpoints, and a stop signal takes effect at the next log point (``--log-every``). A run
+resumes with any number of processes (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 import torch
 
 from .._utils import check_choice
+from ..distributed import DistributedContext, run_cli
 from ..denoiser import PREDICTIONS
 from ..nets.embeddings import EMBEDDINGS
 from .checkpoint import CheckpointError, load_checkpoint, previous_path
@@ -88,7 +94,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     g.add_argument("--save-every", type=int, default=1000, help="checkpoint period in steps (0: end only)")
     g.add_argument("--log-every", type=int, default=50)
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available; under "
+                   "torchrun: cuda:LOCAL_RANK)")
     g.add_argument("--amp", action="store_true", help="float16 mixed precision (CUDA only)")
     g.add_argument("--no-progress", action="store_true")
 
@@ -138,10 +145,17 @@ def config_from_args(args: argparse.Namespace, data: DataSource) -> dict[str, An
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train (or resume) a run; returns the exit status (128 + signal number when interrupted)."""
+    """Train (or resume) a run; returns the exit status (128 + signal number when interrupted).
+
+    Under torchrun all ranks run this together (see the module docstring)."""
+    return run_cli("sdeflow train", lambda ctx: _run(args, ctx), device=args.device)
+
+
+def _run(args: argparse.Namespace, ctx: DistributedContext) -> int:
     out = Path(args.out)
     ckpt_path = out / "ckpt.pt"
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    main = ctx.is_main
+    device = str(ctx.device) if ctx.distributed else (args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         if args.resume:
             if not ckpt_path.exists() and not previous_path(ckpt_path).exists():
@@ -162,22 +176,29 @@ def run(args: argparse.Namespace) -> int:
             state = None
         trainer = build_trainer(config, out_dir=out, progress=not args.no_progress, device=device)
     except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, ImportError) as err:
-        print(f"sdeflow train: error: {err}", file=sys.stderr)
+        if main:
+            print(f"sdeflow train: error: {err}", file=sys.stderr)
         return 2
     if state is not None:
         trainer.load_state_dict(state)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     steps = int(config["train"]["steps"])
     n_params = sum(p.numel() for p in trainer.net.parameters())
-    print(f"sdeflow train: {config['net']['name']} ({n_params:,} parameters) on {config['data']['spec']}, "
-          f"{config['sde']['name']} SDE, {config['loss']['prediction']}-prediction, {device}; "
-          f"steps {trainer.step} -> {steps}, writing {ckpt_path}", flush=True)
+    where = f"{ctx.world_size} processes ({ctx.backend}, {ctx.device.type})" if ctx.distributed else device
+    if main:
+        print(f"sdeflow train: {config['net']['name']} ({n_params:,} parameters) on {config['data']['spec']}, "
+              f"{config['sde']['name']} SDE, {config['loss']['prediction']}-prediction, {where}; "
+              f"steps {trainer.step} -> {steps}, writing {ckpt_path}", flush=True)
     result = trainer.fit(steps)
     if result.interrupted is not None:
-        print(f"sdeflow train: interrupted by signal {result.interrupted} at step {result.step}; "
-              f"checkpoint written to {result.checkpoint}", file=sys.stderr, flush=True)
+        if main:
+            print(f"sdeflow train: interrupted by signal {result.interrupted} at step {result.step}; "
+                  f"checkpoint written to {result.checkpoint}", file=sys.stderr, flush=True)
         return 128 + int(result.interrupted)
-    print(f"sdeflow train: done, step {result.step}, loss {result.loss:.4g}, {result.seconds:.1f} s "
-          f"({result.step / max(result.seconds, 1e-9):.1f} steps/s this session) -> {result.checkpoint}", flush=True)
+    if main:
+        print(f"sdeflow train: done, step {result.step}, loss {result.loss:.4g}, {result.seconds:.1f} s "
+              f"({result.step / max(result.seconds, 1e-9):.1f} steps/s this session) -> {result.checkpoint}",
+              flush=True)
     return 0

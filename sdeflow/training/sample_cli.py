@@ -7,9 +7,15 @@ Example::
     sdeflow sample --ckpt runs/cb/ckpt.pt --solver ddim --nfe 50 --option eta=1.0 --out s.npy
 
 Samples are saved in the data's training units (2-D toys: roughly unit variance; images: [-1, 1], layout (N, C, H, W)).
-The plot is a scatter plot for 2-D data and an image grid (at most 64 images, mapped to [0, 1]) for images. Batches
-are drawn one after another from one generator seeded by ``--seed``, so a run is reproducible for a fixed
-``--batch-size``.
+The plot is a scatter plot for 2-D data and an image grid (at most 64 images, mapped to [0, 1]) for images.
+
+Seeds: sample i draws its x_T and its solver noise from its own generator seeded with ``--seed + i``
+(:class:`~sdeflow.noise.PerSampleGenerator`), so sample i does not depend on the batch it is drawn in. Under torchrun
+(``torchrun --nproc_per_node=N -m sdeflow.cli sample ...``) the batches of ``--batch-size`` samples are split across
+the ranks and gathered on rank 0, which writes the file: the output is bitwise the one-process output for the same
+``--batch-size`` (a batch's floating-point rounding can depend on its size, so keep it fixed to compare runs).
+``--split window`` instead splits each Picard window of ``--solver parallel`` across the ranks (every rank then
+draws every sample).
 """
 
 from __future__ import annotations
@@ -25,8 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..distributed import DistributedContext, run_cli, sample_sharded
 from .checkpoint import CheckpointError
 from .config import load_run
+
+DEFAULT_BATCH = 1024  # samples per solver call unless --batch-size says otherwise (independent of the world size)
 from .data import to_unit_range
 
 
@@ -48,7 +57,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--solver", default="dpm_solver++", help="a name from sdeflow.solvers.available()")
     parser.add_argument("--nfe", type=int, default=10, help="net-evaluation budget (fixed-step solvers)")
     parser.add_argument("--n", type=int, default=1000, help="number of samples")
-    parser.add_argument("--batch-size", type=int, default=None, help="samples per solver call (default: all)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"samples per solver call (default: min(n, {DEFAULT_BATCH})); the unit split across ranks")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output .npy file")
     parser.add_argument("--plot", default=None, help="optional PNG: scatter plot (2-D) or image grid")
@@ -62,7 +72,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--class", dest="label", type=int, default=None, help="class label (conditional nets)")
     parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance weight (with --class)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available; under "
+                        "torchrun: cuda:LOCAL_RANK)")
+    parser.add_argument("--split", choices=["samples", "window"], default="samples",
+                        help="under torchrun: split the samples across ranks (default), or the Picard windows of "
+                        "--solver parallel")
     parser.add_argument("--float64", action="store_true", help="sample in float64")
     parser.add_argument("--progress", action="store_true")
 
@@ -103,13 +117,31 @@ def plot_samples(x: torch.Tensor | np.ndarray, path: str | Path, title: str = ""
 
 
 def run(args: argparse.Namespace) -> int:
-    """Sample from a checkpoint; returns the exit status."""
-    import sdeflow as sf
+    """Sample from a checkpoint; returns the exit status (all ranks run this together under torchrun)."""
+    return run_cli("sdeflow sample", lambda ctx: _run(args, ctx), device=args.device)
+
+
+def _run(args: argparse.Namespace, ctx: DistributedContext) -> int:
+    main = ctx.is_main
+
+    def error(message: Any) -> int:
+        if main:
+            print(f"sdeflow sample: error: {message}", file=sys.stderr)
+        return 2
 
     if args.n < 1:
-        print(f"sdeflow sample: error: --n must be >= 1, got {args.n}", file=sys.stderr)
-        return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return error(f"--n must be >= 1, got {args.n}")
+    if args.batch_size is not None and args.batch_size < 1:
+        return error(f"--batch-size must be >= 1, got {args.batch_size}")
+    options = dict(args.option)
+    if args.split == "window":
+        if args.solver != "parallel":
+            return error(f"--split window needs --solver parallel, got --solver {args.solver}")
+        if ctx.distributed:
+            options["group"] = True
+    elif "group" in options:
+        return error("the option group= splits Picard windows: pass --split window instead")
+    device = str(ctx.device) if ctx.distributed else (args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float64 if args.float64 else torch.float32
     try:
         den, config, _ = load_run(args.ckpt, ema=not args.no_ema, device=device, dtype=dtype)
@@ -128,24 +160,20 @@ def run(args: argparse.Namespace) -> int:
             else:
                 den = ClassifierFreeGuidance(den, args.label, scale=args.cfg_scale)
     except (FileNotFoundError, CheckpointError, ValueError) as err:
-        print(f"sdeflow sample: error: {err}", file=sys.stderr)
-        return 2
+        return error(err)
     shape = tuple(config["data"]["data_shape"])
-    batch = args.batch_size or args.n
-    generator = torch.Generator(device).manual_seed(args.seed)
-    chunks, nfe, start = [], 0, time.perf_counter()
+    batch = args.batch_size or min(args.n, DEFAULT_BATCH)
+    start = time.perf_counter()
     try:
-        for lo in range(0, args.n, batch):
-            b = min(batch, args.n - lo)
-            res = sf.sample(den, solver=args.solver, nfe=args.nfe, shape=(b, *shape), generator=generator,
-                            t_end=args.t_end, grid=args.grid, progress=args.progress, denoise_final=args.denoise_final,
-                            dtype=dtype, device=device, rtol=args.rtol, atol=args.atol, **dict(args.option))
-            chunks.append(res.x.detach().cpu())
-            nfe += res.nfe
+        x, nfe = sample_sharded(
+            den, args.n, shape, seed=args.seed, batch_size=batch, device=device, progress=args.progress,
+            shard=args.split == "samples", solver=args.solver, nfe=args.nfe, t_end=args.t_end, grid=args.grid,
+            denoise_final=args.denoise_final, dtype=dtype, rtol=args.rtol, atol=args.atol, **options,
+        )
     except ValueError as err:
-        print(f"sdeflow sample: error: {err}", file=sys.stderr)
-        return 2
-    x = torch.cat(chunks)
+        return error(err)
+    if not main:
+        return 0
     seconds = time.perf_counter() - start
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -153,8 +181,9 @@ def run(args: argparse.Namespace) -> int:
     if not bool(torch.isfinite(x).all()):
         print("sdeflow sample: warning: some samples are not finite", file=sys.stderr)
     label = f", class {args.label}" + (f", cfg {args.cfg_scale}" if args.cfg_scale is not None else "") if args.label is not None else ""
+    ranks = f" on {ctx.world_size} ranks" if ctx.distributed else ""
     print(f"sdeflow sample: {args.n} samples {tuple(x.shape[1:])} with {args.solver} (NFE {nfe}{label}) in "
-          f"{seconds:.2f} s -> {out}", flush=True)
+          f"{seconds:.2f} s{ranks} -> {out}", flush=True)
     if args.plot:
         plot_samples(x, args.plot, f"{args.solver}, NFE {args.nfe}{label} ({Path(args.ckpt).parent.name})")
         print(f"sdeflow sample: plot -> {args.plot}", flush=True)

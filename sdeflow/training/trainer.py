@@ -11,6 +11,17 @@ score_sde), where k is the step index.
 Reproducibility: every random number comes from the trainer's two generators (data, loss) or torch's global CPU
 generator (dropout); all three states, the model, the EMA, the optimizer (and the AMP scaler) and the step go into the
 checkpoint, so on CPU N steps + save + load + N steps equal 2N steps bit for bit.
+
+Several processes (``torchrun``, an initialized ``torch.distributed`` group of W > 1 processes): the net is wrapped in
+``DistributedDataParallel`` and the *global* batch of B samples is the one-process batch. Every rank draws the same
+global batch and the same (t, noise, label-dropout) draws from the same two generators, keeps its consecutive share
+``[floor(rB/W), floor((r+1)B/W))`` of it, and weights its mean loss by :math:`W n_r / B`; DDP's gradient average
+:math:`\frac1W\sum_r \frac{W n_r}{B}\nabla\bar\ell_r = \frac1B\sum_i\nabla\ell_i` is then the gradient of
+the one-process batch (to rounding), for any W and uneven shares. Gradients, hence weights, optimizer states and the
+EMA, are identical on every rank (checked at the end of :meth:`Trainer.fit`); only rank 0 writes checkpoints. The
+checkpoint holds no per-rank state except torch's global generator (dropout, reseeded per rank from (seed, step,
+rank)), so a run resumes with any number of processes, and a resumed run with dropout off continues the one-process
+run to rounding.
 """
 
 from __future__ import annotations
@@ -28,9 +39,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from .. import distributed as _dist
 from .checkpoint import check_primitive, load_checkpoint, save_checkpoint
 from .data import DataSource
-from .losses import DenoisingScoreMatching
+from .losses import DenoisingScoreMatching, DSMDraw
 
 __all__ = ["Trainer", "FitResult"]
 
@@ -68,6 +80,9 @@ class Trainer:
         progress: show a tqdm progress bar with the loss and steps/s.
         config: a plain dict of primitives stored in the checkpoint (enough to rebuild the SDE, net and loss; see
             :func:`sdeflow.training.config.load_denoiser`).
+        distributed: train with ``DistributedDataParallel`` over the initialized ``torch.distributed`` group (module
+            docstring); None: whenever such a group of more than one process exists. ``batch_size`` stays the
+            global batch. All ranks must build the trainer together (DDP broadcasts rank 0's initial weights).
     """
 
     def __init__(
@@ -92,6 +107,7 @@ class Trainer:
         log_every: int = 50,
         progress: bool = True,
         config: dict[str, Any] | None = None,
+        distributed: bool | None = None,
     ) -> None:
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be an nn.Module, got {type(net).__name__}")
@@ -113,12 +129,34 @@ class Trainer:
             raise ValueError(f"amp=True needs a CUDA device, got device={str(self.device)!r}")
         if conditional and (data.num_classes is None or getattr(net, "num_classes", None) is None):
             raise ValueError("conditional=True needs labelled data and a class-conditional net (num_classes set)")
+        if distributed and not _dist.is_distributed():
+            raise ValueError("distributed=True needs an initialized torch.distributed group of more than one process "
+                             "(launch with torchrun)")
+        self.world_size = _dist.get_world_size() if (distributed is not False and _dist.is_distributed()) else 1
+        self.rank = _dist.get_rank() if self.world_size > 1 else 0
+        if batch_size < self.world_size:
+            raise ValueError(f"batch_size (the global batch) must be >= the number of processes {self.world_size}, "
+                             f"got {batch_size}")
         self.config = dict(config or {})
         check_primitive(self.config)
         self.net = net.to(self.device)
         self.dtype = params[0].dtype
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
+        self.model: nn.Module = self.net  # what the forward pass calls: the net, or its DDP wrapper
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.net, device_ids=ids, output_device=None if ids is None else ids[0])
+            self.ema.load_state_dict(self.net.state_dict())  # DDP broadcast rank 0's initial weights into the net
         self.loss, self.data = loss, data
+        # the labels are dropped for the whole global batch before sharding, so the per-shard loss must not drop again
+        self._shard_loss = copy.copy(loss)
+        self._shard_loss.p_uncond = 0.0
+        self._shard = _dist.shard_slice(int(batch_size), self.rank, self.world_size)
+        n_local = self._shard.stop - self._shard.start
+        self._loss_scale = n_local * self.world_size / int(batch_size)  # exactly 1.0 in one process
+        self.seed = int(seed)
         self.batch_size, self.lr, self.warmup = int(batch_size), float(lr), int(warmup)
         self.grad_clip = float(grad_clip) if grad_clip else None
         self.ema_decay, self.amp, self.conditional = float(ema_decay), bool(amp), bool(conditional)
@@ -130,22 +168,38 @@ class Trainer:
         self.save_every, self.log_every, self.progress = int(save_every), int(log_every), bool(progress)
         self.step = 0
         self._signal: int | None = None
+        if self.world_size > 1:
+            self._reseed_rank_rng()
+
+    def _reseed_rank_rng(self) -> None:
+        """Distinct dropout streams per rank: torch's global generator(s) seeded from (seed, step, rank)."""
+        torch.manual_seed((self.seed * 1_000_003 + self.step) * 4099 + self.rank + 1)
 
     # ------------------------------------------------------------------ one step
     def _lr_at(self, step: int) -> float:
         return self.lr * min(1.0, (step + 1) / self.warmup) if self.warmup else self.lr
 
     def train_step(self) -> torch.Tensor:
-        """One optimisation step; returns the batch loss (a detached 0-dim tensor, no host sync)."""
-        self.net.train()
-        x, y = self.data.sample(self.batch_size, self.data_generator)
+        """One optimisation step; returns the batch loss (a detached 0-dim tensor, no host sync).
+
+        With several processes the returned value is this rank's share, weighted so that the mean over the ranks is
+        the global batch loss.
+        """
+        self.model.train()
+        x, y = self.data.sample(self.batch_size, self.data_generator)  # the global batch, the same on every rank
         x = x.to(device=self.device, dtype=self.dtype, non_blocking=True)
         y = y.to(self.device, non_blocking=True) if (self.conditional and y is not None) else None
+        draw = self.loss.draw(x, self.generator)  # then the label dropout: the loss's own order of draws
+        y = self.loss.drop_labels(y, getattr(self.net, "num_classes", None), self.generator)
+        sl = self._shard
+        mine = DSMDraw(*(v[sl] for v in draw))
         for group in self.opt.param_groups:
             group["lr"] = self._lr_at(self.step)
         autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
         with autocast:
-            loss = self.loss(self.net, x, self.generator, y)
+            loss = self._shard_loss.per_sample(self.model, x[sl], y=None if y is None else y[sl], draw=mine).mean()
+            if self._loss_scale != 1.0:
+                loss = loss * self._loss_scale
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.grad_clip is not None:
@@ -183,38 +237,62 @@ class Trainer:
                 handlers[sig] = signal.signal(sig, self._on_signal)
         self._signal = None
         start, last, running, count = time.perf_counter(), float("nan"), None, 0
+        stop: int | None = None  # the signal that ends the loop (agreed by all ranks when distributed)
         path: Path | None = None
         saved_at = -1
         bar = self._bar(steps)
         try:
-            while self.step < steps and self._signal is None:
+            while self.step < steps and stop is None:
                 loss = self.train_step()
                 running = loss if running is None else running + loss
                 count += 1
                 if count == self.log_every or self.step == steps:
-                    last = float(running) / count  # one host sync per log_every steps
+                    last, stop = self._log_point(running, count)  # one host sync per log_every steps
                     if not math.isfinite(last):
                         raise FloatingPointError(f"loss became {last} by step {self.step}; lower lr or check the data")
                     running, count = None, 0
                     if bar is not None:
                         bar.set_postfix(loss=f"{last:.4g}", refresh=False)
+                elif self.world_size == 1:
+                    stop = self._signal  # one process stops right after the current step
                 if bar is not None:
                     bar.update(1)
                 if self.out_dir is not None and self.save_every and self.step % self.save_every == 0:
                     path, saved_at = self.save(), self.step
             if count:
-                last = float(running) / count
+                last, stop = self._log_point(running, count)
             if self.out_dir is not None and saved_at != self.step:
                 path = self.save()
+            if self.world_size > 1:
+                _dist.assert_replicas_equal([*self.net.parameters(), *self.ema.parameters()], "weights or EMA")
+                _dist.barrier()  # every rank returns once rank 0's checkpoint is complete
         finally:
             if bar is not None:
                 bar.close()
             for sig, old in handlers.items():
                 signal.signal(sig, old)
-        return FitResult(self.step, last, self._signal, time.perf_counter() - start, path)
+        return FitResult(self.step, last, stop, time.perf_counter() - start, path)
+
+    def _log_point(self, running: torch.Tensor, count: int) -> tuple[float, int | None]:
+        """(mean loss since the last log point, the signal to stop on or None). With several processes one
+        all-reduce sums the ranks' losses and takes the largest pending signal number, so every rank sees the same
+        loss (the global batch's) and stops after the same step."""
+        if self.world_size == 1:
+            return float(running) / count, self._signal
+        import torch.distributed as dist
+
+        box = torch.stack([running.detach().to(torch.float64),
+                           torch.tensor(float(self._signal or 0), dtype=torch.float64, device=running.device)])
+        dist.all_reduce(box)  # SUM: the loss over ranks, and the signal flag (nonzero if any rank got one)
+        total, flag = box.tolist()
+        if flag:
+            flags = torch.tensor([float(self._signal or 0)], dtype=torch.float64, device=running.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            flag = flags.item()
+        return total / (count * self.world_size), (int(flag) if flag else None)
 
     def _bar(self, steps: int):
-        if not self.progress:
+        if not self.progress or self.rank != 0:
             return None
         from tqdm.auto import tqdm
 
@@ -239,6 +317,7 @@ class Trainer:
             "step": self.step,
             "rng": rng,
             "config": self.config,
+            "world_size": self.world_size,  # informative only: a checkpoint resumes with any number of processes
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -263,6 +342,8 @@ class Trainer:
             )
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if self.world_size > 1:
+            self._reseed_rank_rng()
 
     @property
     def checkpoint_path(self) -> Path:
@@ -271,8 +352,15 @@ class Trainer:
         return self.out_dir / "ckpt.pt"
 
     def save(self, path: str | Path | None = None) -> Path:
-        """Write a checkpoint atomically (default ``out_dir/ckpt.pt``; the old one becomes ``ckpt.prev.pt``)."""
-        return save_checkpoint(self.state_dict(), path if path is not None else self.checkpoint_path)
+        """Write a checkpoint atomically (default ``out_dir/ckpt.pt``; the old one becomes ``ckpt.prev.pt``).
+
+        With several processes only rank 0 writes (the state is the same on every rank); the others return the path
+        at once, without waiting for the file (:meth:`fit` ends with a barrier).
+        """
+        path = Path(path) if path is not None else self.checkpoint_path
+        if self.rank != 0:
+            return path
+        return save_checkpoint(self.state_dict(), path)
 
     def resume(self, path: str | Path | None = None) -> int:
         """Load a checkpoint (default ``out_dir/ckpt.pt``) into this trainer; returns the step reached."""
