@@ -37,7 +37,6 @@ reproduces the sequential run bit for bit) and sums small residuals instead of l
 from __future__ import annotations
 
 import math
-import statistics
 import time
 import weakref
 from typing import Any, Callable
@@ -330,14 +329,8 @@ def picard_solve(
         y, x0 = ev(buf[:-1], begin, g[begin:end], g[begin + 1 : end + 1], zbuf)
         rounds += 1
         evaluations += (den.nfe - nfe_before) * w
-        # residual form of x_{j+1} = x_b + sum_{i<=j} (y_i - x_i): new_j = y_j + sum_{i<j} (y_i - old_{i+1})
-        change = torch.cumsum(y - buf[1:], 0)  # new - old for every state of the window
-        new = y.clone()
-        new[1:] += change[:-1]
-        err = change.reshape(w, B, -1).pow(2).mean(-1).to(torch.float64)  # (w, B)
-        fail = ~(err <= thr[begin:end, None]).all(1)  # NaN fails
-        bad = ~torch.isfinite(new.reshape(w, -1)).all(1)
-        flags = torch.stack([fail, bad]).cpu()  # the one host sync of a round: the window's shape depends on it
+        new, flags = _picard_update(buf, y, thr[begin:end])
+        flags = flags.cpu()  # the one host sync of a round: the window's shape depends on it
         fail_l, bad_l = flags[0].tolist(), flags[1].tolist()
         stride = min(fail_l.index(True) + 1 if True in fail_l else w, w)
         sweeps = [s + 1 for s in sweeps]
@@ -406,6 +399,20 @@ def picard_solve(
     return SampleResult(x_cur, nfe, grid, trajectory, stats)
 
 
+def _picard_update(buf: torch.Tensor, y: torch.Tensor, thr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Picard update of a window: buf (w+1, B, *d) the states (buf[0] accepted), y (w, B, *d) the maps at buf[:-1],
+    thr (w,) the thresholds of e_j. Returns (the new states (w, B, *d), flags (2, w) bool: [test failed, non-finite])."""
+    w, B = y.shape[:2]
+    # residual form of x_{j+1} = x_b + sum_{i<=j} (y_i - x_i): new_j = y_j + sum_{i<j} (y_i - old_{i+1})
+    change = torch.cumsum(y - buf[1:], 0)  # new - old for every state of the window
+    new = y.clone()
+    new[1:] += change[:-1]
+    err = change.reshape(w, B, -1).pow(2).mean(-1).to(torch.float64)  # (w, B)
+    fail = ~(err <= thr[:, None]).all(1)  # NaN fails
+    bad = ~torch.isfinite(new.reshape(w, -1)).all(1)
+    return new, torch.stack([fail, bad])
+
+
 def _raise_nonfinite(i: int, grid: torch.Tensor) -> None:
     raise SolverError(
         f"non-finite values (NaN/inf) at step {i}, t = {float(grid[i]):.6g} -> {float(grid[i + 1]):.6g} in the "
@@ -429,7 +436,9 @@ def measure_call_costs(
     repeats: int = 3,
     budget_s: float = 2.0,
 ) -> dict[int, float]:
-    r"""Seconds of one batched step of ``stepper`` over W·B states, for W = 1, 2, 4, ... (median of ``repeats``).
+    r"""Seconds of one Picard round of ``stepper`` over a window of W steps (the batched step of W·B states, the update
+    and its host sync), for W = 2, 4, 8, ..., and of one plain step for W = 1 (what a sequential run pays per step);
+    best of ``repeats`` (timing noise on a shared machine only ever adds time).
 
     Stops once batching stops paying (the batching efficiency :math:`e(W) = W c(1)/c(W)` falls below 0.9 of the best
     seen) or after ``budget_s`` seconds. The calls go through the Denoiser, so it counts them.
@@ -445,13 +454,20 @@ def measure_call_costs(
         xs = x.unsqueeze(0).expand(W, *x.shape)
         z = torch.zeros(W, draws, *x.shape, dtype=x.dtype, device=x.device) if draws else None
         t0, t1 = g[:W], g[1 : W + 1]
-        _sync(ev(xs, 0, t0, t1, z)[0])  # warm-up
+        buf = x.unsqueeze(0).expand(W + 1, *x.shape)
+        thr = torch.ones(W, dtype=torch.float64, device=x.device)
+
+        def one_round() -> None:
+            y = ev(xs, 0, t0, t1, z)[0]
+            _sync(y if W == 1 else _picard_update(buf, y, thr)[1])
+
+        one_round()  # warm-up
         samples = []
         for _ in range(repeats):
             tic = time.perf_counter()
-            _sync(ev(xs, 0, t0, t1, z)[0])
+            one_round()
             samples.append(time.perf_counter() - tic)
-        costs[W] = statistics.median(samples)
+        costs[W] = min(samples)
         eff = W * costs[1] / costs[W]
         best_eff = max(best_eff, eff)
         if eff < 0.9 * best_eff or time.perf_counter() - start > budget_s:
