@@ -55,7 +55,8 @@ def test_brownian_coarse_increments_are_sums_of_fine_ones():
         torch.testing.assert_close(inc(coarse, j), total, rtol=0, atol=1e-12)
     # the same seed is the same path whatever the query order; another seed another path
     again = BrownianNoise(like.shape, seed=11, t_min=0.001, t_max=1.0)
-    torch.testing.assert_close(again(0, coarse[1], coarse[2], like), bn(0, coarse[1], coarse[2], like), rtol=0, atol=1e-12)
+    torch.testing.assert_close(again(0, coarse[1], coarse[2], like), bn(0, coarse[1], coarse[2], like), rtol=0,
+                               atol=1e-12)
     other = BrownianNoise(like.shape, seed=12, t_min=0.001, t_max=1.0)
     assert not torch.allclose(other(0, coarse[1], coarse[2], like), bn(0, coarse[1], coarse[2], like))
 

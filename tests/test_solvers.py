@@ -406,3 +406,20 @@ def test_torchsde_adaptive():
     res = sf.sample(den, "torchsde", shape=(8, 2), generator=torch.Generator().manual_seed(0), adaptive=True,
                     rtol=0.05, atol=0.05, dtype=torch.float64)
     assert res.nfe == net.calls > 0 and bool(torch.isfinite(res.x).all())
+
+
+# ---------------------------------------------------------------------------------------------- devices
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ALL)
+def test_solvers_on_cuda_match_cpu(name):
+    """Device agnostic: the same solve on CUDA stays there and matches the CPU result (same x_T, same noise)."""
+    sde, gmm, net, den = _setup()
+    x_T = sde.prior_sample((8, 2), torch.Generator().manual_seed(0), dtype=torch.float64)
+    opts = {"noise": TensorNoise(torch.randn(64, 2, 8, 2, generator=torch.Generator().manual_seed(1),
+                                             dtype=torch.float64))} if name in STOCHASTIC_FIXED else {}
+    cpu = sf.sample(den, name, nfe=10, x_T=x_T, **opts).x
+    if "noise" in opts:
+        opts["noise"] = TensorNoise(opts["noise"].noise.cuda())
+    gpu = sf.sample(den, name, nfe=10, x_T=x_T.cuda(), **opts).x
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-6)
