@@ -8,7 +8,7 @@ A non-finite model output raises :class:`~sdeflow.solvers.base.SolverError` nami
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -256,7 +256,8 @@ class TorchSDE(Stepper):
     torchsde integrates forward in time on 2-D states, so the bridge integrates in :math:`\tau = -t` on (B, D)
     states (see :class:`_ReverseSDE`). Fixed steps land exactly on the grid (the method's step is called per grid
     interval, carrying the method's state); ``adaptive=True`` runs ``torchsde.sdeint`` with step
-    doubling on rtol/atol (outputs at grid times are linear interpolations, as torchsde makes them).
+    doubling on rtol/atol (outputs at grid times are linear interpolations, as torchsde makes them; torchsde does not
+    expose its step counts, so ``stats`` reports steps, accepted and rejected as None there).
 
     Noise: a :class:`~sdeflow.noise.BrownianNoise` passed to ``sample(noise=...)`` is used as the path (time-reversed,
     so a solve sees the same Brownian motion as ``euler_maruyama``; ``srk`` needs it built with
