@@ -1,0 +1,759 @@
+r"""NFE-versus-quality benchmark: sweep solvers x NFE on one model, score every sample set against reference data.
+
+The question a user brings is "which solver, and how many network evaluations (NFE)?". For a trained
+:class:`~sdeflow.Denoiser` this module draws ``n`` samples with every solver at every NFE budget, scores them, and
+records what each cell cost: the NFE the Denoiser actually counted (``res.nfe``, never the solver's own arithmetic)
+and the wall time.
+
+**Protocol** (fixed, written into every output):
+
+* every cell starts from the *same* prior noise x_T: the sampling generator is re-seeded with ``seed`` for each
+  (solver, NFE) pair (common random numbers, so differences between cells are solver differences, not noise);
+* budget-driven solvers take each NFE budget (a budget smaller than one step is skipped); tolerance-driven ones
+  (adaptive step size: ``rk45``, ``adaptive_sde``, ``dpm_solver`` with ``adaptive=True`` ...) run at each tolerance
+  rtol = atol and are plotted at the NFE they spent, tightening stops once that exceeds ``nfe_cap``;
+* ``parallel`` is left out of the default list: it reproduces its base solver's samples (quality = the base's) and
+  its ``res.nfe`` counts batched Picard rounds; benchmark it for wall time (``benchmarks/parallel.py``) or name it
+  explicitly;
+* the reference set and the metric parameters are fixed before the sweep: for 2-D data, ``n`` fresh draws from the
+  data law with the reference seed (the training stream never sees that seed); the sliced Wasserstein directions, the
+  MMD bandwidths (from the median distance of the reference set) and the reference mean/covariance are computed once;
+  for images, the reference statistics of a feature extractor whose SHA-256 is recorded;
+* the **data floor**: the same metrics between two sets of real data (a fresh independent draw of n for toys, two
+  disjoint halves for finite data sets) — the value an exact sampler would get from sampling noise alone.
+
+Metrics (:mod:`sdeflow.metrics`): low-dimensional data (D <= 16) gets the sliced 2-Wasserstein distance ``sw2``,
+the unbiased multi-scale Gaussian-kernel ``mmd2`` and the Frechet distance ``fd`` of the raw coordinates; images get the Frechet
+distance of features: ``fd_digits`` (the digits CNN), ``fid`` (Inception-v3, user-supplied weights) or ``fd_raw``.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Protocol, Sequence
+
+import torch
+
+from .denoiser import Denoiser
+from .integrate import make_stepper, sample
+from .metrics import GaussianStats, feature_stats, frechet_distance, gaussian_stats, mmd2, sliced_wasserstein
+from .solvers import available
+from .solvers.base import SolverError, Stepper
+
+__all__ = [
+    "DEFAULT_NFES",
+    "DEFAULT_TOLERANCES",
+    "EXCLUDED_BY_DEFAULT",
+    "SolverSpec",
+    "parse_solver",
+    "default_solvers",
+    "Scorer",
+    "LowDimScorer",
+    "FeatureScorer",
+    "make_scorer",
+    "Cell",
+    "SweepResult",
+    "run_sweep",
+    "budget_driven",
+    "model_device_dtype",
+    "markdown_grid",
+    "markdown_adaptive",
+    "markdown_cells",
+    "plot_sweep",
+    "write_outputs",
+    "base_protocol",
+]
+
+DEFAULT_NFES: tuple[int, ...] = (5, 10, 20, 50, 100, 200, 500, 1000)
+DEFAULT_TOLERANCES: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4)
+#: solvers the default list leaves out, with the reason (written into the protocol)
+EXCLUDED_BY_DEFAULT: dict[str, str] = {
+    "parallel": "parallel-in-time Picard sampling reproduces its base solver's samples; its res.nfe counts batched "
+    "rounds, so it is a wall-time benchmark (benchmarks/parallel.py), not an NFE-quality one",
+}
+#: the MMD kernel sums Gaussian kernels of bandwidths h, h/2, ..., h/2^(MMD_SCALES-1), h the median distance: the
+#: median alone is blind to structure finer than the data's spread (a checkerboard and a uniform square agree)
+MMD_SCALES = 4
+#: data up to this many dimensions is scored on its raw coordinates (sliced Wasserstein, MMD, Frechet)
+LOW_DIM = 16
+
+
+# ---------------------------------------------------------------------------------------------- solver specs
+@dataclass(frozen=True)
+class SolverSpec:
+    """A solver name and its options, written ``name`` or ``name:key=value,key=value`` (e.g. ``ddim:eta=1.0``,
+    ``dpm_solver:order=3``, ``dpm_solver:adaptive=True``). ``label`` is that text, the row name in every output."""
+
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        if not self.options:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.options)
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.options)
+
+
+def parse_solver(text: str) -> SolverSpec:
+    """Parse ``name`` or ``name:key=value,...`` (values are Python literals; anything else stays a string).
+
+    Raises ValueError for an unknown solver name (listing the allowed ones) or a malformed option.
+    """
+    name, _, rest = text.strip().partition(":")
+    allowed = available()
+    if name not in allowed:
+        raise ValueError(f"solver={name!r} is not a solver; allowed values: {', '.join(allowed)}")
+    options = []
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ValueError(f"solver options must be key=value, got {item!r} in {text!r}")
+        try:
+            parsed: Any = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            parsed = value.strip()
+        options.append((key.strip(), parsed))
+    return SolverSpec(name, tuple(options))
+
+
+def default_solvers() -> list[SolverSpec]:
+    """Every registered solver (``sdeflow.solvers.available()``, read at call time) but :data:`EXCLUDED_BY_DEFAULT`."""
+    return [SolverSpec(name) for name in available() if name not in EXCLUDED_BY_DEFAULT]
+
+
+def budget_driven(stepper: Stepper) -> bool:
+    """Whether a stepper's cost follows the NFE budget (a fixed grid of ``nfe // nfe_per_step`` steps), as opposed
+    to an adaptive solver whose cost follows its tolerances. Decided from the stepper's own declarations: its
+    ``mode`` and whether ``num_steps`` grows with the budget."""
+    if stepper.mode == "adaptive":
+        return False
+    try:
+        return stepper.num_steps(1000) > stepper.num_steps(100)
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- scorers
+class Scorer(Protocol):
+    """Scores a sample set against fixed reference data. ``metrics`` names the entries of :meth:`score` (the first
+    is the primary one, plotted first and used for the summary grid); ``floor`` holds the data-vs-data values."""
+
+    metrics: tuple[str, ...]
+    floor: dict[str, float]
+
+    def score(self, x: torch.Tensor) -> dict[str, float]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def _nan_scores(metrics: Iterable[str]) -> dict[str, float]:
+    return {m: float("nan") for m in metrics}
+
+
+class LowDimScorer:
+    r"""Sliced 2-Wasserstein, unbiased MMD^2 and the Frechet distance of raw coordinates, against one reference set.
+
+    Every parameter that could vary between cells is fixed here, once: the ``n_projections`` directions of the
+    sliced distance (drawn from ``seed``, identical for every call), the MMD bandwidths (h, h/2, h/4, h/8 with h the
+    median pairwise distance of the reference set: a sum of kernels, so that structure finer than the data's spread
+    counts) and the reference mean and covariance.
+
+    Args:
+        reference: (N, *shape) reference samples. holdout: an independent real sample set (the data floor), or None.
+        n_projections: directions for ``sw2``. seed: seeds those directions.
+    """
+
+    metrics = ("sw2", "mmd2", "fd")
+
+    def __init__(
+        self,
+        reference: torch.Tensor,
+        holdout: torch.Tensor | None = None,
+        *,
+        n_projections: int = 256,
+        seed: int = 0,
+    ) -> None:
+        if reference.ndim < 2 or reference.shape[0] < 2:
+            raise ValueError(f"reference must have shape (N >= 2, *shape), got {tuple(reference.shape)}")
+        self.reference = reference.reshape(reference.shape[0], -1).to(torch.float64)
+        self.n_projections, self.seed = n_projections, seed
+        self.stats = gaussian_stats(self.reference)
+        ref = self.reference
+        sub = ref[torch.linspace(0, ref.shape[0] - 1, min(ref.shape[0], 1000)).long()]
+        d = torch.cdist(sub, sub)
+        iu = torch.triu_indices(sub.shape[0], sub.shape[0], offset=1)
+        median = float(torch.quantile(d[iu[0], iu[1]], 0.5))
+        self.bandwidths = tuple(median / 2**k for k in range(MMD_SCALES))
+        self.floor = self.score(holdout) if holdout is not None else {}
+
+    def score(self, x: torch.Tensor) -> dict[str, float]:
+        x = x.reshape(x.shape[0], -1).to(device=self.reference.device, dtype=torch.float64)
+        if not bool(torch.isfinite(x).all()):
+            return _nan_scores(self.metrics)
+        gen = torch.Generator().manual_seed(self.seed)
+        return {
+            "sw2": sliced_wasserstein(x, self.reference, n_projections=self.n_projections, generator=gen),
+            "mmd2": mmd2(x, self.reference, bandwidth=self.bandwidths),
+            "fd": frechet_distance(x, self.stats),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "low-dimensional: raw coordinates",
+            "metrics": {
+                "sw2": f"sliced 2-Wasserstein, {self.n_projections} directions drawn from seed {self.seed}",
+                "mmd2": "unbiased MMD^2, sum of Gaussian kernels with bandwidths h/2^k, k = 0.."
+                f"{MMD_SCALES - 1}, h = {self.bandwidths[0]:.6g} the median distance of the reference set: "
+                f"{[round(b, 6) for b in self.bandwidths]}",
+                "fd": "Frechet distance of Gaussians fitted to the raw coordinates",
+            },
+            "n_reference": int(self.reference.shape[0]),
+        }
+
+
+class FeatureScorer:
+    """Frechet distance of extractor features (FID-style) against reference statistics computed once.
+
+    Args:
+        extractor: a :class:`~sdeflow.metrics.FeatureExtractor` (its ``sha256`` attribute, when set, is recorded).
+        reference: (N, *shape) real data, or precomputed :class:`~sdeflow.metrics.GaussianStats`.
+        holdout: two disjoint real sets (a, b): the floor is FD(a, b); or None.
+        name: the metric's name (``fd_digits``, ``fid``, ``fd_raw``).
+        batch_size, device: passed to :func:`~sdeflow.metrics.feature_stats`.
+    """
+
+    def __init__(
+        self,
+        extractor: Any,
+        reference: torch.Tensor | GaussianStats,
+        holdout: tuple[torch.Tensor, torch.Tensor] | None = None,
+        *,
+        name: str = "fd",
+        batch_size: int = 500,
+        device: torch.device | str | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.extractor, self.metrics = extractor, (name,)
+        self.batch_size, self.device = batch_size, device
+        self.info = dict(info or {})
+        if isinstance(reference, GaussianStats):
+            self.stats, self.n_reference = reference, reference.n
+        else:
+            self.stats, self.n_reference = self._stats(reference), int(reference.shape[0])
+        self.floor = {}
+        if holdout is not None:
+            self.floor = {name: frechet_distance(self._stats(holdout[0]), self._stats(holdout[1]))}
+
+    def _stats(self, x: torch.Tensor) -> GaussianStats:
+        return feature_stats(x, self.extractor, batch_size=self.batch_size, device=self.device)
+
+    def score(self, x: torch.Tensor) -> dict[str, float]:
+        if not bool(torch.isfinite(x).all()):
+            return _nan_scores(self.metrics)
+        return {self.metrics[0]: frechet_distance(self._stats(x), self.stats)}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "features",
+            "metrics": {self.metrics[0]: "Frechet distance of Gaussians fitted to the extractor's features"},
+            "extractor": {"sha256": getattr(self.extractor, "sha256", None), **self.info},
+            "n_reference": self.n_reference,
+        }
+
+
+def make_scorer(
+    config: dict[str, Any],
+    n: int,
+    *,
+    seed: int = 12345,
+    extractor: str = "auto",
+    inception_weights: str | None = None,
+    cache_dir: str | Path | None = None,
+    device: torch.device | str | None = None,
+) -> LowDimScorer | FeatureScorer:
+    """The scorer for a training run's data (``config["data"]["spec"]``, as written by ``sdeflow train``).
+
+    * data drawn fresh from a law (2-D toys, ``gmm``): reference = ``n`` draws with a generator seeded by ``seed``,
+      floor = ``n`` further draws from the same generator;
+    * a finite data set: reference = all of it (its statistics; for low-dimensional data at most ``n`` points taken
+      in a seeded random order), floor = its two disjoint random halves;
+    * low-dimensional data (D <= 16): :class:`LowDimScorer`; images: :class:`FeatureScorer` with ``extractor``:
+      ``"auto"`` (digits CNN for ``digits``, Inception when ``inception_weights`` is given, else raw pixels),
+      ``"digits"``, ``"inception"`` or ``"raw"``.
+    """
+    from .training.data import SampledData, make_data
+
+    extractors = ("auto", "digits", "inception", "raw")
+    if extractor not in extractors:
+        raise ValueError(f"extractor={extractor!r} is not supported; allowed values: {', '.join(map(repr, extractors))}")
+    if not (isinstance(n, int) and n >= 2):
+        raise ValueError(f"n must be an int >= 2, got {n!r}")
+    data_cfg = config.get("data", {})
+    spec = data_cfg.get("spec")
+    if spec is None:
+        raise ValueError("the run config has no data spec (config['data']['spec']); cannot build reference data")
+    data = make_data(spec, size=data_cfg.get("size"))
+    dim = math.prod(data.data_shape)
+    gen = torch.Generator().manual_seed(seed)
+    if isinstance(data, SampledData):
+        reference, extra = data.sample(n, gen)[0], data.sample(n, gen)[0]
+        halves = None
+    else:
+        x = data.x
+        perm = torch.randperm(x.shape[0], generator=gen)
+        half = x.shape[0] // 2
+        halves = (x[perm[:half]], x[perm[half : 2 * half]])
+        reference, extra = x, None
+        if dim <= LOW_DIM:
+            reference = x[perm[:n]]
+    if dim <= LOW_DIM:
+        if extractor not in ("auto", "raw"):
+            raise ValueError(f"extractor={extractor!r} is for images; {dim}-dimensional data is scored on its coordinates")
+        if halves is None:
+            return LowDimScorer(reference, extra, seed=seed)
+        scorer = LowDimScorer(reference, None, seed=seed)
+        scorer.floor = LowDimScorer(halves[0][:n], seed=seed).score(halves[1][:n])
+        return scorer
+    kind = extractor
+    if kind == "auto":
+        kind = "digits" if spec == "digits" else ("inception" if inception_weights else "raw")
+    if kind == "digits":
+        from .extractors import digits_extractor
+
+        net = digits_extractor(cache_dir, device=device)
+        return FeatureScorer(net, reference, halves, name="fd_digits", device=device,
+                             info={"name": "digits CNN (sdeflow.extractors)", "accuracy": net.accuracy})
+    if kind == "inception":
+        if not inception_weights:
+            raise ValueError("extractor='inception' needs inception_weights (pytorch-fid's weight file)")
+        from .inception import load_fid_inception
+
+        net = load_fid_inception(inception_weights, device=device)
+        return FeatureScorer(net, reference, halves, name="fid", batch_size=100, device=device,
+                             info={"name": "FID Inception-v3 pool3", "weights": str(inception_weights)})
+    return FeatureScorer(None, reference, halves, name="fd_raw", device=device, info={"name": "raw pixels"})
+
+
+# ---------------------------------------------------------------------------------------------- the sweep
+@dataclass
+class Cell:
+    """One (solver, budget) point: ``budget`` is the requested NFE (budget-driven solvers) and ``tol`` the rtol =
+    atol (tolerance-driven ones); ``nfe`` the net calls the Denoiser counted per batch (averaged over batches);
+    ``seconds`` the wall time of sampling alone; ``status`` "ok", "skipped: ...", "error: ..." or "nonfinite"."""
+
+    solver: str
+    budget: int | None
+    tol: float | None
+    nfe: float | None = None
+    seconds: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    status: str = "ok"
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
+class SweepResult:
+    """The cells of a sweep (in run order), the scorer's metric names and floor, and kept samples
+    ``samples[(solver label, budget or tol)]`` (the first ``keep`` of each cell, on the CPU)."""
+
+    cells: list[Cell]
+    metrics: tuple[str, ...]
+    floor: dict[str, float]
+    nfes: tuple[int, ...]
+    tolerances: tuple[float, ...]
+    samples: dict[tuple[str, float], torch.Tensor] = field(default_factory=dict)
+
+    def by_solver(self) -> dict[str, list[Cell]]:
+        out: dict[str, list[Cell]] = {}
+        for c in self.cells:
+            out.setdefault(c.solver, []).append(c)
+        return out
+
+
+def _scalar_stats(stats: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in stats.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = v
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def model_device_dtype(den: Denoiser) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of the net's first parameter; (cpu, float32) for a plain function or a net without any."""
+    net = den.net
+    param = next(iter(net.parameters()), None) if isinstance(net, torch.nn.Module) else None
+    if param is None:
+        return torch.device("cpu"), torch.float32
+    return param.device, param.dtype
+
+
+def _draw(
+    den: Denoiser,
+    spec: SolverSpec,
+    shape: tuple[int, ...],
+    n: int,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    budget: int | None,
+    tol: float | None,
+) -> tuple[torch.Tensor, float, float, dict[str, float]]:
+    """n samples of one cell: (x on the CPU, NFE per batch, seconds, scalar stats of the last batch)."""
+    gen = torch.Generator(device).manual_seed(seed)
+    opts = spec.kwargs
+    if tol is not None:
+        opts.update(rtol=tol, atol=tol)
+    chunks, calls, stats = [], 0, {}
+    _sync(device)
+    start = time.perf_counter()
+    for lo in range(0, n, batch_size):
+        b = min(batch_size, n - lo)
+        res = sample(den, solver=spec.name, nfe=budget if budget is not None else 1, shape=(b, *shape),
+                     generator=gen, dtype=dtype, device=device, **opts)
+        chunks.append(res.x)
+        calls += res.nfe
+        stats = res.stats
+    _sync(device)
+    seconds = time.perf_counter() - start
+    batches = len(chunks)
+    return torch.cat(chunks).detach().cpu(), calls / batches, seconds, _scalar_stats(stats)
+
+
+def run_sweep(
+    den: Denoiser,
+    scorer: Scorer,
+    data_shape: Sequence[int],
+    *,
+    solvers: Sequence[SolverSpec | str] | None = None,
+    nfes: Sequence[int] = DEFAULT_NFES,
+    tolerances: Sequence[float] = DEFAULT_TOLERANCES,
+    nfe_cap: float | None = None,
+    n: int = 2000,
+    seed: int = 0,
+    batch_size: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    keep: int = 0,
+    progress: bool = True,
+) -> SweepResult:
+    """Sample with every solver at every budget (or tolerance) and score each sample set.
+
+    Args:
+        den: the model. scorer: see :func:`make_scorer`. data_shape: the per-sample shape.
+        solvers: :class:`SolverSpec` or ``"name:key=value"`` strings; default :func:`default_solvers` (every solver
+            registered when called, but ``parallel``).
+        nfes: the NFE budgets of budget-driven solvers. tolerances: rtol = atol values of tolerance-driven solvers,
+            loosest first; tightening stops once a cell spends more than ``nfe_cap`` (default 2 * max(nfes)).
+        n: samples per cell; seed: the sampling seed, the same for every cell (same x_T everywhere).
+        batch_size: samples per solver call (default n). device, dtype: default the net's parameters'.
+        keep: keep the first ``keep`` samples of every cell in ``SweepResult.samples`` (for plots).
+        progress: a tqdm bar over the cells (on stderr).
+
+    Returns:
+        :class:`SweepResult`. A solver that cannot run on this model (an impossible pairing) or fails at some budget
+        gets cells with an "error: ..." status rather than stopping the sweep.
+    """
+    nfes = tuple(sorted({int(v) for v in nfes}))
+    if not nfes or nfes[0] < 1:
+        raise ValueError(f"nfes must be positive integers, got {nfes}")
+    tolerances = tuple(sorted({float(v) for v in tolerances}, reverse=True))
+    if any(not (0 < v < 1) for v in tolerances):
+        raise ValueError(f"tolerances must lie in (0, 1), got {tolerances}")
+    if not (isinstance(n, int) and n >= 2):
+        raise ValueError(f"n must be an int >= 2, got {n!r}")
+    batch_size = n if batch_size is None else batch_size
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    cap = 2.0 * max(nfes) if nfe_cap is None else float(nfe_cap)
+    specs = [parse_solver(s) if isinstance(s, str) else s for s in (solvers if solvers is not None else default_solvers())]
+    net_device, net_dtype = model_device_dtype(den)
+    device = torch.device(device) if device is not None else net_device
+    dtype = dtype if dtype is not None else net_dtype
+    shape = tuple(int(s) for s in data_shape)
+
+    plan: list[tuple[SolverSpec, int | None, float | None]] = []
+    kinds: dict[str, str | Exception] = {}
+    for spec in specs:
+        try:
+            stepper = make_stepper(den, spec.name, **spec.kwargs)
+        except (ValueError, TypeError) as err:
+            kinds[spec.label] = err
+            plan.append((spec, None, None))
+            continue
+        if budget_driven(stepper):
+            kinds[spec.label] = "budget"
+            plan += [(spec, b, None) for b in nfes]
+        elif "rtol" in stepper.opts:
+            kinds[spec.label] = "tolerance"
+            plan += [(spec, None, t) for t in tolerances]
+        else:
+            kinds[spec.label] = ValueError("neither budget- nor tolerance-driven")
+            plan.append((spec, None, None))
+
+    # one tiny solve first, so that one-time costs (lazy initialisation, allocator warm-up) land on no cell
+    sample(den, solver="euler", nfe=2, shape=(2, *shape), generator=torch.Generator(device).manual_seed(0),
+           dtype=dtype, device=device)
+
+    from tqdm.auto import tqdm
+
+    cells: list[Cell] = []
+    samples: dict[tuple[str, float], torch.Tensor] = {}
+    over_cap: set[str] = set()
+    bar = tqdm(plan, desc="bench", disable=not progress, leave=False)
+    for spec, budget, tol in bar:
+        label = spec.label
+        kind = kinds[label]
+        bar.set_description(f"{label} " + (f"nfe {budget}" if budget is not None else f"tol {tol:g}" if tol else ""))
+        if isinstance(kind, Exception):
+            cells.append(Cell(label, None, None, status=f"error: {kind}"))
+            continue
+        if tol is not None and label in over_cap:
+            cells.append(Cell(label, None, tol, status=f"skipped: a looser tolerance already spent > {cap:g} NFE"))
+            continue
+        try:
+            x, nfe, seconds, stats = _draw(den, spec, shape, n, batch_size, seed, device, dtype, budget, tol)
+        except ValueError as err:
+            status = f"skipped: {err}" if "too small" in str(err) else f"error: {err}"
+            cells.append(Cell(label, budget, tol, status=status))
+            continue
+        except SolverError as err:
+            cells.append(Cell(label, budget, tol, status=f"error: {err}"))
+            continue
+        metrics = scorer.score(x)
+        status = "ok" if bool(torch.isfinite(x).all()) else "nonfinite"
+        cells.append(Cell(label, budget, tol, nfe, seconds, metrics, status, stats))
+        if keep > 0:
+            samples[(label, budget if budget is not None else tol)] = x[:keep].clone()
+        if tol is not None and nfe > cap:
+            over_cap.add(label)
+        primary = scorer.metrics[0]
+        bar.set_postfix({primary: f"{metrics[primary]:.3g}", "nfe": f"{nfe:g}"})
+    bar.close()
+    return SweepResult(cells, tuple(scorer.metrics), dict(scorer.floor), nfes, tolerances, samples)
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def _fmt(v: float | None, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "nan" if isinstance(v, float) else "-"
+    return f"{v:.{digits}g}"
+
+
+def _status_word(cell: Cell) -> str:
+    return cell.status.split(":")[0]
+
+
+def markdown_grid(result: SweepResult, metric: str | None = None) -> str:
+    """Solver x NFE table of one metric (default the primary one) for the budget-driven solvers, with the best
+    solver per column; a cell whose spent NFE differs from the budget shows it in brackets."""
+    metric = metric or result.metrics[0]
+    rows = {s: cs for s, cs in result.by_solver().items() if any(c.budget is not None for c in cs)}
+    head = "| solver | " + " | ".join(f"NFE {b}" for b in result.nfes) + " |"
+    lines = [head, "|---" * (len(result.nfes) + 1) + "|"]
+    best: dict[int, tuple[float, str]] = {}
+    for solver, cs in rows.items():
+        at = {c.budget: c for c in cs}
+        cells = []
+        for b in result.nfes:
+            c = at.get(b)
+            if c is None:
+                cells.append("-")
+            elif not c.ok:
+                cells.append(_status_word(c))
+            else:
+                v = c.metrics[metric]
+                text = _fmt(v)
+                if c.nfe is not None and abs(c.nfe - b) > 1e-9:
+                    text += f" ({c.nfe:g})"
+                cells.append(text)
+                if math.isfinite(v) and (b not in best or v < best[b][0]):
+                    best[b] = (v, solver)
+        lines.append(f"| {solver} | " + " | ".join(cells) + " |")
+    lines.append("| **best** | " + " | ".join(best[b][1] if b in best else "-" for b in result.nfes) + " |")
+    if metric in result.floor:
+        lines.append(f"\nData floor (real vs real, same protocol): {metric} = {_fmt(result.floor[metric])}.")
+    return "\n".join(lines)
+
+
+def markdown_adaptive(result: SweepResult) -> str:
+    """The tolerance-driven cells: tolerance, NFE spent, every metric, seconds ('' when there are none)."""
+    cells = [c for c in result.cells if c.tol is not None]
+    if not cells:
+        return ""
+    lines = ["| solver | rtol = atol | NFE spent | " + " | ".join(result.metrics) + " | seconds |",
+             "|---" * (len(result.metrics) + 4) + "|"]
+    for c in cells:
+        vals = [_fmt(c.metrics.get(m)) for m in result.metrics] if c.ok else [_status_word(c)] * len(result.metrics)
+        lines.append(f"| {c.solver} | {c.tol:g} | {_fmt(c.nfe, 4)} | " + " | ".join(vals) + f" | {_fmt(c.seconds)} |")
+    return "\n".join(lines)
+
+
+def markdown_cells(result: SweepResult) -> str:
+    """Every cell: solver, budget or tolerance, NFE spent, every metric, seconds, status."""
+    lines = ["| solver | budget | NFE spent | " + " | ".join(result.metrics) + " | seconds | status |",
+             "|---" * (len(result.metrics) + 5) + "|"]
+    for c in result.cells:
+        budget = str(c.budget) if c.budget is not None else (f"tol {c.tol:g}" if c.tol is not None else "-")
+        vals = [_fmt(c.metrics.get(m)) for m in result.metrics]
+        status = c.status if len(c.status) <= 60 else c.status[:57] + "..."
+        lines.append(f"| {c.solver} | {budget} | {_fmt(c.nfe, 4)} | " + " | ".join(vals)
+                     + f" | {_fmt(c.seconds)} | {status.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+def plot_sweep(result: SweepResult, path: str | Path, title: str = "") -> None:
+    """One panel per metric: metric against the NFE actually spent (log x; log y when every value is positive),
+    one line per solver (dashed with open markers for tolerance-driven solvers), the data floor dashed grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = result.by_solver()
+    k = len(result.metrics)
+    fig, axes = plt.subplots(1, k, figsize=(4.2 * k + 2.2, 4.0), squeeze=False)
+    cmap = plt.get_cmap("tab20")
+    markers = "os^vD<>ph*Xd"
+    for j, metric in enumerate(result.metrics):
+        ax = axes[0, j]
+        values = []
+        for i, (solver, cs) in enumerate(groups.items()):
+            pts = sorted((c.nfe, c.metrics[metric]) for c in cs
+                         if c.ok and c.nfe is not None and math.isfinite(c.metrics.get(metric, float("nan"))))
+            if not pts:
+                continue
+            adaptive = any(c.tol is not None for c in cs)
+            xs, ys = zip(*pts)
+            values += ys
+            ax.plot(xs, ys, ls="--" if adaptive else "-", marker=markers[i % len(markers)], ms=4,
+                    color=cmap(i % 20), mfc="none" if adaptive else cmap(i % 20), lw=1.2,
+                    label=solver + (" (tol)" if adaptive else ""))
+        if metric in result.floor and math.isfinite(result.floor[metric]):
+            ax.axhline(result.floor[metric], color="0.5", ls=":", lw=1.2, label="data vs data")
+            values.append(result.floor[metric])
+        ax.set_xscale("log")
+        if values and min(values) > 0:
+            ax.set_yscale("log")
+        ax.set_xlabel("NFE spent (res.nfe)")
+        ax.set_ylabel(metric)
+        ax.grid(True, which="both", alpha=0.25)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 2.0 / (4.2 * k + 2.2), 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def base_protocol(
+    *,
+    n: int,
+    seed: int,
+    scorer: Scorer,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    batch_size: int | None = None,
+    checkpoint: str | Path | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The protocol block of a benchmark's outputs: sample count, seeds, reference statistics, extractor hash,
+    checkpoint hash, software and hardware."""
+    import sdeflow
+
+    proto: dict[str, Any] = {
+        "n_samples": n,
+        "batch_size": batch_size or n,
+        "sampling_seed": seed,
+        "same_x_T_for_every_cell": True,
+        "reference": scorer.describe(),
+        "data_floor": dict(scorer.floor),
+        "nfe": "net calls counted by the Denoiser (res.nfe), per batch",
+        "seconds": "wall time of sampling only (time.perf_counter, CUDA synchronised), scoring excluded",
+        "excluded_by_default": EXCLUDED_BY_DEFAULT,
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "torch_threads": torch.get_num_threads(),
+        "sdeflow": sdeflow.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+    }
+    if torch.device(device).type == "cuda":
+        proto["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    if checkpoint is not None:
+        from .extractors import sha256_file
+
+        proto["checkpoint"] = {"path": str(checkpoint), "sha256": sha256_file(checkpoint)}
+    proto.update(extra)
+    return proto
+
+
+def write_outputs(
+    result: SweepResult,
+    out_dir: str | Path,
+    protocol: dict[str, Any],
+    *,
+    title: str = "NFE versus quality",
+    extra_markdown: str = "",
+    plot_name: str = "nfe_vs_quality.png",
+) -> dict[str, Path]:
+    """Write ``results.json`` (protocol + every cell), ``table.md`` (protocol, the grids, every cell) and the plot.
+
+    Returns the paths by kind (``json``, ``markdown``, ``plot``).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "protocol": {**protocol, "nfes": list(result.nfes), "tolerances": list(result.tolerances)},
+        "metrics": list(result.metrics),
+        "floor": result.floor,
+        "cells": [asdict(c) for c in result.cells],
+    }
+    paths = {"json": out / "results.json", "markdown": out / "table.md", "plot": out / plot_name}
+    paths["json"].write_text(json.dumps(_json_safe(payload), indent=2) + "\n")
+    plot_sweep(result, paths["plot"], title)
+    md = [f"# {title}", ""]
+    if extra_markdown:
+        md += [extra_markdown, ""]
+    md += [f"## {result.metrics[0]} by solver and NFE budget (lower is better)", "", markdown_grid(result), ""]
+    adaptive = markdown_adaptive(result)
+    if adaptive:
+        md += ["## Tolerance-driven solvers", "", adaptive, ""]
+    md += ["## Every cell", "", markdown_cells(result), "", "## Protocol", "", "```json",
+           json.dumps(_json_safe(payload["protocol"]), indent=2), "```", ""]
+    paths["markdown"].write_text("\n".join(md))
+    return paths
