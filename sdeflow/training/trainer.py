@@ -146,6 +146,8 @@ class Trainer:
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
+            if self.device.type == "cuda" and self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.net, device_ids=ids, output_device=None if ids is None else ids[0])
             self.ema.load_state_dict(self.net.state_dict())  # DDP broadcast rank 0's initial weights into the net
