@@ -433,21 +433,23 @@ def measure_call_costs(
     x: torch.Tensor,
     grid: torch.Tensor,
     max_window: int = AUTO_MAX_WINDOW,
-    repeats: int = 3,
+    repeats: int = 5,
     budget_s: float = 2.0,
 ) -> dict[int, float]:
     r"""Seconds of one Picard round of ``stepper`` over a window of W steps (the batched step of W·B states, the update
     and its host sync), for W = 2, 4, 8, ..., and of one plain step for W = 1 (what a sequential run pays per step);
     best of ``repeats`` (timing noise on a shared machine only ever adds time).
 
-    Stops once batching stops paying (the batching efficiency :math:`e(W) = W c(1)/c(W)` falls below 0.9 of the best
-    seen) or after ``budget_s`` seconds. The calls go through the Denoiser, so it counts them.
+    Stops once batching has stopped paying (the batching efficiency :math:`e(W) = W c(1)/c(W)` stayed below 0.9 of the
+    best seen for two doublings: one dip may be timing noise) or after ``budget_s`` seconds. The calls go through the
+    Denoiser, so it counts them.
     """
     ev = window_evaluator(stepper, x, grid)
     g = grid.to(device=x.device, dtype=torch.float64)
     costs: dict[int, float] = {}
     start = time.perf_counter()
     best_eff = 0.0
+    dips = 0
     draws = stepper.noise_draws
     W = 1
     while W <= min(max_window, ev.parallel_steps):
@@ -470,7 +472,8 @@ def measure_call_costs(
         costs[W] = min(samples)
         eff = W * costs[1] / costs[W]
         best_eff = max(best_eff, eff)
-        if eff < 0.9 * best_eff or time.perf_counter() - start > budget_s:
+        dips = dips + 1 if eff < 0.9 * best_eff else 0
+        if dips == 2 or time.perf_counter() - start > budget_s:
             break
         W *= 2
     return costs
@@ -496,15 +499,17 @@ def choose_window(costs: dict[int, float], margin: float = 1.1) -> int:
 
 class AutoWindow:
     r"""``window="auto"``: the window from measured call costs (:func:`choose_window`), and a switch back to plain
-    sequential stepping once the *observed* Picard overhead :math:`k = W\cdot\text{rounds}/\text{accepted}` (over at
-    least ``patience`` full-width rounds) exceeds the batching efficiency e(W), i.e. once the parallel run is
-    slower than the sequential one would be."""
+    sequential stepping once the *observed* Picard overhead :math:`k = W\cdot\text{rounds}/\text{accepted}` exceeds
+    the batching efficiency e(W), i.e. once the parallel run is slower than the sequential one would be.
 
-    def __init__(self, costs: dict[int, float], patience: int = 3) -> None:
+    The verdict waits until ``2 W`` steps were accepted (or W full-width rounds ran): a window starts from copies of
+    its first state, and its first rounds accept few steps whatever the overhead later is. Waiting costs at most W
+    rounds of c(W) where the sequential run would have paid at least W c(1)."""
+
+    def __init__(self, costs: dict[int, float]) -> None:
         self.costs = dict(costs)
         self.window = choose_window(self.costs)
         self.efficiency = self.window * self.costs[1] / self.costs[self.window]
-        self.patience = patience
         self.rounds = self.accepted = 0
 
     def keep_parallel(self, w: int, stride: int) -> bool:
@@ -513,7 +518,7 @@ class AutoWindow:
             return True
         self.rounds += 1
         self.accepted += stride
-        if self.rounds < self.patience:
+        if self.accepted < 2 * self.window and self.rounds < self.window:
             return True
         return self.efficiency * self.accepted / (self.rounds * self.window) >= 1.0
 

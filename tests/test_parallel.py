@@ -190,10 +190,12 @@ def test_choose_window_from_costs():
 def test_auto_window_falls_back_when_the_overhead_eats_the_gain():
     aw = AutoWindow({1: 1.0, 16: 5.0})  # e(16) = 3.2 > prior k(16) = 1.67: start with W = 16
     assert aw.window == 16
-    assert aw.keep_parallel(16, 2) and aw.keep_parallel(16, 2)  # k = 8 observed, but within the patience
+    assert all(aw.keep_parallel(16, 2) for _ in range(15))  # k = 8, but a cold window gets W rounds
     assert not aw.keep_parallel(16, 2)
     aw = AutoWindow({1: 1.0, 16: 5.0})
-    assert all(aw.keep_parallel(16, 8) for _ in range(10))  # k = 2 < 3.2: parallel pays
+    assert all(aw.keep_parallel(16, 1) for _ in range(3))  # the cold start: one step per round ...
+    assert all(aw.keep_parallel(16, 12) for _ in range(30))  # ... then k ~ 1.4 < 3.2: parallel pays
+    assert aw.keep_parallel(8, 1)  # the shrinking tail windows are not judged
 
 
 def test_auto_fallback_continues_the_same_path(den, x_T):
