@@ -28,6 +28,10 @@ settings.register_profile(
 settings.register_profile("explore", max_examples=300, deadline=None)
 settings.load_profile("sdeflow")
 
+# The suite runs many tiny tensor ops: on 2 shared cores a second intra-op thread only adds wake-up latency (a small
+# softmax took 22 ms with 2 threads against 4 us with 1 on a loaded machine). Tests that need more set it themselves.
+torch.set_num_threads(1)
+
 
 def _rectified_flow(T: float = 0.999, eps: float = 1e-3) -> sf.GaussianPath:
     """The rectified-flow path a = 1 - t, s = t (Liu et al. 2022) as a generic GaussianPath (bisection inverse)."""
