@@ -30,6 +30,7 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/solver_accuracy.py
+	$(PY) benchmarks/nfe_vs_fid.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -29,6 +29,7 @@ distance of features: ``fd_digits`` (the digits CNN), ``fid`` (Inception-v3, use
 
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 import math
@@ -57,6 +58,7 @@ __all__ = [
     "LowDimScorer",
     "FeatureScorer",
     "make_scorer",
+    "ensure_trained",
     "Cell",
     "SweepResult",
     "run_sweep",
@@ -342,6 +344,42 @@ def make_scorer(
         return FeatureScorer(net, reference, halves, name="fid", batch_size=100, device=device,
                              info={"name": "FID Inception-v3 pool3", "weights": str(inception_weights)})
     return FeatureScorer(None, reference, halves, name="fd_raw", device=device, info={"name": "raw pixels"})
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def ensure_trained(run_dir: str | Path, train_argv: Sequence[str], steps: int, *, progress: bool = True) -> str:
+    """Make sure ``run_dir/ckpt.pt`` holds a model trained for ``steps`` steps, through ``sdeflow train``.
+
+    A checkpoint with at least ``steps`` steps is reused; one with fewer (an interrupted run) is resumed; with none,
+    ``sdeflow train <train_argv> --steps <steps> --out <run_dir>`` trains one. A checkpoint trained on other data
+    than ``--data`` in ``train_argv`` raises a ValueError. Returns a sentence saying which of the three happened.
+    """
+    from .training import cli as train_cli
+    from .training import load_checkpoint
+
+    run_dir = Path(run_dir)
+    ckpt = run_dir / "ckpt.pt"
+    argv = list(train_argv)
+    data = argv[argv.index("--data") + 1] if "--data" in argv else None
+    common = [] if progress else ["--no-progress"]
+    if ckpt.exists():
+        state = load_checkpoint(ckpt)
+        spec = state.get("config", {}).get("data", {}).get("spec")
+        if data is not None and spec != data:
+            raise ValueError(f"{ckpt} was trained on data={spec!r}, not {data!r}: delete it or choose another folder")
+        if state["step"] >= steps:
+            return f"reused {ckpt} (step {state['step']})"
+        argv = ["--out", str(run_dir), "--resume", "--steps", str(steps), *common]
+        action = f"resumed {ckpt} from step {state['step']} to {steps}"
+    else:
+        argv = [*argv, "--steps", str(steps), "--out", str(run_dir), *common]
+        action = f"trained {ckpt} ({steps} steps)"
+    parser = argparse.ArgumentParser(prog="sdeflow train")
+    train_cli.configure(parser)
+    rc = train_cli.run(parser.parse_args(argv))
+    if rc != 0:
+        raise RuntimeError(f"sdeflow train {' '.join(argv)} failed with status {rc}")
+    return action
 
 
 # ---------------------------------------------------------------------------------------------- the sweep

@@ -58,36 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _train(args: argparse.Namespace, out: Path) -> str:
-    """Train, resume or reuse OUT/ckpt.pt through `sdeflow train`; returns what happened."""
-    from .training import load_checkpoint
-    from .training import cli as train_cli
-
-    ckpt = out / "ckpt.pt"
-    common = ["--no-progress"] if args.no_progress else []
-    if ckpt.exists():
-        state = load_checkpoint(ckpt)
-        spec = state.get("config", {}).get("data", {}).get("spec")
-        if spec != args.data:
-            raise ValueError(f"{ckpt} was trained on data={spec!r}, not --data {args.data!r}: delete it or pass "
-                             "another --out")
-        if state["step"] >= args.steps:
-            return f"reused {ckpt} (step {state['step']})"
-        argv = ["--out", str(out), "--resume", "--steps", str(args.steps), *common]
-        action = f"resumed {ckpt} from step {state['step']} to {args.steps}"
-    else:
-        argv = ["--data", args.data, "--net", "mlp", "--hidden", str(args.hidden), "--depth", str(args.depth),
-                "--steps", str(args.steps), "--seed", str(args.seed), "--save-every", "1000", "--out", str(out),
-                "--device", "cpu", *common]
-        action = f"trained {ckpt} ({args.steps} steps)"
-    parser = argparse.ArgumentParser()
-    train_cli.configure(parser)
-    rc = train_cli.run(parser.parse_args(argv))
-    if rc != 0:
-        raise RuntimeError(f"training failed with status {rc}")
-    return action
-
-
 def test_nll(den: Any, spec: str, n: int, seed: int, tol: float = 1e-5) -> dict[str, float]:
     """Mean test NLL (nats per point) of n fresh held-out draws of ``spec`` (generator seeded by ``seed``), with the
     exact divergence and rtol = atol = ``tol``; ``stderr`` is the standard error of the mean."""
@@ -169,7 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     out = Path(args.out)
     try:
-        action = _train(args, out)
+        argv = ["--data", args.data, "--net", "mlp", "--hidden", str(args.hidden), "--depth", str(args.depth),
+                "--seed", str(args.seed), "--save-every", "1000", "--device", "cpu"]
+        action = bench.ensure_trained(out, argv, args.steps, progress=not args.no_progress)
         den, config, ckpt = load_run(out / "ckpt.pt")
     except (ValueError, RuntimeError) as err:
         print(f"sdeflow demo: error: {err}", file=sys.stderr)

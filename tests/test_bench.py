@@ -205,3 +205,15 @@ def test_checkerboard_exact_entropy():
     assert int(occupied.sum()) == 8
     assert torch.allclose(counts[occupied] / len(x), torch.full((8,), 1 / 8), atol=0.005)
     assert EXACT_ENTROPY["checkerboard"] == pytest.approx(math.log(8 * side**2))
+
+
+def test_ensure_trained_trains_resumes_and_reuses(tmp_path):
+    from sdeflow.training import load_checkpoint
+
+    argv = ["--data", "gmm", "--hidden", "8", "--depth", "1", "--batch-size", "16", "--save-every", "0"]
+    assert bench.ensure_trained(tmp_path, argv, 3, progress=False).startswith("trained")
+    assert bench.ensure_trained(tmp_path, argv, 5, progress=False).startswith("resumed")
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 5
+    assert bench.ensure_trained(tmp_path, argv, 4, progress=False).startswith("reused")
+    with pytest.raises(ValueError, match="trained on"):
+        bench.ensure_trained(tmp_path, ["--data", "moons"], 4, progress=False)

@@ -1,0 +1,129 @@
+"""NFE-versus-quality benchmark behind `make bench`: every solver from NFE 5 to 1000 on two trained models.
+
+1. **checkerboard** (2-D): the demo's MLP (128 wide, 3 residual blocks) trained for 10000 steps; every solver at
+   NFE 5, 10, 20, 50, 100, 200, 500, 1000 and the tolerance-driven ones at rtol = atol = 1e-1 ... 1e-4; 2000 samples
+   per cell scored by sliced Wasserstein, multi-scale MMD^2 and the Frechet distance against 2000 held-out draws.
+2. **digits** (8x8 images, scikit-learn): a small U-Net (32 channels, multipliers 1, 2, 2, one residual block per
+   level, attention at 4x4; 1.1 M parameters) trained for 3000 steps; every solver at NFE 5 ... 200 (``--digits-nfe``);
+   1000 samples per cell scored by FD_digits, the Frechet distance in the feature space of the hash-verified digits
+   CNN (:mod:`sdeflow.extractors`), against the statistics of all 1797 digits.
+
+Checkpoints are reused when present (``runs/bench/<name>/ckpt.pt``), resumed when shorter than asked, trained
+otherwise. Each part writes ``results.json``, ``table.md`` and ``nfe_vs_quality.png`` under ``runs/bench/<name>/``
+(the protocol: sample count, seeds, reference statistics, extractor and checkpoint hashes, is in both files), and
+``runs/bench/summary.md`` collects the tables and the time of every phase. ``sdeflow bench --ckpt ...`` runs the same
+sweep on any checkpoint.
+
+Time on 2 CPU cores (one torch thread, small nets gain nothing from more): the checkerboard part about 15 minutes
+(training 3 min), the digits part about 40 minutes (training 15 to 25 min); with a GPU a few minutes in all.
+
+    .venv/bin/python benchmarks/nfe_vs_fid.py                 # both parts
+    .venv/bin/python benchmarks/nfe_vs_fid.py --only digits   # one part
+    .venv/bin/python benchmarks/nfe_vs_fid.py --quick         # smoke run (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sdeflow import bench
+from sdeflow.training import load_run
+
+PARTS = {
+    "checkerboard": {
+        "train": ["--data", "checkerboard", "--net", "mlp", "--hidden", "128", "--depth", "3", "--save-every", "1000"],
+        "steps": 10000,
+        "n": 2000,
+        "nfes": list(bench.DEFAULT_NFES),
+        "tolerances": list(bench.DEFAULT_TOLERANCES),
+    },
+    "digits": {
+        "train": ["--data", "digits", "--net", "unet", "--channels", "32", "--channel-mult", "1,2,2",
+                  "--num-res-blocks", "1", "--attention-levels", "1", "--batch-size", "128", "--lr", "5e-4",
+                  "--save-every", "500"],
+        "steps": 3000,
+        "n": 1000,
+        "nfes": [5, 10, 20, 50, 100, 200],
+        "tolerances": [1e-1, 1e-2, 1e-3],
+    },
+}
+QUICK = {"steps": 20, "n": 64, "nfes": [2, 4], "tolerances": [0.1], "solvers": ["euler", "dpm_solver++", "rk45"]}
+QUICK_TRAIN = {"checkerboard": ["--hidden", "16", "--depth", "1"],
+               "digits": ["--channels", "8", "--channel-mult", "1", "--attention-levels", "", "--batch-size", "16"]}
+
+
+def run_part(name: str, out: Path, args: argparse.Namespace) -> str:
+    """Train or reuse, sweep, write the outputs; returns the part's markdown section for the summary."""
+    part = dict(PARTS[name])
+    train = list(part["train"])
+    if args.quick:
+        part.update(QUICK)
+        train += QUICK_TRAIN[name]
+    if name == "digits" and args.digits_nfe:
+        part["nfes"] = args.digits_nfe
+    run_dir = out / name
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    action = bench.ensure_trained(run_dir, [*train, "--device", device], part["steps"], progress=not args.no_progress)
+    t_train = time.perf_counter() - t0
+    print(f"[bench] {name}: {action} ({t_train:.0f} s)", flush=True)
+    den, config, ckpt = load_run(run_dir / "ckpt.pt", device=device)
+    t1 = time.perf_counter()
+    scorer = bench.make_scorer(config, part["n"], seed=args.ref_seed, cache_dir=args.cache_dir, device=device)
+    result = bench.run_sweep(den, scorer, config["data"]["data_shape"], solvers=part.get("solvers"),
+                             nfes=part["nfes"], tolerances=part["tolerances"], n=part["n"], seed=args.seed,
+                             batch_size=args.batch_size, device=device, progress=not args.no_progress)
+    t_sweep = time.perf_counter() - t1
+    params = sum(p.numel() for p in den.net.parameters())
+    note = (f"Model: {config['net']['name']} ({params:,} parameters), {config['sde']['name']} SDE, "
+            f"{ckpt['step']} training steps. {action}; training {t_train:.0f} s this session, sweep {t_sweep:.0f} s "
+            f"on {device} with {torch.get_num_threads()} torch thread(s).")
+    protocol = bench.base_protocol(n=part["n"], seed=args.seed, scorer=scorer, device=device,
+                                   dtype=next(den.net.parameters()).dtype, batch_size=args.batch_size,
+                                   checkpoint=run_dir / "ckpt.pt", reference_seed=args.ref_seed,
+                                   data=config["data"]["spec"], training_steps=ckpt["step"],
+                                   seconds={"train": t_train, "sweep": t_sweep})
+    paths = bench.write_outputs(result, run_dir, protocol, title=f"NFE versus quality: {name}", extra_markdown=note)
+    grid = bench.markdown_grid(result)
+    print(grid, flush=True)
+    print(f"[bench] {name}: sweep {t_sweep:.0f} s -> {paths['markdown']}, {paths['plot']}", flush=True)
+    section = [f"## {name}", "", note, "", f"{result.metrics[0]}, lower is better:", "", grid, ""]
+    adaptive = bench.markdown_adaptive(result)
+    if adaptive:
+        section += [adaptive, ""]
+    section += [f"Details: `{paths['markdown']}`, plot: `{paths['plot']}`.", ""]
+    return "\n".join(section)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--only", choices=sorted(PARTS), default=None, help="run one part")
+    p.add_argument("--digits-nfe", type=int, nargs="+", default=None, help="NFE budgets of the digits part")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ref-seed", type=int, default=12345)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--cache-dir", default=None, help="digits extractor cache (default ~/.cache/sdeflow)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--quick", action="store_true", help="tiny models and sweeps (smoke test)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
+    out = Path(args.out)
+    start = time.perf_counter()
+    sections = [run_part(name, out, args) for name in PARTS if args.only in (None, name)]
+    summary = out / "summary.md"
+    summary.write_text("# sdeflow NFE-versus-quality benchmark\n\n" + "\n".join(sections)
+                       + f"\nTotal time: {time.perf_counter() - start:.0f} s.\n")
+    print(f"[bench] done in {time.perf_counter() - start:.0f} s -> {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
