@@ -34,6 +34,7 @@ from .analytic import GaussianMixture
 from .denoiser import PREDICTIONS, Denoiser, convert
 from .grids import time_grid
 from .sdes import GaussianSDE
+from .training.losses import DenoisingScoreMatching
 
 __all__ = [
     "DenoiserWrapper",
@@ -344,15 +345,16 @@ class NoiseAwareClassifier(nn.Module):
         return self.head(torch.nn.functional.silu(self.out_norm(h)))
 
 
-class ClassifierLoss:
+class ClassifierLoss(DenoisingScoreMatching):
     r"""Cross-entropy of a noise-aware classifier on noisy data (Dhariwal & Nichol 2021, Sec. 4):
 
     .. math:: \mathcal L = \mathbb E_{t, x_0, y, \varepsilon}\big[-\log p_\phi(y\mid a(t)x_0 + s(t)\varepsilon,\ t)\big]
 
-    with t drawn exactly as by :class:`~sdeflow.training.losses.DenoisingScoreMatching` (``"uniform"`` in
-    [t_min, T], or ``"importance"``, uniform in log-SNR, reweighted by its ratio so both estimate the same
-    uniform-in-t objective). Same call signature as the DSM loss, ``loss(net, x0, generator, y)``, so the trainer
-    can train a classifier as it trains a denoiser.
+    A :class:`~sdeflow.training.losses.DenoisingScoreMatching` whose regression is replaced by the cross-entropy: t
+    and the noise are drawn by the same :meth:`draw` (``"uniform"`` in [t_min, T], or ``"importance"``, uniform in
+    log-SNR and reweighted by its ratio so that both estimate the same uniform-in-t objective), labels are never
+    dropped (p_uncond = 0), so the library's :class:`~sdeflow.training.Trainer` trains a classifier exactly as it
+    trains a denoiser.
 
     Args:
         sde: the Gaussian path.
@@ -367,40 +369,30 @@ class ClassifierLoss:
         t_min: float | None = None,
         t_max: float | None = None,
     ) -> None:
-        from .training.losses import DenoisingScoreMatching
+        super().__init__(sde, time_sampling=time_sampling, stratified=stratified, t_min=t_min, t_max=t_max)
 
-        self.dsm = DenoisingScoreMatching(sde, time_sampling=time_sampling, stratified=stratified, t_min=t_min, t_max=t_max)
-        self.sde = sde
-
-    def per_sample(
+    def per_sample(  # type: ignore[override]
         self,
         net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         x0: torch.Tensor,
         generator: torch.Generator | None = None,
         y: torch.Tensor | None = None,
+        draw: Any = None,
+        **net_kwargs: Any,
     ) -> torch.Tensor:
-        """Per-sample weighted cross-entropies (B,). Draw order from ``generator``: t, noise (as DSM)."""
+        """Per-sample weighted cross-entropies (B,); ``draw`` fixes (t, noise, x_t) instead of drawing them."""
         if y is None:
             raise ValueError("y (the class labels, shape (batch,)) is required to train a classifier")
         y = _labels(y, x0)
-        draw = self.dsm.draw(x0, generator)
-        logits = net(draw.x_t, draw.t.to(x0.dtype))
+        if draw is None:
+            draw = self.draw(x0, generator)
+        logits = net(draw.x_t, draw.t.to(x0.dtype), **net_kwargs)
         ce = torch.nn.functional.cross_entropy(logits.float(), y, reduction="none")
         return draw.ratio.to(ce.dtype) * ce
 
-    def __call__(
-        self,
-        net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        x0: torch.Tensor,
-        generator: torch.Generator | None = None,
-        y: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The batch estimate of the objective (a scalar)."""
-        return self.per_sample(net, x0, generator, y).mean()
-
     def config(self) -> dict[str, Any]:
         """The constructor arguments as plain primitives (for checkpoints)."""
-        c = self.dsm.config()
+        c = super().config()
         return {k: c[k] for k in ("time_sampling", "stratified", "t_min", "t_max")}
 
     def __repr__(self) -> str:
