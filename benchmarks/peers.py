@@ -10,7 +10,10 @@ timesteps (sdeflow through ``Denoiser(time_input="index")``, which maps t to t*N
 * overhead per step: wall time per NFE of a whole sampling call with a model that costs nothing (``net(x, t) = x``),
   minimum over interleaved repeats, float32, as sdeflow/peer ratios of the matching solvers measured in one run;
 * harness check: sdeflow's DPM-Solver++(2M) and UniPC on diffusers' own time grid reproduce diffusers' outputs (to
-  diffusers' float32 schedule tables), so the two libraries solve the same problem.
+  diffusers' float32 schedule tables), so the two libraries solve the same problem;
+* the adaptive_sde anchor (Jolicoeur-Martineau et al. 2021 report 2-10x fewer NFE than Euler-Maruyama at equal
+  quality): Frechet distance of reverse-SDE samples to exact samples of p_{t_end}, adaptive_sde over rtol against
+  euler_maruyama over NFE, on the same mixture (VP, float32).
 
 diffusers is a benchmark-only extra (``pip install -e '.[bench]' -c constraints.txt``), never a runtime dependency.
 Writes ``runs/peers/peers.json`` and ``runs/peers/peers.md``. ``--quick`` runs a small version (CI smoke test).
@@ -102,7 +105,7 @@ def peers() -> dict[str, tuple[Any, dict[str, Any]]]:
     base = dict(num_train_timesteps=N_TRAIN, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
     out: dict[str, tuple[Any, dict[str, Any]]] = {
         # trailing spacing + set_alpha_to_one=False: 999 -> ... -> timestep 0, one NFE per step
-        "DDIM": (DDIMScheduler, dict(base, timestep_spacing="trailing", set_alpha_to_one=False)),
+        "DDIM": (DDIMScheduler, dict(base, timestep_spacing="trailing", set_alpha_to_one=False, clip_sample=False)),
     }
     spacings = {"linspace": {}, "trailing": {"timestep_spacing": "trailing"}, "karras": {"use_karras_sigmas": True}}
     for sp, extra in spacings.items():
@@ -198,7 +201,7 @@ def harness_check(problem: dict[str, Any], nfes: list[int]) -> dict[str, float]:
         ours = sf.sample(den, "dpm_solver++", nfe=nfe, x_T=x_T, grid=g, order=2, lower_order_final=nfe < 15).x
         theirs = run_peer(DPMSolverMultistepScheduler, cfg, problem["net"], x_T, nfe)[0]
         out[f"dpm_solver++(2M) vs DPMSolverMultistep(2), nfe={nfe}"] = rms(ours, theirs) / rms(theirs, 0 * theirs)
-        cfg = dict(base, solver_order=2, solver_type="bh2")
+        cfg = dict(base, solver_order=2, solver_type="bh2", lower_order_final=nfe < 15)  # sdeflow's rule
         g = diffusers_grid(UniPCMultistepScheduler, cfg, nfe)
         ours = sf.sample(den, "unipc", nfe=nfe, x_T=x_T, grid=g, order=2, variant="bh2").x
         theirs = run_peer(UniPCMultistepScheduler, cfg, problem["net"], x_T, nfe)[0]
@@ -219,7 +222,7 @@ def overhead(shapes: dict[str, tuple[int, ...]], nfe: int, reps: int) -> dict[st
     base = dict(num_train_timesteps=N_TRAIN, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
     pairs = {
         "DDIM": (("dpm_solver", {"order": 1}), (DDIMScheduler, dict(base, timestep_spacing="trailing",
-                                                                     set_alpha_to_one=False))),
+                                                                     set_alpha_to_one=False, clip_sample=False))),
         "2M": (("dpm_solver++", {"order": 2}), (DPMSolverMultistepScheduler, dict(base, solver_order=2,
                                                                                  final_sigmas_type="sigma_min"))),
         "3M": (("dpm_solver++", {"order": 3}), (DPMSolverMultistepScheduler, dict(base, solver_order=3,
@@ -250,45 +253,100 @@ def overhead(shapes: dict[str, tuple[int, ...]], nfe: int, reps: int) -> dict[st
     return out
 
 
+def adaptive_sde_anchor(dim: int, components: int, n: int, seed: int, quick: bool) -> dict[str, Any]:
+    """Frechet distance to exact p_{t_end} samples: adaptive_sde (rtol sweep, atol = 0.0078) vs euler_maruyama."""
+    from sdeflow.metrics import frechet_distance
+
+    sde = sf.VPSDE()
+    prob = make_problem(dim, components, 1, seed)
+    gmm = prob["gmm"]
+    den = gmm.denoiser(sde)
+    g = torch.Generator().manual_seed(seed + 1)
+    t_end = sde.eps
+    a, s = float(sde.alpha(t_end)), float(sde.sigma(t_end))
+
+    def exact(m: int) -> torch.Tensor:
+        return (a * gmm.sample(m, g) + s * torch.randn(m, dim, generator=g, dtype=F64)).float()
+
+    target = exact(20 * n)
+    floor = frechet_distance(exact(n), target)
+    x_T = sde.prior_sample((n, dim), generator=g)
+    em = []
+    for nfe in ([20, 50] if quick else [20, 50, 100, 200, 500, 1000]):
+        res = sf.sample(den, "euler_maruyama", nfe=nfe, x_T=x_T, generator=torch.Generator().manual_seed(seed + 2))
+        em.append({"nfe": nfe, "fd": frechet_distance(res.x, target)})
+    ad = []
+    for rtol in ([0.2] if quick else [0.5, 0.2, 0.1, 0.05, 0.02]):
+        res = sf.sample(den, "adaptive_sde", x_T=x_T, rtol=rtol, atol=0.0078,
+                        generator=torch.Generator().manual_seed(seed + 2))
+        per_sample = 2.0 * float((res.stats["accepted_per_sample"] + res.stats["rejected_per_sample"]).double().mean())
+        ad.append({"rtol": rtol, "nfe": res.nfe, "per_sample_evals": per_sample, "fd": frechet_distance(res.x, target),
+                   "rejected_fraction": res.stats["rejected"] / max(1, res.stats["accepted"] + res.stats["rejected"])})
+    for row in ad:  # the EM budget with the same quality, log-log interpolated
+        fds = [r["fd"] for r in em]
+        nfes = [r["nfe"] for r in em]
+        row["em_nfe_same_fd"] = (float(np.exp(np.interp(-np.log(row["fd"]), -np.log(fds), np.log(nfes))))
+                                 if min(fds) <= row["fd"] <= max(fds) else None)
+    return {"dim": dim, "n": n, "fd_floor": floor, "euler_maruyama": em, "adaptive_sde": ad}
+
+
 # ------------------------------------------------------------------------------------------------ report
 def markdown(result: dict[str, Any]) -> str:
     nfes = result["nfes"]
-    acc = result["accuracy"]
     lines = ["## Peers: sdeflow vs diffusers (exact GMM eps-model, DiscreteVPSDE.linear(1000))", ""]
-    lines.append(f"RMS error of x at t = 1/N against a float64 DOP853 reference; batch {result['batch']}, "
-                 f"dim {result['dim']}, {result['components']} components. Best configuration of each library "
-                 "per NFE; ratio = sdeflow best / diffusers best (< 1: sdeflow more accurate).")
-    lines.append("")
-    lines.append("| NFE | sdeflow best | error | diffusers best | error | ratio |")
-    lines.append("|---:|---|---:|---|---:|---:|")
-    for n in nfes:
-        sn, se = best(acc["sdeflow"], n)
-        pn, pe = best(acc["diffusers"], n)
-        lines.append(f"| {n} | {sn} | {se:.3e} | {pn} | {pe:.3e} | {se / pe:.3f} |")
-    lines.append("")
-    lines.append("Overhead per step (model that costs nothing; min over interleaved repeats; sdeflow/diffusers):")
-    lines.append("")
-    oh = result["overhead"]
-    pairs = list(next(iter(oh.values()))["ratio"])
-    lines.append("| data | " + " | ".join(pairs) + " |")
-    lines.append("|---|" + "---:|" * len(pairs))
-    for sname, o in oh.items():
-        cells = []
-        for p in pairs:
-            cells.append(f"{o['per_step_us'][f'sdeflow {p}']:.0f}/{o['per_step_us'][f'diffusers {p}']:.0f} us "
-                         f"= {o['ratio'][p]:.2f}")
-        lines.append(f"| {sname} {tuple(o['shape'])} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("Harness check (sdeflow on diffusers' own grid, relative RMS difference): " + ", ".join(
-        f"{k}: {v:.1e}" for k, v in result["harness"].items()))
-    lines.append("")
-    lines.append("All configurations (RMS error):")
-    lines.append("")
-    lines.append("| library | configuration | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
-    lines.append("|---|---|" + "---:|" * len(nfes))
-    for lib in ("sdeflow", "diffusers"):
-        for k, v in acc[lib].items():
-            lines.append(f"| {lib} | {k} | " + " | ".join(f"{v[n]:.2e}" for n in nfes) + " |")
+    acc = result.get("accuracy")
+    if acc:
+        lines.append(f"RMS error of x at t = 1/N against a float64 DOP853 reference; batch {result['batch']}, "
+                     f"dim {result['dim']}, {result['components']} components. Best configuration of each library "
+                     "per NFE; ratio = sdeflow best / diffusers best (< 1: sdeflow more accurate).")
+        lines.append("")
+        lines.append("| NFE | sdeflow best | error | diffusers best | error | ratio |")
+        lines.append("|---:|---|---:|---|---:|---:|")
+        for n in nfes:
+            sn, se = best(acc["sdeflow"], n)
+            pn, pe = best(acc["diffusers"], n)
+            lines.append(f"| {n} | {sn} | {se:.3e} | {pn} | {pe:.3e} | {se / pe:.3f} |")
+        lines.append("")
+    oh = result.get("overhead")
+    if oh:
+        lines.append("Overhead per step (model that costs nothing, NFE 20, float32, min over interleaved repeats; "
+                     "sdeflow/diffusers):")
+        lines.append("")
+        pairs = list(next(iter(oh.values()))["ratio"])
+        lines.append("| data | " + " | ".join(pairs) + " |")
+        lines.append("|---|" + "---:|" * len(pairs))
+        for sname, o in oh.items():
+            cells = [f"{o['per_step_us'][f'sdeflow {p}']:.0f}/{o['per_step_us'][f'diffusers {p}']:.0f} us = "
+                     f"{o['ratio'][p]:.2f}" for p in pairs]
+            lines.append(f"| {sname} {tuple(o['shape'])} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if result.get("harness"):
+        lines.append("Harness check (sdeflow on diffusers' own grid, relative RMS difference): " + ", ".join(
+            f"{k}: {v:.1e}" for k, v in result["harness"].items()))
+        lines.append("")
+    anchor = result.get("anchor")
+    if anchor:
+        lines.append(f"adaptive_sde vs euler_maruyama (VP, mixture d = {anchor['dim']}, n = {anchor['n']}, Frechet "
+                     f"distance to exact p_t_end samples; MC floor {anchor['fd_floor']:.2e}):")
+        lines.append("")
+        lines.append("| adaptive_sde rtol | NFE (batched calls) | evaluations per sample | rejected | FD | "
+                     "Euler-Maruyama NFE for the same FD |")
+        lines.append("|---:|---:|---:|---:|---:|---:|")
+        for r in anchor["adaptive_sde"]:
+            same = f"{r['em_nfe_same_fd']:.0f}" if r["em_nfe_same_fd"] else "out of range"
+            lines.append(f"| {r['rtol']} | {r['nfe']} | {r['per_sample_evals']:.0f} | {r['rejected_fraction']:.0%} | "
+                         f"{r['fd']:.2e} | {same} |")
+        lines.append("")
+        lines.append("Euler-Maruyama: " + ", ".join(f"NFE {r['nfe']}: FD {r['fd']:.2e}" for r in anchor["euler_maruyama"]))
+        lines.append("")
+    if acc:
+        lines.append("All configurations (RMS error):")
+        lines.append("")
+        lines.append("| library | configuration | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
+        lines.append("|---|---|" + "---:|" * len(nfes))
+        for lib in ("sdeflow", "diffusers"):
+            for k, v in acc[lib].items():
+                lines.append(f"| {lib} | {k} | " + " | ".join(f"{v[n]:.2e}" for n in nfes) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -302,6 +360,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reps", type=int, default=15, help="interleaved repeats of the overhead timing")
     p.add_argument("--quick", action="store_true", help="small smoke run")
+    p.add_argument("--parts", nargs="+", default=["accuracy", "harness", "overhead", "anchor"],
+                   choices=["accuracy", "harness", "overhead", "anchor"])
     args = p.parse_args(argv)
     try:
         import diffusers
@@ -310,25 +370,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         args.nfe, args.batch, args.reps = [5, 10], 16, 2
     problem = make_problem(args.dim, args.components, args.batch, args.seed)
-    t0 = time.perf_counter()
-    ref = reference(problem)
-    print(f"reference: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    acc = accuracy(problem, ref, args.nfe, args.quick)
-    shapes = {"small": (64, 2), "image": (8, 3, 64, 64)} if not args.quick else {"small": (8, 2)}
+    out = Path(args.out)
+    old = json.loads((out / "peers.json").read_text()) if (out / "peers.json").exists() else {}
+    if "accuracy" in old:  # JSON turned the NFE keys into strings
+        old["accuracy"] = {lib: {k: {int(n): e for n, e in v.items()} for k, v in rows.items()}
+                           for lib, rows in old["accuracy"].items()}
     result = {
         "nfes": args.nfe,
         "batch": args.batch,
         "dim": args.dim,
         "components": args.components,
         "seed": args.seed,
-        "accuracy": acc,
-        "best": {n: {"sdeflow": best(acc["sdeflow"], n), "diffusers": best(acc["diffusers"], n)} for n in args.nfe},
-        "harness": harness_check(problem, [10, 20] if not args.quick else [10]),
-        "overhead": overhead(shapes, 20, args.reps),
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
                      "machine": platform.machine(), "threads": torch.get_num_threads()},
     }
-    out = Path(args.out)
+    for part in ("accuracy", "harness", "overhead", "anchor"):  # parts not asked for are kept from the last run
+        if part not in args.parts and part in old:
+            result[part] = old[part]
+    if "accuracy" in args.parts:
+        t0 = time.perf_counter()
+        ref = reference(problem)
+        print(f"reference: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        result["accuracy"] = accuracy(problem, ref, args.nfe, args.quick)
+    if "harness" in args.parts:
+        result["harness"] = harness_check(problem, [10, 20] if not args.quick else [10])
+    if "overhead" in args.parts:
+        shapes = {"small": (64, 2), "image": (8, 3, 64, 64)} if not args.quick else {"small": (8, 2)}
+        result["overhead"] = overhead(shapes, 20, args.reps)
+    if "anchor" in args.parts:
+        result["anchor"] = adaptive_sde_anchor(args.dim, args.components, 500 if args.quick else 2000, args.seed,
+                                               args.quick)
+    if "accuracy" in result:
+        acc = result["accuracy"]
+        result["best"] = {n: {"sdeflow": best(acc["sdeflow"], n), "diffusers": best(acc["diffusers"], n)}
+                          for n in result["nfes"]}
     out.mkdir(parents=True, exist_ok=True)
     (out / "peers.json").write_text(json.dumps(result, indent=1, default=str))
     md = markdown(result)

@@ -51,6 +51,7 @@ class AdaptiveSDE(Stepper):
     nfe_per_step = 2
     mode = "adaptive"
     requires = frozenset({"reverse_sde"})
+    error_order = 1.0  # the driver divides beta1 by error_order + 1 = 2, so beta1 = 2r gives the paper's E^{-r}
     options = {"rtol": 0.05, "atol": 0.0078, "h0": 0.01, "safety": 0.9, "exponent": 0.9}
 
     def validate(self) -> None:
@@ -70,8 +71,6 @@ class AdaptiveSDE(Stepper):
         r = float(self.opts["exponent"])
         return PIController(safety=float(self.opts["safety"]), beta1=2.0 * r, beta2=0.0, factor_min=1e-3,
                             factor_max=1e3)
-
-    error_order = 1.0
 
     @staticmethod
     def error_norm(err: torch.Tensor, x_old: torch.Tensor, x_new: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:

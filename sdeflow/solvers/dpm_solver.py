@@ -293,5 +293,7 @@ class DPMSolverPP(ExponentialStepper):
         nodes = [(p0, f0)] + hist.nodes
         k = min(hist.plan[hist.i], len(nodes)) if hist.plan is not None else 1
         x1, mean = self.update(x, p0, p1, nodes[:k], self.rule, None if noise is None else noise[0])
+        if hist.plan is None:  # per-sample / parallel-in-time use: no history across calls
+            return StepResult(x=x1, x_mean=mean, state=state, x0=pred.x0)
         new = History(hist.i + 1, hist.plan, nodes[: int(self.opts["order"]) - 1])
         return StepResult(x=x1, x_mean=mean, state=new, x0=pred.x0)
