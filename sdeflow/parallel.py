@@ -45,6 +45,7 @@ import torch
 
 from .denoiser import Denoiser
 from .noise import NoiseSource
+from .sdes import GaussianSDE
 from .solvers.base import SolverError, Stepper
 
 __all__ = ["Parallel", "picard_solve", "AutoWindow", "choose_window", "measure_call_costs", "step_noise_variance"]
@@ -55,7 +56,7 @@ Callback = Callable[[dict[str, Any]], None]
 AUTO_MAX_WINDOW = 256
 
 
-def step_noise_variance(sde, grid: torch.Tensor) -> torch.Tensor:
+def step_noise_variance(sde: GaussianSDE, grid: torch.Tensor) -> torch.Tensor:
     r"""Posterior variance :math:`\tilde\sigma_j^2 = s_{j+1}^2(1 - e^{2(\lambda_j - \lambda_{j+1})})` of every step
     of ``grid`` (float64, shape (N,)): ParaDiGMS's scale of the per-step error."""
     from .solvers.ddim import posterior_std
@@ -130,7 +131,7 @@ class StepEvaluator:
         self, xs: torch.Tensor, begin: int, t0: torch.Tensor, t1: torch.Tensor, z: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """xs (w, B, *d) at steps begin..begin+w-1, t0/t1 (w,) float64, z (w, draws, B, *d) -> (Phi(xs), x0 or None)."""
-        if xs.shape[0] == 1 and self.group is None:  # one step: scalar host times, exactly the sequential call
+        if xs.shape[0] == 1:  # one step (every rank takes it itself): scalar host times, exactly the sequential call
             i = begin
             res = self.stepper.step(self.grid[i], self.grid[i + 1], xs[0], self.state_at(i),
                                     None if z is None else z[0])
@@ -181,7 +182,7 @@ class MultistepEvaluator(StepEvaluator):
 
     def __call__(self, xs, begin, t0, t1, z):
         self.begin = begin
-        if xs.shape[0] == 1 and self.group is None:  # the sequential step itself, with the accepted history
+        if xs.shape[0] == 1:  # the sequential step itself, with the accepted history
             res = self.stepper.step(self.grid[begin], self.grid[begin + 1], xs[0], self._history(begin),
                                     None if z is None else z[0])
             self.last = res.state.nodes[0][1][None] if res.state.nodes else None
@@ -527,8 +528,10 @@ _COST_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary(
 
 
 def _cached_costs(stepper: Stepper, x: torch.Tensor, grid: torch.Tensor) -> tuple[dict[int, float], int]:
-    """Measured costs, cached per net and (stepper class, shape, dtype, device); returns (costs, calibration nfe)."""
-    key = (type(stepper).__name__, repr(stepper), tuple(x.shape), x.dtype, str(x.device))
+    """Measured costs, cached per net and (stepper, shape, dtype, device, largest window the grid allows); returns
+    (costs, calibration nfe)."""
+    cap = min(AUTO_MAX_WINDOW, grid.numel() - 1)
+    key = (type(stepper).__name__, repr(stepper), tuple(x.shape), x.dtype, str(x.device), cap)
     try:
         per_net = _COST_CACHE.setdefault(stepper.den.net, {})
     except TypeError:  # a net that cannot be weakly referenced: measure every time
@@ -611,7 +614,7 @@ class Parallel(Stepper):
         if group is not None and group is not True:
             import torch.distributed as dist
 
-            if not isinstance(group, dist.ProcessGroup):
+            if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
                 raise ValueError(f"group must be None, True or a torch.distributed ProcessGroup, got {group!r}")
 
     # the wrapped solver's declarations
