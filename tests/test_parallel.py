@@ -185,6 +185,8 @@ def test_choose_window_from_costs():
     assert w * flat[1] / flat[w] / prior_overhead(w) == max(v * flat[1] / c / prior_overhead(v) for v, c in flat.items())
     assert choose_window({1: 1.0, 2: 2.0, 4: 4.1, 8: 8.3}) == 1  # compute-bound: no window pays
     assert choose_window({1: 1.0}) == 1
+    mid = {1: 1.0, 8: 4.8}  # e(8) = 1.67: pays for DDIM (k0 = 1.47), not for DDPM (k0 = 1.71)
+    assert choose_window(mid, stochastic=False) == 8 and choose_window(mid, stochastic=True) == 1
 
 
 def test_auto_window_falls_back_when_the_overhead_eats_the_gain():
