@@ -19,8 +19,9 @@ and the wall time.
   data law with the reference seed (the training stream never sees that seed); the sliced Wasserstein directions, the
   MMD bandwidths (from the median distance of the reference set) and the reference mean/covariance are computed once;
   for images, the reference statistics of a feature extractor whose SHA-256 is recorded;
-* the **data floor**: the same metrics between two sets of real data (a fresh independent draw of n for toys, two
-  disjoint halves for finite data sets) — the value an exact sampler would get from sampling noise alone.
+* the **data floor**: the same metrics for real data in place of samples (fresh independent draws of n for toys,
+  random disjoint halves for finite data sets), mean and standard deviation over 5 draws: what an exact sampler
+  would score from sampling noise alone. Differences between cells smaller than that spread are noise.
 
 Metrics (:mod:`sdeflow.metrics`): low-dimensional data (D <= 16) gets the sliced 2-Wasserstein distance ``sw2``,
 the unbiased multi-scale Gaussian-kernel ``mmd2`` and the Frechet distance ``fd`` of the raw coordinates; images get the Frechet
@@ -51,6 +52,7 @@ __all__ = [
     "DEFAULT_NFES",
     "DEFAULT_TOLERANCES",
     "EXCLUDED_BY_DEFAULT",
+    "FLOOR_DRAWS",
     "SolverSpec",
     "parse_solver",
     "default_solvers",
@@ -82,6 +84,8 @@ EXCLUDED_BY_DEFAULT: dict[str, str] = {
 #: the MMD kernel sums Gaussian kernels of bandwidths h, h/2, ..., h/2^(MMD_SCALES-1), h the median distance: the
 #: median alone is blind to structure finer than the data's spread (a checkerboard and a uniform square agree)
 MMD_SCALES = 4
+#: independent real-vs-real draws behind the data floor's mean and standard deviation
+FLOOR_DRAWS = 5
 #: data up to this many dimensions is scored on its raw coordinates (sliced Wasserstein, MMD, Frechet)
 LOW_DIM = 16
 
@@ -148,10 +152,12 @@ def budget_driven(stepper: Stepper) -> bool:
 # ---------------------------------------------------------------------------------------------- scorers
 class Scorer(Protocol):
     """Scores a sample set against fixed reference data. ``metrics`` names the entries of :meth:`score` (the first
-    is the primary one, plotted first and used for the summary grid); ``floor`` holds the data-vs-data values."""
+    is the primary one, plotted first and used for the summary grid); ``floor`` and ``floor_std`` hold the mean and
+    standard deviation of the data-vs-data values over several independent real sets (empty when not computed)."""
 
     metrics: tuple[str, ...]
     floor: dict[str, float]
+    floor_std: dict[str, float]
 
     def score(self, x: torch.Tensor) -> dict[str, float]: ...
 
@@ -160,6 +166,15 @@ class Scorer(Protocol):
 
 def _nan_scores(metrics: Iterable[str]) -> dict[str, float]:
     return {m: float("nan") for m in metrics}
+
+
+def _mean_std(scores: Sequence[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-metric mean and standard deviation (ddof = 1; nan for one draw) of a list of score dicts."""
+    if not scores:
+        return {}, {}
+    table = torch.tensor([[s[k] for k in scores[0]] for s in scores], dtype=torch.float64)
+    std = table.std(0) if len(scores) > 1 else torch.full((table.shape[1],), float("nan"), dtype=torch.float64)
+    return dict(zip(scores[0], table.mean(0).tolist())), dict(zip(scores[0], std.tolist()))
 
 
 class LowDimScorer:
@@ -171,7 +186,8 @@ class LowDimScorer:
     counts) and the reference mean and covariance.
 
     Args:
-        reference: (N, *shape) reference samples. holdout: an independent real sample set (the data floor), or None.
+        reference: (N, *shape) reference samples.
+        holdouts: independent real sample sets; the floor is the mean (and std) of their scores.
         n_projections: directions for ``sw2``. seed: seeds those directions.
     """
 
@@ -180,7 +196,7 @@ class LowDimScorer:
     def __init__(
         self,
         reference: torch.Tensor,
-        holdout: torch.Tensor | None = None,
+        holdouts: Sequence[torch.Tensor] = (),
         *,
         n_projections: int = 256,
         seed: int = 0,
@@ -196,7 +212,9 @@ class LowDimScorer:
         iu = torch.triu_indices(sub.shape[0], sub.shape[0], offset=1)
         median = float(torch.quantile(d[iu[0], iu[1]], 0.5))
         self.bandwidths = tuple(median / 2**k for k in range(MMD_SCALES))
-        self.floor = self.score(holdout) if holdout is not None else {}
+        if isinstance(holdouts, torch.Tensor):
+            holdouts = [holdouts]
+        self.floor, self.floor_std = _mean_std([self.score(h) for h in holdouts])
 
     def score(self, x: torch.Tensor) -> dict[str, float]:
         x = x.reshape(x.shape[0], -1).to(device=self.reference.device, dtype=torch.float64)
@@ -227,9 +245,10 @@ class FeatureScorer:
     """Frechet distance of extractor features (FID-style) against reference statistics computed once.
 
     Args:
-        extractor: a :class:`~sdeflow.metrics.FeatureExtractor` (its ``sha256`` attribute, when set, is recorded).
+        extractor: a :class:`~sdeflow.metrics.FeatureExtractor` (its ``sha256`` attribute, when set, is recorded),
+            or None for the flattened samples themselves.
         reference: (N, *shape) real data, or precomputed :class:`~sdeflow.metrics.GaussianStats`.
-        holdout: two disjoint real sets (a, b): the floor is FD(a, b); or None.
+        holdouts: pairs (a, b) of disjoint real sets; the floor is the mean (and std) of FD(a, b) over the pairs.
         name: the metric's name (``fd_digits``, ``fid``, ``fd_raw``).
         batch_size, device: passed to :func:`~sdeflow.metrics.feature_stats`.
     """
@@ -238,7 +257,7 @@ class FeatureScorer:
         self,
         extractor: Any,
         reference: torch.Tensor | GaussianStats,
-        holdout: tuple[torch.Tensor, torch.Tensor] | None = None,
+        holdouts: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
         *,
         name: str = "fd",
         batch_size: int = 500,
@@ -252,9 +271,10 @@ class FeatureScorer:
             self.stats, self.n_reference = reference, reference.n
         else:
             self.stats, self.n_reference = self._stats(reference), int(reference.shape[0])
-        self.floor = {}
-        if holdout is not None:
-            self.floor = {name: frechet_distance(self._stats(holdout[0]), self._stats(holdout[1]))}
+        if any(not (isinstance(p, (tuple, list)) and len(p) == 2) for p in holdouts):
+            raise ValueError("holdouts must be a sequence of (a, b) pairs of real sample sets")
+        pairs = [{name: frechet_distance(self._stats(a), self._stats(b))} for a, b in holdouts]
+        self.floor, self.floor_std = _mean_std(pairs)
 
     def _stats(self, x: torch.Tensor) -> GaussianStats:
         return feature_stats(x, self.extractor, batch_size=self.batch_size, device=self.device)
@@ -278,6 +298,7 @@ def make_scorer(
     n: int,
     *,
     seed: int = 12345,
+    floor_draws: int = FLOOR_DRAWS,
     extractor: str = "auto",
     inception_weights: str | None = None,
     cache_dir: str | Path | None = None,
@@ -285,10 +306,10 @@ def make_scorer(
 ) -> LowDimScorer | FeatureScorer:
     """The scorer for a training run's data (``config["data"]["spec"]``, as written by ``sdeflow train``).
 
-    * data drawn fresh from a law (2-D toys, ``gmm``): reference = ``n`` draws with a generator seeded by ``seed``,
-      floor = ``n`` further draws from the same generator;
-    * a finite data set: reference = all of it (its statistics; for low-dimensional data at most ``n`` points taken
-      in a seeded random order), floor = its two disjoint random halves;
+    * data drawn fresh from a law (2-D toys, ``gmm``): reference = ``n`` draws from a generator seeded by ``seed``;
+      floor over ``floor_draws`` further independent sets of ``n`` draws from the same generator;
+    * a finite data set: reference = all of it (for low-dimensional data: ``n`` points in a seeded random order);
+      floor over ``floor_draws`` random splits into two disjoint halves (at most ``n`` points each);
     * low-dimensional data (D <= 16): :class:`LowDimScorer`; images: :class:`FeatureScorer` with ``extractor``:
       ``"auto"`` (digits CNN for ``digits``, Inception when ``inception_weights`` is given, else raw pixels),
       ``"digits"``, ``"inception"`` or ``"raw"``.
@@ -300,32 +321,32 @@ def make_scorer(
         raise ValueError(f"extractor={extractor!r} is not supported; allowed values: {', '.join(map(repr, extractors))}")
     if not (isinstance(n, int) and n >= 2):
         raise ValueError(f"n must be an int >= 2, got {n!r}")
+    if not (isinstance(floor_draws, int) and floor_draws >= 0):
+        raise ValueError(f"floor_draws must be an int >= 0, got {floor_draws!r}")
     data_cfg = config.get("data", {})
     spec = data_cfg.get("spec")
     if spec is None:
         raise ValueError("the run config has no data spec (config['data']['spec']); cannot build reference data")
     data = make_data(spec, size=data_cfg.get("size"))
     dim = math.prod(data.data_shape)
+    if dim <= LOW_DIM and extractor not in ("auto", "raw"):
+        raise ValueError(f"extractor={extractor!r} is for images; {dim}-dimensional data is scored on its coordinates")
     gen = torch.Generator().manual_seed(seed)
     if isinstance(data, SampledData):
-        reference, extra = data.sample(n, gen)[0], data.sample(n, gen)[0]
-        halves = None
+        reference = data.sample(n, gen)[0]
+        if dim <= LOW_DIM:
+            return LowDimScorer(reference, [data.sample(n, gen)[0] for _ in range(floor_draws)], seed=seed)
+        pairs = [(data.sample(n, gen)[0], data.sample(n, gen)[0]) for _ in range(floor_draws)]
     else:
         x = data.x
-        perm = torch.randperm(x.shape[0], generator=gen)
         half = x.shape[0] // 2
-        halves = (x[perm[:half]], x[perm[half : 2 * half]])
-        reference, extra = x, None
+        perms = [torch.randperm(x.shape[0], generator=gen) for _ in range(max(floor_draws, 1))]
+        pairs = [(x[p[:half][:n]], x[p[half : 2 * half][:n]]) for p in perms[:floor_draws]]
+        reference = x
         if dim <= LOW_DIM:
-            reference = x[perm[:n]]
-    if dim <= LOW_DIM:
-        if extractor not in ("auto", "raw"):
-            raise ValueError(f"extractor={extractor!r} is for images; {dim}-dimensional data is scored on its coordinates")
-        if halves is None:
-            return LowDimScorer(reference, extra, seed=seed)
-        scorer = LowDimScorer(reference, None, seed=seed)
-        scorer.floor = LowDimScorer(halves[0][:n], seed=seed).score(halves[1][:n])
-        return scorer
+            scorer = LowDimScorer(x[perms[0][:n]], seed=seed)
+            scorer.floor, scorer.floor_std = _mean_std([LowDimScorer(a, seed=seed).score(b) for a, b in pairs])
+            return scorer
     kind = extractor
     if kind == "auto":
         kind = "digits" if spec == "digits" else ("inception" if inception_weights else "raw")
@@ -333,7 +354,7 @@ def make_scorer(
         from .extractors import digits_extractor
 
         net = digits_extractor(cache_dir, device=device)
-        return FeatureScorer(net, reference, halves, name="fd_digits", device=device,
+        return FeatureScorer(net, reference, pairs, name="fd_digits", device=device,
                              info={"name": "digits CNN (sdeflow.extractors)", "accuracy": net.accuracy})
     if kind == "inception":
         if not inception_weights:
@@ -341,9 +362,9 @@ def make_scorer(
         from .inception import load_fid_inception
 
         net = load_fid_inception(inception_weights, device=device)
-        return FeatureScorer(net, reference, halves, name="fid", batch_size=100, device=device,
+        return FeatureScorer(net, reference, pairs, name="fid", batch_size=100, device=device,
                              info={"name": "FID Inception-v3 pool3", "weights": str(inception_weights)})
-    return FeatureScorer(None, reference, halves, name="fd_raw", device=device, info={"name": "raw pixels"})
+    return FeatureScorer(None, reference, pairs, name="fd_raw", device=device, info={"name": "raw pixels"})
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -414,6 +435,7 @@ class SweepResult:
     nfes: tuple[int, ...]
     tolerances: tuple[float, ...]
     samples: dict[tuple[str, float], torch.Tensor] = field(default_factory=dict)
+    floor_std: dict[str, float] = field(default_factory=dict)
 
     def by_solver(self) -> dict[str, list[Cell]]:
         out: dict[str, list[Cell]] = {}
@@ -589,7 +611,8 @@ def run_sweep(
         primary = scorer.metrics[0]
         bar.set_postfix({primary: f"{metrics[primary]:.3g}", "nfe": f"{nfe:g}"})
     bar.close()
-    return SweepResult(cells, tuple(scorer.metrics), dict(scorer.floor), nfes, tolerances, samples)
+    return SweepResult(cells, tuple(scorer.metrics), dict(scorer.floor), nfes, tolerances, samples,
+                       dict(getattr(scorer, "floor_std", {})))
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -601,6 +624,12 @@ def _fmt(v: float | None, digits: int = 3) -> str:
 
 def _status_word(cell: Cell) -> str:
     return cell.status.split(":")[0]
+
+
+def _floor_text(result: SweepResult, metric: str) -> str:
+    std = result.floor_std.get(metric)
+    text = _fmt(result.floor[metric])
+    return text + (f" +- {_fmt(std, 2)} (mean +- std over draws)" if std is not None and math.isfinite(std) else "")
 
 
 def markdown_grid(result: SweepResult, metric: str | None = None) -> str:
@@ -631,7 +660,7 @@ def markdown_grid(result: SweepResult, metric: str | None = None) -> str:
         lines.append(f"| {solver} | " + " | ".join(cells) + " |")
     lines.append("| **best** | " + " | ".join(best[b][1] if b in best else "-" for b in result.nfes) + " |")
     if metric in result.floor:
-        lines.append(f"\nData floor (real vs real, same protocol): {metric} = {_fmt(result.floor[metric])}.")
+        lines.append(f"\nData floor (real data scored by the same protocol): {metric} = {_floor_text(result, metric)}.")
     return "\n".join(lines)
 
 
@@ -685,15 +714,27 @@ def plot_sweep(result: SweepResult, path: str | Path, title: str = "") -> None:
             adaptive = any(c.tol is not None for c in cs)
             xs, ys = zip(*pts)
             values += ys
+            color = cmap((2 * i) % 20 + (2 * i // 20) % 2)  # the ten dark shades first, then the light ones
             ax.plot(xs, ys, ls="--" if adaptive else "-", marker=markers[i % len(markers)], ms=4,
-                    color=cmap(i % 20), mfc="none" if adaptive else cmap(i % 20), lw=1.2,
+                    color=color, mfc="none" if adaptive else color, lw=1.2,
                     label=solver + (" (tol)" if adaptive else ""))
-        if metric in result.floor and math.isfinite(result.floor[metric]):
-            ax.axhline(result.floor[metric], color="0.5", ls=":", lw=1.2, label="data vs data")
-            values.append(result.floor[metric])
+        floor, std = result.floor.get(metric, float("nan")), result.floor_std.get(metric, float("nan"))
+        if math.isfinite(floor):
+            values.append(floor)
+        log_y = bool(values) and min(values) > 0
+        if math.isfinite(floor):
+            ax.axhline(floor, color="0.5", ls=":", lw=1.2, label="real data (mean, +- std band)")
+            if math.isfinite(std) and std > 0:
+                lo = max(floor - std, 0.1 * floor) if log_y else floor - std
+                ax.axhspan(lo, floor + std, color="0.5", alpha=0.15, lw=0)
         ax.set_xscale("log")
-        if values and min(values) > 0:
+        if log_y:
             ax.set_yscale("log")
+        elif values:  # values <= 0 (unbiased MMD^2): linear within the floor's spread, logarithmic beyond
+            scale = std if math.isfinite(std) and std > 0 else 1e-3 * max(abs(v) for v in values)
+            thresh = 10.0 ** math.ceil(math.log10(max(scale, 1e-12)))
+            ax.set_yscale("symlog", linthresh=thresh, linscale=0.5)
+            ax.set_ylim(bottom=-thresh)
         ax.set_xlabel("NFE spent (res.nfe)")
         ax.set_ylabel(metric)
         ax.grid(True, which="both", alpha=0.25)
@@ -738,6 +779,7 @@ def base_protocol(
         "same_x_T_for_every_cell": True,
         "reference": scorer.describe(),
         "data_floor": dict(scorer.floor),
+        "data_floor_std": dict(getattr(scorer, "floor_std", {})),
         "nfe": "net calls counted by the Denoiser (res.nfe), per batch",
         "seconds": "wall time of sampling only (time.perf_counter, CUDA synchronised), scoring excluded",
         "excluded_by_default": EXCLUDED_BY_DEFAULT,
@@ -779,6 +821,7 @@ def write_outputs(
         "protocol": {**protocol, "nfes": list(result.nfes), "tolerances": list(result.tolerances)},
         "metrics": list(result.metrics),
         "floor": result.floor,
+        "floor_std": result.floor_std,
         "cells": [asdict(c) for c in result.cells],
     }
     paths = {"json": out / "results.json", "markdown": out / "table.md", "plot": out / plot_name}
@@ -787,7 +830,8 @@ def write_outputs(
     md = [f"# {title}", ""]
     if extra_markdown:
         md += [extra_markdown, ""]
-    md += [f"## {result.metrics[0]} by solver and NFE budget (lower is better)", "", markdown_grid(result), ""]
+    for metric in result.metrics:
+        md += [f"## {metric} by solver and NFE budget (lower is better)", "", markdown_grid(result, metric), ""]
     adaptive = markdown_adaptive(result)
     if adaptive:
         md += ["## Tolerance-driven solvers", "", adaptive, ""]

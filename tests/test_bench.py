@@ -30,7 +30,8 @@ def oracle():
     gmm = default_gmm()
     den = gmm.denoiser(sf.VPSDE())
     g = torch.Generator().manual_seed(1)
-    scorer = bench.LowDimScorer(gmm.sample(400, generator=g), gmm.sample(400, generator=g), seed=3)
+    scorer = bench.LowDimScorer(gmm.sample(400, generator=g), [gmm.sample(400, generator=g) for _ in range(4)],
+                                seed=3)
     return den, scorer
 
 
@@ -63,7 +64,9 @@ def test_scorer_distance_to_itself_is_zero_and_floor_positive(oracle):
     own = scorer.score(scorer.reference)
     assert own["sw2"] == pytest.approx(0.0, abs=1e-12) and own["fd"] == pytest.approx(0.0, abs=1e-9)
     assert own["mmd2"] < 0  # the unbiased U-statistic of a set against itself: -mean of the diagonal terms
-    assert set(scorer.floor) == {"sw2", "mmd2", "fd"} and scorer.floor["sw2"] > 0
+    assert set(scorer.floor) == set(scorer.floor_std) == {"sw2", "mmd2", "fd"}
+    assert scorer.floor["sw2"] > 2 * scorer.floor_std["sw2"] > 0  # real-vs-real: positive, with a spread
+    assert abs(scorer.floor["mmd2"]) < 4 * scorer.floor_std["mmd2"]  # unbiased: 0 within the spread
     shifted = scorer.score(scorer.reference + 1.0)
     assert shifted["fd"] == pytest.approx(2.0, rel=1e-9)  # |mu shift|^2 = 2, same covariance
     assert all(math.isnan(v) for v in scorer.score(torch.full((10, 2), float("nan"))).values())
@@ -124,7 +127,7 @@ def test_make_scorer_digits_uses_the_verified_extractor(tmp_path):
     assert scorer.metrics == ("fd_digits",)
     info = scorer.describe()
     assert info["extractor"]["sha256"] == digest and info["n_reference"] == 1797
-    assert scorer.floor["fd_digits"] > 0  # two disjoint halves of the data
+    assert scorer.floor["fd_digits"] > 0 and scorer.floor_std["fd_digits"] > 0  # random disjoint halves
     from sdeflow.training import load_digits
 
     x = load_digits()[0]
@@ -149,6 +152,7 @@ def test_bench_cli_end_to_end(tmp_path, capsys):
     assert proto["checkpoint"]["sha256"] == sha256_file(run / "ckpt.pt")
     assert proto["n_samples"] == 64 and proto["reference_seed"] == 12345 and proto["data"] == "gmm"
     assert proto["reference"]["n_reference"] == 64 and set(proto["data_floor"]) == {"sw2", "mmd2", "fd"}
+    assert set(proto["data_floor_std"]) == {"sw2", "mmd2", "fd"}
     assert [(c["solver"], c["budget"], c["nfe"], c["status"]) for c in data["cells"]] == [
         ("euler", 2, 2, "ok"), ("euler", 4, 4, "ok"), ("dpm_solver++", 2, 2, "ok"), ("dpm_solver++", 4, 4, "ok")]
     assert all(math.isfinite(c["metrics"]["sw2"]) and c["seconds"] > 0 for c in data["cells"])
