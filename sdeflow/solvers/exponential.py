@@ -443,7 +443,7 @@ class ExponentialStepper(Stepper):
         scalar points: a fixed grid computes each step's coefficients once)."""
         key = None
         if not _is_tensor(p0.lam) and not _is_tensor(p1.lam):
-            key = (self.form.name, rule, p0.t.item(), p1.t.item()) + tuple(q.t.item() for q in nodes)
+            key = (self.form.name, rule, p0.lam, p1.lam, p0.la, p1.la) + tuple(q.lam for q in nodes)
             hit = self.view.coefficients.get(key)
             if hit is not None:
                 return hit
