@@ -22,15 +22,6 @@ from sdeflow.training.data import load_digits
 pytest.importorskip("sklearn")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions: one intra-op thread avoids OpenMP barrier stalls on a busy machine (numerics unchanged)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     path = tmp_path_factory.mktemp("extractor") / "digits.pt"

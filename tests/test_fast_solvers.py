@@ -38,14 +38,6 @@ ALL_SDES = dict(SDES, vp_cosine=lambda: sf.VPSDE(schedule="cosine"), vp_sigmoid=
 MIX = dict(means=[[-1.0, 0.5], [1.0, -0.5]], stds=[0.6, 0.8], weights=[0.5, 0.5])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _x_T(sde, n=8, d=2, seed=1) -> torch.Tensor:
     return sde.prior_std() * torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=F64)
 

@@ -12,15 +12,6 @@ from sdeflow.inception import FIDInceptionV3, load_fid_inception
 from sdeflow.metrics import FeatureExtractor, feature_stats
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread avoids OpenMP barrier stalls on a busy machine (numerics unchanged)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def model() -> FIDInceptionV3:
     with torch.random.fork_rng(devices=[]):

@@ -16,14 +16,6 @@ from sdeflow.solvers import SolverError
 MIX = dict(means=[[1.0, 0.5], [-1.0, -0.5], [0.3, -1.2]], stds=[0.5, 0.6, 0.45], weights=[0.3, 0.4, 0.3])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def problem():
     """VP, exact mixture denoiser, 6 starting points and their exact probability-flow end points (float64 DOP853)."""

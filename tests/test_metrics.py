@@ -24,15 +24,6 @@ from sdeflow.metrics import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many small kernel matrices: one intra-op thread avoids OpenMP barrier stalls on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 

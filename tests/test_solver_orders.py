@@ -66,15 +66,6 @@ MIX = dict(means=[[1.0, 0.5], [-1.0, -0.5], [0.3, -1.2]], stds=[0.5, 0.6, 0.45],
 MU, S = 0.5, 0.5  # Gaussian data N(MU, S^2 I)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-up costs that dominate on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _dummy_den() -> sf.Denoiser:
     return sf.GaussianMixture([[0.0]], [1.0]).denoiser(sf.VPSDE())
 
