@@ -250,6 +250,17 @@ def test_bad_input_raises(den, x_T, opts, match):
         sf.sample(den, "parallel", nfe=10, x_T=x_T, **opts)
 
 
+def test_base_stepper_instance(den, x_T):
+    seq = sf.sample(den, "ddim", nfe=30, x_T=x_T, eta=0.3, generator=gen())
+    res = sf.sample(den, "parallel", base=SOLVERS["ddim"](den, eta=0.3), nfe=30, x_T=x_T, generator=gen(), window=1)
+    assert torch.equal(res.x, seq.x)
+    other = sf.GaussianMixture(torch.zeros(1, 3, dtype=F64), torch.ones(1, dtype=F64)).denoiser(sf.VPSDE())
+    with pytest.raises(ValueError, match="same denoiser"):
+        sf.sample(den, "parallel", base=SOLVERS["ddim"](other), nfe=30, x_T=x_T)
+    with pytest.raises(ValueError, match="base options"):
+        sf.sample(den, "parallel", base=SOLVERS["ddim"](den), nfe=30, x_T=x_T, eta=0.5)
+
+
 @pytest.mark.parametrize("base", ["rk45", "unipc", "dpm_solver", "torchsde", "adaptive_sde"])
 def test_unsupported_bases_raise(den, x_T, base):
     if base not in SOLVERS:
