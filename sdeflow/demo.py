@@ -93,7 +93,7 @@ def plot_samples_grid(result: Any, reference: torch.Tensor, path: str | Path, ti
     rows = max(len(result.nfes), len(result.tolerances))
     cols = len(solvers) + 1
     lim = 1.1 * float(reference.abs().max())
-    fig, axes = plt.subplots(rows, cols, figsize=(1.45 * cols, 1.5 * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.45 * cols, 1.75 * rows + 0.4), squeeze=False)
     primary = result.metrics[0]
     for ax in axes.flat:
         ax.set_xlim(-lim, lim)
@@ -122,7 +122,7 @@ def plot_samples_grid(result: Any, reference: torch.Tensor, path: str | Path, ti
             ax.set_title(f"{solver}\n{what}, {primary} {c.metrics[primary]:.3g}", fontsize=5.5)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout(pad=0.3, rect=(0, 0, 1, 1 - 0.35 / (1.5 * rows + 0.4)))
+    fig.tight_layout(pad=0.3, h_pad=0.6, rect=(0, 0, 1, 1 - 0.35 / (1.75 * rows + 0.4)))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
