@@ -132,8 +132,8 @@ def markdown(rows: list[dict], sweep: list[dict], meta: dict) -> str:
         f"load average at start {meta['load']}. tol = 0.1, VP SDE, d = {D}. Speed-up = sequential wall time / parallel "
         "wall time (best of repeats, interleaved; CPU-time ratios in results.json).",
         "",
-        "| model | solver | steps | batch | seq s | W=64 rounds | W=64 nfe / evals | W=64 speed-up | auto W | auto rounds "
-        "| auto speed-up | RMS vs seq: mean / median (W=64) |",
+        "| model | solver | steps | batch | seq s | W=64 rounds | W=64 nfe / evals | W=64 speed-up | auto W "
+        "| auto rounds | auto speed-up | RMS vs seq: mean / median (W=64) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:

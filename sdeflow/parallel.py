@@ -21,9 +21,10 @@ when step j first enters a window, in step order, so a stochastic sampler conver
 run draws from the same generator (or :class:`~sdeflow.noise.TensorNoise`).
 
 Costs: a round costs one batched call of batch W·B per net call of the stepper (``nfe_per_step``), and the sampler
-needs about :math:`N\,k/W` rounds where k (about 2 to 10) is the Picard overhead, so the wall-clock speed-up over the
-sequential run is :math:`e(W)/k`, with :math:`e(W) = W\,c(B)/c(WB)` the batching efficiency of the net (c(n) = time of
-one call of batch n). ``window="auto"`` measures c and picks W (see :func:`choose_window`); docs/parallel.md derives it.
+needs about :math:`N\,k/W` rounds, where k (about 1 to 6 for W = 4 to 256) is the Picard overhead, so the wall-clock
+speed-up over the sequential run is :math:`e(W)/k`, with :math:`e(W) = W\,c(B)/c(WB)` the batching efficiency of the
+net (c(n) = time of one call of batch n). ``window="auto"`` measures c and picks W (see :func:`choose_window`);
+docs/parallel.md derives it.
 
 Steppers that carry a state are handled per kind (:func:`window_evaluator`): EDM Heun (its state only counts steps:
 every step but the last is a full Heun step, the last one, an Euler step, runs after the Picard phase) and
@@ -280,7 +281,7 @@ def picard_solve(
     if policy is not None:
         window = policy.window
     if window == "auto":
-        raise ValueError("picard_solve takes an integer window or an AutoWindow; 'auto' is the Parallel solver's option")
+        raise ValueError("picard_solve takes an integer window or an AutoWindow; 'auto' is an option of the solver")
     _check_window(window)
     _check_tol(tol)
     _check_max_iters(max_iters)
@@ -402,7 +403,7 @@ def picard_solve(
 
 def _picard_update(buf: torch.Tensor, y: torch.Tensor, thr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One Picard update of a window: buf (w+1, B, *d) the states (buf[0] accepted), y (w, B, *d) the maps at buf[:-1],
-    thr (w,) the thresholds of e_j. Returns (the new states (w, B, *d), flags (2, w) bool: [test failed, non-finite])."""
+    thr (w,) the thresholds of e_j. Returns (new states (w, B, *d), flags (2, w) bool: [test failed, non-finite])."""
     w, B = y.shape[:2]
     # residual form of x_{j+1} = x_b + sum_{i<=j} (y_i - x_i): new_j = y_j + sum_{i<j} (y_i - old_{i+1})
     change = torch.cumsum(y - buf[1:], 0)  # new - old for every state of the window
@@ -607,7 +608,7 @@ class Parallel(Stepper):
                 raise ValueError(f"base={base!r} is not supported; allowed values: {', '.join(map(repr, names))}")
             self.base = SOLVERS[base](denoiser, **options)
         if self.base.mode != "fixed":
-            raise ValueError(f"base solver {self.base.name!r} has mode {self.base.mode!r}; parallel needs a fixed-grid one")
+            raise ValueError(f"base={self.base.name!r} has mode {self.base.mode!r}; parallel needs a fixed-grid solver")
         super().__init__(denoiser, **own)
 
     def validate(self) -> None:
