@@ -4,7 +4,7 @@
    NFE 5, 10, 20, 50, 100, 200, 500, 1000 and the tolerance-driven ones at rtol = atol = 1e-1 ... 1e-4; 2000 samples
    per cell scored by sliced Wasserstein, multi-scale MMD^2 and the Frechet distance against 2000 held-out draws.
 2. **digits** (8x8 images, scikit-learn): a small U-Net (32 channels, multipliers 1, 2, 2, one residual block per
-   level, attention at 4x4; 1.1 M parameters) trained for 3000 steps; every solver at NFE 5 ... 200 (``--digits-nfe``);
+   level, attention at 4x4; 1.1 M parameters) trained for 3000 steps; every solver at NFE 5 ... 100 (``--digits-nfe``);
    1000 samples per cell scored by FD_digits, the Frechet distance in the feature space of the hash-verified digits
    CNN (:mod:`sdeflow.extractors`), against the statistics of all 1797 digits.
 
@@ -14,8 +14,9 @@ otherwise. Each part writes ``results.json``, ``table.md`` and ``nfe_vs_quality.
 ``runs/bench/summary.md`` collects the tables and the time of every phase. ``sdeflow bench --ckpt ...`` runs the same
 sweep on any checkpoint.
 
-Time on 2 CPU cores (one torch thread, small nets gain nothing from more): the checkerboard part about 15 minutes
-(training 3 min), the digits part about 40 minutes (training 15 to 25 min); with a GPU a few minutes in all.
+Time measured on 2 CPU cores (one torch thread; small nets gain nothing from more): checkerboard, training 87 s and
+sweep 338 s; digits, training 1208 s (machine under load) and sweep 1050 s. About 25 minutes with the digits
+checkpoint present, 45 from scratch; with a GPU a few minutes in all.
 
     .venv/bin/python benchmarks/nfe_vs_fid.py                 # both parts
     .venv/bin/python benchmarks/nfe_vs_fid.py --only digits   # one part
@@ -48,8 +49,8 @@ PARTS = {
                   "--save-every", "500"],
         "steps": 3000,
         "n": 1000,
-        "nfes": [5, 10, 20, 50, 100, 200],
-        "tolerances": [1e-1, 1e-2, 1e-3],
+        "nfes": [5, 10, 20, 50, 100],
+        "tolerances": [1e-1, 1e-2],
     },
 }
 QUICK = {"steps": 20, "n": 64, "nfes": [2, 4], "tolerances": [0.1], "solvers": ["euler", "dpm_solver++", "rk45"]}
