@@ -19,7 +19,6 @@ from sdeflow import bench
 from sdeflow.cli import main
 from sdeflow.extractors import DigitsCNN, save_digits_extractor, sha256_file
 from sdeflow.training import default_gmm, toy_2d
-from training_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -23,7 +23,6 @@ from sdeflow.training import (
 )
 from sdeflow.training import checkpoint as ckpt_mod
 from sdeflow.training.checkpoint import check_primitive
-from training_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 
 def _trainer(out_dir=None, seed=0) -> Trainer:

@@ -19,7 +19,6 @@ from sdeflow.cli import main
 from sdeflow.nets import MLPScoreNet
 from sdeflow.noise import PerSampleGenerator
 from sdeflow.training import DenoisingScoreMatching, SampledData, Trainer, load_checkpoint, load_denoiser
-from training_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 TINY = ["--data", "gmm", "--hidden", "16", "--depth", "1", "--batch-size", "32", "--no-progress", "--log-every", "5"]
 

@@ -11,7 +11,6 @@ from torch import nn
 import sdeflow as sf
 from sdeflow.nets import FourierEmbedding, InputScaling, MLPScoreNet, SinusoidalEmbedding, UNet
 from sdeflow.nets.unet import group_count
-from training_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 
 def _unzero(net: nn.Module, seed: int = 0) -> nn.Module:

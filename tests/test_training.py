@@ -12,7 +12,6 @@ from scipy import integrate
 import sdeflow as sf
 from sdeflow.nets import MLPScoreNet
 from sdeflow.training import DenoisingScoreMatching, SampledData, Trainer, default_gmm
-from training_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 PREDICTIONS = ("eps", "x0", "v", "score")
 
