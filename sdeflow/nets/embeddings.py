@@ -127,3 +127,27 @@ def prepare_labels(
     if y.device.type == "cpu" and y.numel() and (int(y.min()) < 0 or int(y.max()) > num_classes):
         raise ValueError(f"y must lie in [0, {num_classes}] ({num_classes} = null class), got [{int(y.min())}, {int(y.max())}]")
     return y
+
+
+def embed_conditions(
+    time: nn.Module,
+    label: nn.Module | None,
+    t: torch.Tensor | float,
+    y: torch.Tensor | int | None,
+    batch: int,
+    num_classes: int | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """The conditioning vector every block of a score net receives: time(t) (+ label(y) for class-conditional nets).
+
+    ``t`` is a scalar or (batch,); labels are validated by :func:`prepare_labels`. Returns (batch, emb_dim), before the
+    net's own activation.
+    """
+    t = torch.as_tensor(t, device=device)
+    if t.ndim == 0:
+        t = t.expand(batch)
+    emb = time(t)
+    labels = prepare_labels(y, batch, num_classes, device)
+    if label is not None:
+        emb = emb + label(labels)
+    return emb

@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from .embeddings import ClassEmbedding, TimeMLP, prepare_labels
+from .embeddings import ClassEmbedding, TimeMLP, embed_conditions
 
 __all__ = ["MLPScoreNet"]
 
@@ -93,13 +93,7 @@ class MLPScoreNet(nn.Module):
         if x.ndim < 2 or math.prod(x.shape[1:]) != self.dim:
             raise ValueError(f"x must have shape (batch, *data_shape) with {self.dim} values per sample, got {tuple(x.shape)}")
         batch = x.shape[0]
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(batch)
-        emb = self.time(t)
-        labels = prepare_labels(y, batch, self.num_classes, x.device)
-        if self.label is not None:
-            emb = emb + self.label(labels)
+        emb = embed_conditions(self.time, self.label, t, y, batch, self.num_classes, x.device)
         emb = self.emb_act(emb)
         xf = x.reshape(batch, self.dim)
         h = self.inp(xf)

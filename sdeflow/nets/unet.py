@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._utils import append_dims
-from .embeddings import ClassEmbedding, TimeMLP, prepare_labels
+from .embeddings import ClassEmbedding, TimeMLP, embed_conditions
 
 __all__ = ["UNet", "group_count"]
 
@@ -198,13 +198,7 @@ class UNet(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape (batch, {self.in_channels}, H, W), got {tuple(x.shape)}")
         batch, _, height, width = x.shape
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(batch)
-        emb = self.time(t)
-        labels = prepare_labels(y, batch, self.num_classes, x.device)
-        if self.label is not None:
-            emb = emb + self.label(labels)
+        emb = embed_conditions(self.time, self.label, t, y, batch, self.num_classes, x.device)
         emb = F.silu(emb)
         ph = math.ceil(height / self.factor) * self.factor - height
         pw = math.ceil(width / self.factor) * self.factor - width
