@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from .base import StepResult
-from .exponential import FORMS, ExponentialStepper, Form, History, Point, multistep_orders
+from .exponential import FORMS, THRESHOLD_OPTIONS, ExponentialStepper, Form, History, Point, multistep_orders
 
 
 @dataclass(frozen=True)
@@ -117,9 +117,7 @@ class DPMSolver(ExponentialStepper):
         "rtol": 0.05,
         "atol": 0.0078,
         "h0": None,
-        "thresholding": False,
-        "threshold_ratio": 0.995,
-        "threshold_max": 1.0,
+        **THRESHOLD_OPTIONS,
     }
 
     def validate(self) -> None:
@@ -137,10 +135,6 @@ class DPMSolver(ExponentialStepper):
         self._check_threshold()
 
     # ---------------------------------------------------------------- declared properties
-    @property
-    def form(self) -> Form:
-        return FORMS["x0" if self.opts["predict_x0"] else "eps"]
-
     @property
     def order(self) -> float:  # type: ignore[override]
         return float(self.opts["order"])
@@ -246,9 +240,7 @@ class DPMSolverPP(ExponentialStepper):
         "solver_type": "midpoint",
         "lower_order_final": True,
         "sde": False,
-        "thresholding": False,
-        "threshold_ratio": 0.995,
-        "threshold_max": 1.0,
+        **THRESHOLD_OPTIONS,
     }
 
     def validate(self) -> None:

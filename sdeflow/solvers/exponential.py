@@ -368,6 +368,10 @@ class History:
 
 
 # ------------------------------------------------------------------------------------------------ base stepper
+#: the dynamic-thresholding options every data-prediction solver shares (Saharia et al. 2022)
+THRESHOLD_OPTIONS: dict[str, Any] = {"thresholding": False, "threshold_ratio": 0.995, "threshold_max": 1.0}
+
+
 class ExponentialStepper(Stepper):
     """Shared machinery of the exponential-integrator solvers: option checks, the semilinear view, model evaluation
     in the chosen form (with optional dynamic thresholding of x0), and the node-quadrature update."""
@@ -416,7 +420,8 @@ class ExponentialStepper(Stepper):
 
     @property
     def form(self) -> Form:
-        raise NotImplementedError
+        """The integrated quantity: the data prediction when the ``predict_x0`` option is set, else the noise."""
+        return FORMS["x0" if self.opts["predict_x0"] else "eps"]
 
     # ---------------------------------------------------------------- evaluation and update
     def evaluate(self, x: torch.Tensor, p: Point) -> tuple[torch.Tensor, Prediction]:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .base import StepResult
-from .exponential import FORMS, ExponentialStepper, Form, History, multistep_orders
+from .exponential import THRESHOLD_OPTIONS, ExponentialStepper, History, multistep_orders
 
 
 class UniPC(ExponentialStepper):
@@ -54,9 +54,7 @@ class UniPC(ExponentialStepper):
         "predict_x0": True,
         "corrector": True,
         "lower_order_final": True,
-        "thresholding": False,
-        "threshold_ratio": 0.995,
-        "threshold_max": 1.0,
+        **THRESHOLD_OPTIONS,
     }
 
     def validate(self) -> None:
@@ -65,10 +63,6 @@ class UniPC(ExponentialStepper):
         for name in ("predict_x0", "corrector", "lower_order_final"):
             self._check_bool(name)
         self._check_threshold()
-
-    @property
-    def form(self) -> Form:
-        return FORMS["x0" if self.opts["predict_x0"] else "eps"]
 
     @property
     def order(self) -> float:  # type: ignore[override]
