@@ -105,15 +105,19 @@ def fmt(v: float, spec: str = ".2e") -> str:
 
 
 # ------------------------------------------------------------------------------------------------ parts
+def problem(sde, d: int, n: int):
+    """The d-dimensional mixture, its exact denoiser, n test points and their exact log p at sde.eps."""
+    gmm = make_gmm(d)
+    x = gmm.sample(n, generator=torch.Generator().manual_seed(1))
+    return gmm, gmm.denoiser(sde), x, gmm.marginal_log_prob(x, sde.eps, sde)
+
+
 def tolerance_sweep(dims, tols, base_tols, n, repeats) -> list[dict[str, Any]]:
     """Error of the ODE part against the closed form, NFE and CPU time for sdeflow (dopri5, dopri8) and score_sde."""
     rows = []
     sde = sf.VPSDE()
     for d in dims:
-        gmm = make_gmm(d)
-        den = gmm.denoiser(sde)
-        x = gmm.sample(n, generator=torch.Generator().manual_seed(1))
-        ref = gmm.marginal_log_prob(x, sde.eps, sde)
+        gmm, den, x, ref = problem(sde, d, n)
 
         def err(x_T: torch.Tensor, delta: torch.Tensor) -> float:
             return float(((delta + gmm.marginal_log_prob(x_T, sde.T, sde) - ref).abs() / d).mean())
@@ -175,10 +179,7 @@ def exact_vs_hutchinson(dims, n, draws, tol, repeats) -> list[dict[str, Any]]:
     rows = []
     sde = sf.VPSDE()
     for d in dims:
-        gmm = make_gmm(d)
-        den = gmm.denoiser(sde)
-        x = gmm.sample(n, generator=torch.Generator().manual_seed(1))
-        ref = gmm.marginal_log_prob(x, sde.eps, sde)
+        gmm, den, x, ref = problem(sde, d, n)
         with torch.no_grad():
             t_ex, ex = cpu_seconds(lambda: sf.log_likelihood(den, x, rtol=tol, atol=tol), repeats)
         rows.append({"d": d, "divergence": "exact", "probe": "-", "s": t_ex, "nfe": ex.nfe, "std_per_dim": 0.0,
