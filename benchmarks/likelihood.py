@@ -28,8 +28,9 @@ import json
 import math
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import scipy.integrate
@@ -42,8 +43,13 @@ F64 = torch.float64
 
 # ------------------------------------------------------------------------------------------------ the baseline
 def score_sde_likelihood(
-    den: sf.Denoiser, x: torch.Tensor, rtol: float, atol: float, divergence: str = "exact",
-    probes: torch.Tensor | None = None, t_eps: float | None = None,
+    den: sf.Denoiser,
+    x: torch.Tensor,
+    rtol: float,
+    atol: float,
+    divergence: str = "exact",
+    probes: torch.Tensor | None = None,
+    t_eps: float | None = None,
 ) -> dict[str, Any]:
     """Probability-flow likelihood the score_sde way: scipy RK45, numpy round trips, two model calls per evaluation."""
     sde = den.sde
@@ -123,8 +129,18 @@ def tolerance_sweep(dims, tols, base_tols, n, repeats) -> list[dict[str, Any]]:
             return float(((delta + gmm.marginal_log_prob(x_T, sde.T, sde) - ref).abs() / d).mean())
 
         def record(method: str, tol: float, seconds: float, e: float, nfe: int) -> None:
-            rows.append({"d": d, "n": n, "method": method, "tol": tol, "err": e, "nfe": nfe, "s": seconds,
-                         "ms_per_sample": 1e3 * seconds / n})
+            rows.append(
+                {
+                    "d": d,
+                    "n": n,
+                    "method": method,
+                    "tol": tol,
+                    "err": e,
+                    "nfe": nfe,
+                    "s": seconds,
+                    "ms_per_sample": 1e3 * seconds / n,
+                }
+            )
             print(f"  d={d} {method:<15} tol={tol:.0e}: err {e:.2e} nfe {nfe} {seconds:.3f}s", flush=True)
 
         for method, method_tols in (("dopri5", tols), ("dopri8", tols[:-1])):
@@ -166,11 +182,15 @@ def equal_accuracy(rows: list[dict[str, Any]], targets) -> list[dict[str, Any]]:
         for target in targets:
             times = {m: time_to_reach(curves[m], target) for m in methods}
             base = times["score_sde RK45"]
-            out.append({
-                "d": d, "target_err": target, **{f"s[{m}]": times[m] for m in methods},
-                "speedup_dopri5": base / times["sdeflow dopri5"] if base and times["sdeflow dopri5"] else None,
-                "speedup_dopri8": base / times["sdeflow dopri8"] if base and times["sdeflow dopri8"] else None,
-            })
+            out.append(
+                {
+                    "d": d,
+                    "target_err": target,
+                    **{f"s[{m}]": times[m] for m in methods},
+                    "speedup_dopri5": base / times["sdeflow dopri5"] if base and times["sdeflow dopri5"] else None,
+                    "speedup_dopri8": base / times["sdeflow dopri8"] if base and times["sdeflow dopri8"] else None,
+                }
+            )
     return out
 
 
@@ -182,10 +202,20 @@ def exact_vs_hutchinson(dims, n, draws, tol, repeats) -> list[dict[str, Any]]:
         gmm, den, x, ref = problem(sde, d, n)
         with torch.no_grad():
             t_ex, ex = cpu_seconds(lambda: sf.log_likelihood(den, x, rtol=tol, atol=tol), repeats)
-        rows.append({"d": d, "divergence": "exact", "probe": "-", "s": t_ex, "nfe": ex.nfe, "std_per_dim": 0.0,
-                     "bias_se_per_dim": None,
-                     "bias_per_dim": float((ex.log_prob - ex.prior_log_prob + gmm.marginal_log_prob(ex.x_T, sde.T, sde)
-                                            - ref).mean() / d)})
+        rows.append(
+            {
+                "d": d,
+                "divergence": "exact",
+                "probe": "-",
+                "s": t_ex,
+                "nfe": ex.nfe,
+                "std_per_dim": 0.0,
+                "bias_se_per_dim": None,
+                "bias_per_dim": float(
+                    (ex.log_prob - ex.prior_log_prob + gmm.marginal_log_prob(ex.x_T, sde.T, sde) - ref).mean() / d
+                ),
+            }
+        )
         for probe in ("rademacher", "gaussian"):
             g = torch.Generator().manual_seed(0)
             with torch.no_grad():
@@ -195,12 +225,18 @@ def exact_vs_hutchinson(dims, n, draws, tol, repeats) -> list[dict[str, Any]]:
                 many = sf.log_likelihood(den, x.repeat(draws, 1), "hutchinson", tol, tol, generator=g, probe=probe)
             lp = many.log_prob.reshape(draws, n)
             exact_part = many.log_prob - many.prior_log_prob + gmm.marginal_log_prob(many.x_T, sde.T, sde)
-            rows.append({
-                "d": d, "divergence": "hutchinson", "probe": probe, "s": t_h, "nfe": h.nfe,
-                "std_per_dim": float(lp.std(0).mean() / d),
-                "bias_per_dim": float((exact_part.reshape(draws, n).mean(0) - ref).mean() / d),
-                "bias_se_per_dim": float(lp.var(0).sum().sqrt() / math.sqrt(draws) / n / d),
-            })
+            rows.append(
+                {
+                    "d": d,
+                    "divergence": "hutchinson",
+                    "probe": probe,
+                    "s": t_h,
+                    "nfe": h.nfe,
+                    "std_per_dim": float(lp.std(0).mean() / d),
+                    "bias_per_dim": float((exact_part.reshape(draws, n).mean(0) - ref).mean() / d),
+                    "bias_se_per_dim": float(lp.var(0).sum().sqrt() / math.sqrt(draws) / n / d),
+                }
+            )
         print(f"  exact vs hutchinson d={d} done", flush=True)
     return rows
 
@@ -222,13 +258,24 @@ def neural_net_comparison(d, n, tol, repeats) -> list[dict[str, Any]]:
                 repeats,
             )
         t_base, base = cpu_seconds(lambda: score_sde_likelihood(den, x, tol, tol, divergence, probes[0]), 1)
-        rows.append({
-            "d": d, "n": n, "divergence": divergence, "tol": tol, "ours_s": t_ours, "ours_nfe": res.nfe,
-            "base_s": t_base, "base_nfe": base["nfe"], "speedup": t_base / t_ours,
-            "mean_log_prob_diff_per_dim": float((res.log_prob - base["log_prob"]).mean() / d),
-        })
-        print(f"  mlp {divergence}: ours {t_ours:.2f}s nfe {res.nfe} | score_sde {t_base:.2f}s nfe {base['nfe']}",
-              flush=True)
+        rows.append(
+            {
+                "d": d,
+                "n": n,
+                "divergence": divergence,
+                "tol": tol,
+                "ours_s": t_ours,
+                "ours_nfe": res.nfe,
+                "base_s": t_base,
+                "base_nfe": base["nfe"],
+                "speedup": t_base / t_ours,
+                "mean_log_prob_diff_per_dim": float((res.log_prob - base["log_prob"]).mean() / d),
+            }
+        )
+        print(
+            f"  mlp {divergence}: ours {t_ours:.2f}s nfe {res.nfe} | score_sde {t_base:.2f}s nfe {base['nfe']}",
+            flush=True,
+        )
     return rows
 
 
@@ -251,7 +298,9 @@ def markdown(results: dict[str, Any]) -> str:
     for r in sweep:
         if r["method"] != "sdeflow dopri5":
             continue
-        b = next((q for q in sweep if q["d"] == r["d"] and q["tol"] == r["tol"] and q["method"] == "score_sde RK45"), None)
+        b = next(
+            (q for q in sweep if q["d"] == r["d"] and q["tol"] == r["tol"] and q["method"] == "score_sde RK45"), None
+        )
         lines.append(
             f"| {r['d']} | {r['tol']:.0e} | {fmt(r['err'])} | {r['nfe']} | {r['s']:.3f} | {r['ms_per_sample']:.3g} | "
             + (f"{fmt(b['err'])} | {b['nfe']} | {b['s']:.3f} | {b['s'] / r['s']:.1f} |" if b else "- | - | - | - |")
@@ -259,7 +308,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [
         "",
         "Equal accuracy: CPU seconds to reach a mean error per dim (log-log interpolation along each method's own "
-        "tolerance sweep; sdeflow dopri8 is the same API with method=\"dopri8\"):",
+        'tolerance sweep; sdeflow dopri8 is the same API with method="dopri8"):',
         "",
         "| d | target err | score_sde RK45 s | sdeflow dopri5 s | sdeflow dopri8 s | speed-up dopri5 | speed-up dopri8 |",
         "|---:|---:|---:|---:|---:|---:|---:|",
@@ -279,8 +328,10 @@ def markdown(results: dict[str, Any]) -> str:
         "|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in results["hutchinson"]:
-        lines.append(f"| {r['d']} | {r['divergence']} | {r['probe']} | {r['s']:.3f} | {r['nfe']} | "
-                     f"{fmt(r['std_per_dim'])} | {fmt(r['bias_per_dim'])} | {fmt(r.get('bias_se_per_dim'))} |")
+        lines.append(
+            f"| {r['d']} | {r['divergence']} | {r['probe']} | {r['s']:.3f} | {r['nfe']} | "
+            f"{fmt(r['std_per_dim'])} | {fmt(r['bias_per_dim'])} | {fmt(r.get('bias_se_per_dim'))} |"
+        )
     if results.get("mlp"):
         r0 = results["mlp"][0]
         lines += [
@@ -292,8 +343,10 @@ def markdown(results: dict[str, Any]) -> str:
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in results["mlp"]:
-            lines.append(f"| {r['divergence']} | {r['ours_s']:.3f} | {r['ours_nfe']} | {r['base_s']:.3f} | "
-                         f"{r['base_nfe']} | {r['speedup']:.1f} | {fmt(r['mean_log_prob_diff_per_dim'])} |")
+            lines.append(
+                f"| {r['divergence']} | {r['ours_s']:.3f} | {r['ours_nfe']} | {r['base_s']:.3f} | "
+                f"{r['base_nfe']} | {r['speedup']:.1f} | {fmt(r['mean_log_prob_diff_per_dim'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -314,8 +367,15 @@ def main(argv: list[str] | None = None) -> None:
     draws = 8 if args.quick else 32
     hutch_tol = 1e-5
     results: dict[str, Any] = {
-        "meta": {"device": platform.processor() or platform.machine(), "torch": torch.__version__, "n": n,
-                 "repeats": repeats, "draws": draws, "hutch_tol": hutch_tol, "quick": args.quick},
+        "meta": {
+            "device": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "n": n,
+            "repeats": repeats,
+            "draws": draws,
+            "hutch_tol": hutch_tol,
+            "quick": args.quick,
+        },
     }
     warm = make_gmm(2)  # first-call costs (autograd engine, lazy imports) out of the timings
     with torch.no_grad():

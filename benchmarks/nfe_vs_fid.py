@@ -44,9 +44,26 @@ PARTS = {
         "tolerances": list(bench.DEFAULT_TOLERANCES),
     },
     "digits": {
-        "train": ["--data", "digits", "--net", "unet", "--channels", "32", "--channel-mult", "1,2,2",
-                  "--num-res-blocks", "1", "--attention-levels", "1", "--batch-size", "128", "--lr", "5e-4",
-                  "--save-every", "500"],
+        "train": [
+            "--data",
+            "digits",
+            "--net",
+            "unet",
+            "--channels",
+            "32",
+            "--channel-mult",
+            "1,2,2",
+            "--num-res-blocks",
+            "1",
+            "--attention-levels",
+            "1",
+            "--batch-size",
+            "128",
+            "--lr",
+            "5e-4",
+            "--save-every",
+            "500",
+        ],
         "steps": 3000,
         "n": 1000,
         "nfes": [5, 10, 20, 50, 100],
@@ -54,8 +71,10 @@ PARTS = {
     },
 }
 QUICK = {"steps": 20, "n": 64, "nfes": [2, 4], "tolerances": [0.1], "solvers": ["euler", "dpm_solver++", "rk45"]}
-QUICK_TRAIN = {"checkerboard": ["--hidden", "16", "--depth", "1"],
-               "digits": ["--channels", "8", "--channel-mult", "1", "--attention-levels", "", "--batch-size", "16"]}
+QUICK_TRAIN = {
+    "checkerboard": ["--hidden", "16", "--depth", "1"],
+    "digits": ["--channels", "8", "--channel-mult", "1", "--attention-levels", "", "--batch-size", "16"],
+}
 
 
 def run_part(name: str, out: Path, args: argparse.Namespace) -> str:
@@ -76,19 +95,39 @@ def run_part(name: str, out: Path, args: argparse.Namespace) -> str:
     den, config, ckpt = load_run(run_dir / "ckpt.pt", device=device)
     t1 = time.perf_counter()
     scorer = bench.make_scorer(config, part["n"], seed=args.ref_seed, cache_dir=args.cache_dir, device=device)
-    result = bench.run_sweep(den, scorer, config["data"]["data_shape"], solvers=part.get("solvers"),
-                             nfes=part["nfes"], tolerances=part["tolerances"], n=part["n"], seed=args.seed,
-                             batch_size=args.batch_size, device=device, progress=not args.no_progress)
+    result = bench.run_sweep(
+        den,
+        scorer,
+        config["data"]["data_shape"],
+        solvers=part.get("solvers"),
+        nfes=part["nfes"],
+        tolerances=part["tolerances"],
+        n=part["n"],
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=device,
+        progress=not args.no_progress,
+    )
     t_sweep = time.perf_counter() - t1
     params = sum(p.numel() for p in den.net.parameters())
-    note = (f"Model: {config['net']['name']} ({params:,} parameters), {config['sde']['name']} SDE, "
-            f"{ckpt['step']} training steps. {action}; training {t_train:.0f} s this session, sweep {t_sweep:.0f} s "
-            f"on {device} with {torch.get_num_threads()} torch thread(s).")
-    protocol = bench.base_protocol(n=part["n"], seed=args.seed, scorer=scorer, device=device,
-                                   dtype=next(den.net.parameters()).dtype, batch_size=args.batch_size,
-                                   checkpoint=run_dir / "ckpt.pt", reference_seed=args.ref_seed,
-                                   data=config["data"]["spec"], training_steps=ckpt["step"],
-                                   seconds={"train": t_train, "sweep": t_sweep})
+    note = (
+        f"Model: {config['net']['name']} ({params:,} parameters), {config['sde']['name']} SDE, "
+        f"{ckpt['step']} training steps. {action}; training {t_train:.0f} s this session, sweep {t_sweep:.0f} s "
+        f"on {device} with {torch.get_num_threads()} torch thread(s)."
+    )
+    protocol = bench.base_protocol(
+        n=part["n"],
+        seed=args.seed,
+        scorer=scorer,
+        device=device,
+        dtype=next(den.net.parameters()).dtype,
+        batch_size=args.batch_size,
+        checkpoint=run_dir / "ckpt.pt",
+        reference_seed=args.ref_seed,
+        data=config["data"]["spec"],
+        training_steps=ckpt["step"],
+        seconds={"train": t_train, "sweep": t_sweep},
+    )
     paths = bench.write_outputs(result, run_dir, protocol, title=f"NFE versus quality: {name}", extra_markdown=note)
     grid = bench.markdown_grid(result)
     print(grid, flush=True)
@@ -120,8 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     sections = [run_part(name, out, args) for name in PARTS if args.only in (None, name)]
     summary = out / "summary.md"
-    summary.write_text("# sdeflow NFE-versus-quality benchmark\n\n" + "\n".join(sections)
-                       + f"\nTotal time: {time.perf_counter() - start:.0f} s.\n")
+    summary.write_text(
+        "# sdeflow NFE-versus-quality benchmark\n\n"
+        + "\n".join(sections)
+        + f"\nTotal time: {time.perf_counter() - start:.0f} s.\n"
+    )
     print(f"[bench] done in {time.perf_counter() - start:.0f} s -> {summary}")
     return 0
 

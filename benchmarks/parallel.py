@@ -31,8 +31,9 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -54,12 +55,25 @@ def trained_mlp(gmm: sf.GaussianMixture, sde: sf.GaussianSDE, steps: int, seed: 
     torch.manual_seed(seed)
     net = MLPScoreNet(D, hidden=256, depth=3)
     data = SampledData(lambda n, g: gmm.sample(n, generator=g), (D,), {"name": "gmm64"})
-    trainer = Trainer(net, DenoisingScoreMatching(sde), data, batch_size=256, lr=1e-3, warmup=100, ema_decay=0.995,
-                      seed=seed, progress=False)
+    trainer = Trainer(
+        net,
+        DenoisingScoreMatching(sde),
+        data,
+        batch_size=256,
+        lr=1e-3,
+        warmup=100,
+        ema_decay=0.995,
+        seed=seed,
+        progress=False,
+    )
     tic = time.perf_counter()
     fit = trainer.fit(steps)
-    info = {"train_steps": steps, "train_seconds": time.perf_counter() - tic, "final_loss": fit.loss,
-            "parameters": sum(p.numel() for p in net.parameters())}
+    info = {
+        "train_steps": steps,
+        "train_seconds": time.perf_counter() - tic,
+        "final_loss": fit.loss,
+        "parameters": sum(p.numel() for p in net.parameters()),
+    }
     return sf.Denoiser(trainer.ema.eval(), sde, prediction="eps"), info
 
 
@@ -83,8 +97,16 @@ def compare(den: sf.Denoiser, solver: str, steps: int, batch: int, windows: list
         return sf.sample(den, solver, nfe=steps, x_T=x_T, generator=torch.Generator().manual_seed(seed + 1))
 
     def par(w):
-        return lambda: sf.sample(den, "parallel", base=solver, nfe=steps, x_T=x_T, window=w, tol=0.1,
-                                 generator=torch.Generator().manual_seed(seed + 1))
+        return lambda: sf.sample(
+            den,
+            "parallel",
+            base=solver,
+            nfe=steps,
+            x_T=x_T,
+            window=w,
+            tol=0.1,
+            generator=torch.Generator().manual_seed(seed + 1),
+        )
 
     row: dict[str, Any] = {"solver": solver, "steps": steps, "batch": batch}
     with torch.inference_mode():
@@ -138,8 +160,9 @@ def markdown(rows: list[dict], sweep: list[dict], meta: dict) -> str:
     ]
     for r in rows:
         a, f = r["auto"], r["64"]
-        auto_w = f"{a['window']}" + (f" (seq after {r['steps'] - a['sequential_steps']})" if a["sequential_steps"]
-                                      and a["window"] > 1 else "")
+        auto_w = f"{a['window']}" + (
+            f" (seq after {r['steps'] - a['sequential_steps']})" if a["sequential_steps"] and a["window"] > 1 else ""
+        )
         if a["window"] == 1:
             auto_w = "1 (sequential)"
         out.append(
@@ -148,11 +171,18 @@ def markdown(rows: list[dict], sweep: list[dict], meta: dict) -> str:
             f"{f['rms_vs_sequential']:.1e} / {f['rms_median']:.1e} |"
         )
     if sweep:
-        out += ["", f"Window sweep: MLP, DDIM, {sweep[0]['steps']} steps, batch {sweep[0]['batch']}.", "",
-                "| window | rounds | evaluations | speed-up | RMS vs seq |", "|---:|---:|---:|---:|---:|"]
+        out += [
+            "",
+            f"Window sweep: MLP, DDIM, {sweep[0]['steps']} steps, batch {sweep[0]['batch']}.",
+            "",
+            "| window | rounds | evaluations | speed-up | RMS vs seq |",
+            "|---:|---:|---:|---:|---:|",
+        ]
         for s in sweep:
-            out.append(f"| {s['window']} | {s['rounds']} | {s['evaluations']} | {s['speedup']:.2f}x | "
-                       f"{s['rms_vs_sequential']:.1e} |")
+            out.append(
+                f"| {s['window']} | {s['rounds']} | {s['evaluations']} | {s['speedup']:.2f}x | "
+                f"{s['rms_vs_sequential']:.1e} |"
+            )
     return "\n".join(out) + "\n"
 
 
@@ -191,9 +221,12 @@ def main() -> None:
                     row = compare(den, solver, steps, batch, [64, "auto"], repeats)
                     row["model"] = name
                     rows.append(row)
-                    print(f"{name:14s} {solver} {steps:5d} B={batch:3d}: seq {row['seq_s']:.3f}s, W=64 rounds "
-                          f"{row['64']['rounds']} x{row['64']['speedup']:.2f}, auto W={row['auto']['window']} "
-                          f"rounds {row['auto']['rounds']} x{row['auto']['speedup']:.2f}", flush=True)
+                    print(
+                        f"{name:14s} {solver} {steps:5d} B={batch:3d}: seq {row['seq_s']:.3f}s, W=64 rounds "
+                        f"{row['64']['rounds']} x{row['64']['speedup']:.2f}, auto W={row['auto']['window']} "
+                        f"rounds {row['auto']['rounds']} x{row['auto']['speedup']:.2f}",
+                        flush=True,
+                    )
     sweep = []
     steps = steps_list[-1]
     windows = [4, 16, 64, 256] if not args.quick else [4, 16]

@@ -27,8 +27,9 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import scipy.integrate
@@ -44,7 +45,7 @@ F64 = torch.float64
 def make_problem(dim: int, components: int, batch: int, seed: int) -> dict[str, Any]:
     """A Gaussian mixture in [-1, 1]^dim with sharp modes (image-like data), its exact eps-net, and x_T."""
     g = torch.Generator().manual_seed(seed)
-    means = (torch.rand(components, dim, generator=g, dtype=F64) * 1.6 - 0.8)
+    means = torch.rand(components, dim, generator=g, dtype=F64) * 1.6 - 0.8
     stds = 0.05 + 0.15 * torch.rand(components, generator=g, dtype=F64)
     weights = torch.softmax(torch.randn(components, generator=g, dtype=F64) * 0.5, 0)
     gmm = sf.GaussianMixture(means, stds, weights)
@@ -138,8 +139,9 @@ def run_peer(cls: Any, config: dict[str, Any], net: Callable, x_T: torch.Tensor,
     return x, calls
 
 
-def run_sdeflow(den: sf.Denoiser, solver: str, opts: dict[str, Any], x_T: torch.Tensor, nfe: int, grid: Any,
-                t_end: float) -> tuple[torch.Tensor, int]:
+def run_sdeflow(
+    den: sf.Denoiser, solver: str, opts: dict[str, Any], x_T: torch.Tensor, nfe: int, grid: Any, t_end: float
+) -> tuple[torch.Tensor, int]:
     res = sf.sample(den, solver, nfe=nfe, x_T=x_T, grid=grid, t_end=t_end, **opts)
     return res.x, res.nfe
 
@@ -192,8 +194,13 @@ def harness_check(problem: dict[str, Any], nfes: list[int]) -> dict[str, float]:
 
     den = sf.Denoiser(problem["net"], problem["sde"], "eps", time_input="index")
     x_T = problem["x_T"]
-    base = dict(num_train_timesteps=N_TRAIN, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                final_sigmas_type="sigma_min")
+    base = dict(
+        num_train_timesteps=N_TRAIN,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        final_sigmas_type="sigma_min",
+    )
     out = {}
     for nfe in nfes:
         cfg = dict(base, solver_order=2)
@@ -221,16 +228,26 @@ def overhead(shapes: dict[str, tuple[int, ...]], nfe: int, reps: int) -> dict[st
     den = sf.Denoiser(free, sde, "eps", time_input="index")
     base = dict(num_train_timesteps=N_TRAIN, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
     pairs = {
-        "DDIM": (("dpm_solver", {"order": 1}), (DDIMScheduler, dict(base, timestep_spacing="trailing",
-                                                                     set_alpha_to_one=False, clip_sample=False))),
-        "2M": (("dpm_solver++", {"order": 2}), (DPMSolverMultistepScheduler, dict(base, solver_order=2,
-                                                                                 final_sigmas_type="sigma_min"))),
-        "3M": (("dpm_solver++", {"order": 3}), (DPMSolverMultistepScheduler, dict(base, solver_order=3,
-                                                                                 final_sigmas_type="sigma_min"))),
-        "UniPC-2": (("unipc", {"order": 2}), (UniPCMultistepScheduler, dict(base, solver_order=2,
-                                                                          final_sigmas_type="sigma_min"))),
-        "UniPC-3": (("unipc", {"order": 3}), (UniPCMultistepScheduler, dict(base, solver_order=3,
-                                                                          final_sigmas_type="sigma_min"))),
+        "DDIM": (
+            ("dpm_solver", {"order": 1}),
+            (DDIMScheduler, dict(base, timestep_spacing="trailing", set_alpha_to_one=False, clip_sample=False)),
+        ),
+        "2M": (
+            ("dpm_solver++", {"order": 2}),
+            (DPMSolverMultistepScheduler, dict(base, solver_order=2, final_sigmas_type="sigma_min")),
+        ),
+        "3M": (
+            ("dpm_solver++", {"order": 3}),
+            (DPMSolverMultistepScheduler, dict(base, solver_order=3, final_sigmas_type="sigma_min")),
+        ),
+        "UniPC-2": (
+            ("unipc", {"order": 2}),
+            (UniPCMultistepScheduler, dict(base, solver_order=2, final_sigmas_type="sigma_min")),
+        ),
+        "UniPC-3": (
+            ("unipc", {"order": 3}),
+            (UniPCMultistepScheduler, dict(base, solver_order=3, final_sigmas_type="sigma_min")),
+        ),
     }
     out: dict[str, Any] = {}
     for sname, shape in shapes.items():
@@ -272,21 +289,32 @@ def adaptive_sde_anchor(dim: int, components: int, n: int, seed: int, quick: boo
     floor = frechet_distance(exact(n), target)
     x_T = sde.prior_sample((n, dim), generator=g)
     em = []
-    for nfe in ([20, 50] if quick else [25, 50, 100, 200, 400, 800]):
+    for nfe in [20, 50] if quick else [25, 50, 100, 200, 400, 800]:
         res = sf.sample(den, "euler_maruyama", nfe=nfe, x_T=x_T, generator=torch.Generator().manual_seed(seed + 2))
         em.append({"nfe": nfe, "fd": frechet_distance(res.x, target)})
     ad = []
-    for rtol in ([0.2] if quick else [0.5, 0.2, 0.1, 0.05]):
-        res = sf.sample(den, "adaptive_sde", x_T=x_T, rtol=rtol, atol=0.0078,
-                        generator=torch.Generator().manual_seed(seed + 2))
+    for rtol in [0.2] if quick else [0.5, 0.2, 0.1, 0.05]:
+        res = sf.sample(
+            den, "adaptive_sde", x_T=x_T, rtol=rtol, atol=0.0078, generator=torch.Generator().manual_seed(seed + 2)
+        )
         per_sample = 2.0 * float((res.stats["accepted_per_sample"] + res.stats["rejected_per_sample"]).double().mean())
-        ad.append({"rtol": rtol, "nfe": res.nfe, "per_sample_evals": per_sample, "fd": frechet_distance(res.x, target),
-                   "rejected_fraction": res.stats["rejected"] / max(1, res.stats["accepted"] + res.stats["rejected"])})
+        ad.append(
+            {
+                "rtol": rtol,
+                "nfe": res.nfe,
+                "per_sample_evals": per_sample,
+                "fd": frechet_distance(res.x, target),
+                "rejected_fraction": res.stats["rejected"] / max(1, res.stats["accepted"] + res.stats["rejected"]),
+            }
+        )
     for row in ad:  # the EM budget with the same quality, log-log interpolated
         fds = [r["fd"] for r in em]
         nfes = [r["nfe"] for r in em]
-        row["em_nfe_same_fd"] = (float(np.exp(np.interp(-np.log(row["fd"]), -np.log(fds), np.log(nfes))))
-                                 if min(fds) <= row["fd"] <= max(fds) else None)
+        row["em_nfe_same_fd"] = (
+            float(np.exp(np.interp(-np.log(row["fd"]), -np.log(fds), np.log(nfes))))
+            if min(fds) <= row["fd"] <= max(fds)
+            else None
+        )
     return {"dim": dim, "n": n, "fd_floor": floor, "euler_maruyama": em, "adaptive_sde": ad}
 
 
@@ -296,9 +324,11 @@ def markdown(result: dict[str, Any]) -> str:
     lines = ["## Peers: sdeflow vs diffusers (exact GMM eps-model, DiscreteVPSDE.linear(1000))", ""]
     acc = result.get("accuracy")
     if acc:
-        lines.append(f"RMS error of x at t = 1/N against a float64 DOP853 reference; batch {result['batch']}, "
-                     f"dim {result['dim']}, {result['components']} components. Best configuration of each library "
-                     "per NFE; ratio = sdeflow best / diffusers best (< 1: sdeflow more accurate).")
+        lines.append(
+            f"RMS error of x at t = 1/N against a float64 DOP853 reference; batch {result['batch']}, "
+            f"dim {result['dim']}, {result['components']} components. Best configuration of each library "
+            "per NFE; ratio = sdeflow best / diffusers best (< 1: sdeflow more accurate)."
+        )
         lines.append("")
         lines.append("| NFE | sdeflow best | error | diffusers best | error | ratio |")
         lines.append("|---:|---|---:|---|---:|---:|")
@@ -309,35 +339,50 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
     oh = result.get("overhead")
     if oh:
-        lines.append("Overhead per step (model that costs nothing, NFE 20, float32, min over interleaved repeats; "
-                     "sdeflow/diffusers):")
+        lines.append(
+            "Overhead per step (model that costs nothing, NFE 20, float32, min over interleaved repeats; "
+            "sdeflow/diffusers):"
+        )
         lines.append("")
         pairs = list(next(iter(oh.values()))["ratio"])
         lines.append("| data | " + " | ".join(pairs) + " |")
         lines.append("|---|" + "---:|" * len(pairs))
         for sname, o in oh.items():
-            cells = [f"{o['per_step_us'][f'sdeflow {p}']:.0f}/{o['per_step_us'][f'diffusers {p}']:.0f} us = "
-                     f"{o['ratio'][p]:.2f}" for p in pairs]
+            cells = [
+                f"{o['per_step_us'][f'sdeflow {p}']:.0f}/{o['per_step_us'][f'diffusers {p}']:.0f} us = "
+                f"{o['ratio'][p]:.2f}"
+                for p in pairs
+            ]
             lines.append(f"| {sname} {tuple(o['shape'])} | " + " | ".join(cells) + " |")
         lines.append("")
     if result.get("harness"):
-        lines.append("Harness check (sdeflow on diffusers' own grid, relative RMS difference): " + ", ".join(
-            f"{k}: {v:.1e}" for k, v in result["harness"].items()))
+        lines.append(
+            "Harness check (sdeflow on diffusers' own grid, relative RMS difference): "
+            + ", ".join(f"{k}: {v:.1e}" for k, v in result["harness"].items())
+        )
         lines.append("")
     anchor = result.get("anchor")
     if anchor:
-        lines.append(f"adaptive_sde vs euler_maruyama (VP, mixture d = {anchor['dim']}, n = {anchor['n']}, Frechet "
-                     f"distance to exact p_t_end samples; MC floor {anchor['fd_floor']:.2e}):")
+        lines.append(
+            f"adaptive_sde vs euler_maruyama (VP, mixture d = {anchor['dim']}, n = {anchor['n']}, Frechet "
+            f"distance to exact p_t_end samples; MC floor {anchor['fd_floor']:.2e}):"
+        )
         lines.append("")
-        lines.append("| adaptive_sde rtol | NFE (batched calls) | evaluations per sample | rejected | FD | "
-                     "Euler-Maruyama NFE for the same FD |")
+        lines.append(
+            "| adaptive_sde rtol | NFE (batched calls) | evaluations per sample | rejected | FD | "
+            "Euler-Maruyama NFE for the same FD |"
+        )
         lines.append("|---:|---:|---:|---:|---:|---:|")
         for r in anchor["adaptive_sde"]:
             same = f"{r['em_nfe_same_fd']:.0f}" if r["em_nfe_same_fd"] else "out of range"
-            lines.append(f"| {r['rtol']} | {r['nfe']} | {r['per_sample_evals']:.0f} | {r['rejected_fraction']:.0%} | "
-                         f"{r['fd']:.2e} | {same} |")
+            lines.append(
+                f"| {r['rtol']} | {r['nfe']} | {r['per_sample_evals']:.0f} | {r['rejected_fraction']:.0%} | "
+                f"{r['fd']:.2e} | {same} |"
+            )
         lines.append("")
-        lines.append("Euler-Maruyama: " + ", ".join(f"NFE {r['nfe']}: FD {r['fd']:.2e}" for r in anchor["euler_maruyama"]))
+        lines.append(
+            "Euler-Maruyama: " + ", ".join(f"NFE {r['nfe']}: FD {r['fd']:.2e}" for r in anchor["euler_maruyama"])
+        )
         lines.append("")
     if acc:
         lines.append("All configurations (RMS error):")
@@ -361,8 +406,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--reps", type=int, default=15, help="interleaved repeats of the overhead timing")
     p.add_argument("--quick", action="store_true", help="small smoke run")
     p.add_argument("--anchor-n", type=int, default=10000, help="samples of the adaptive_sde anchor")
-    p.add_argument("--parts", nargs="+", default=["accuracy", "harness", "overhead", "anchor"],
-                   choices=["accuracy", "harness", "overhead", "anchor"])
+    p.add_argument(
+        "--parts",
+        nargs="+",
+        default=["accuracy", "harness", "overhead", "anchor"],
+        choices=["accuracy", "harness", "overhead", "anchor"],
+    )
     args = p.parse_args(argv)
     try:
         import diffusers
@@ -374,16 +423,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     old = json.loads((out / "peers.json").read_text()) if (out / "peers.json").exists() else {}
     if "accuracy" in old:  # JSON turned the NFE keys into strings
-        old["accuracy"] = {lib: {k: {int(n): e for n, e in v.items()} for k, v in rows.items()}
-                           for lib, rows in old["accuracy"].items()}
+        old["accuracy"] = {
+            lib: {k: {int(n): e for n, e in v.items()} for k, v in rows.items()}
+            for lib, rows in old["accuracy"].items()
+        }
     result = {
         "nfes": args.nfe,
         "batch": args.batch,
         "dim": args.dim,
         "components": args.components,
         "seed": args.seed,
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
-                     "machine": platform.machine(), "threads": torch.get_num_threads()},
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "threads": torch.get_num_threads(),
+        },
     }
     for part in ("accuracy", "harness", "overhead", "anchor"):  # parts not asked for are kept from the last run
         if part not in args.parts and part in old:
@@ -399,12 +455,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shapes = {"small": (64, 2), "image": (8, 3, 64, 64)} if not args.quick else {"small": (8, 2)}
         result["overhead"] = overhead(shapes, 20, args.reps)
     if "anchor" in args.parts:
-        result["anchor"] = adaptive_sde_anchor(args.dim, args.components, 500 if args.quick else args.anchor_n,
-                                               args.seed, args.quick)
+        result["anchor"] = adaptive_sde_anchor(
+            args.dim, args.components, 500 if args.quick else args.anchor_n, args.seed, args.quick
+        )
     if "accuracy" in result:
         acc = result["accuracy"]
-        result["best"] = {n: {"sdeflow": best(acc["sdeflow"], n), "diffusers": best(acc["diffusers"], n)}
-                          for n in result["nfes"]}
+        result["best"] = {
+            n: {"sdeflow": best(acc["sdeflow"], n), "diffusers": best(acc["diffusers"], n)} for n in result["nfes"]
+        }
     out.mkdir(parents=True, exist_ok=True)
     (out / "peers.json").write_text(json.dumps(result, indent=1, default=str))
     md = markdown(result)

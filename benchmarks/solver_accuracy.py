@@ -111,9 +111,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     t_end = 1e-3
     results: dict[str, Any] = {
-        "setting": {"sde": "VPSDE(0.1, 20, linear)", "t_end": t_end, "batch": args.batch, "dtype": "float64",
-                    "reference": "scipy DOP853 rtol 1e-10 atol 1e-12", "threads": args.threads,
-                    "repeats": args.repeats, "machine": platform.platform(), "torch": torch.__version__},
+        "setting": {
+            "sde": "VPSDE(0.1, 20, linear)",
+            "t_end": t_end,
+            "batch": args.batch,
+            "dtype": "float64",
+            "reference": "scipy DOP853 rtol 1e-10 atol 1e-12",
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "machine": platform.platform(),
+            "torch": torch.__version__,
+        },
         "problems": [],
     }
     for p in problems(args.batch, tuple(args.dims)):
@@ -122,30 +130,54 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows = []
         for label, name, opts in solver_list(args.solvers):
             for nfe in args.nfe:
+
                 def go():
                     return sf.sample(den, name, nfe=nfe, x_T=p["x_T"], t_end=t_end, **opts)
 
                 try:
                     res, wall, cpu = timed(go, args.repeats)
                 except ValueError as e:  # budget too small for this solver
-                    rows.append({"solver": label, "budget": nfe, "nfe": None, "error": None, "seconds": None,
-                                 "cpu_seconds": None, "note": str(e)})
+                    rows.append(
+                        {
+                            "solver": label,
+                            "budget": nfe,
+                            "nfe": None,
+                            "error": None,
+                            "seconds": None,
+                            "cpu_seconds": None,
+                            "note": str(e),
+                        }
+                    )
                     continue
                 err = float((res.x - ref).pow(2).mean().sqrt())
-                rows.append({"solver": label, "budget": nfe, "nfe": res.nfe, "error": err, "seconds": wall,
-                             "cpu_seconds": cpu})
+                rows.append(
+                    {"solver": label, "budget": nfe, "nfe": res.nfe, "error": err, "seconds": wall, "cpu_seconds": cpu}
+                )
                 print(f"{p['name']:>14} {label:>24} nfe {res.nfe:>4}  rms error {err:9.2e}  {wall * 1e3:8.1f} ms")
         if "rk45" in SOLVERS and (not args.solvers or "rk45" in args.solvers):
             for tol in args.rk45_tols:
+
                 def go():
                     return sf.sample(den, "rk45", x_T=p["x_T"], t_end=t_end, rtol=tol, atol=tol)
 
                 res, wall, cpu = timed(go, args.repeats)
                 err = float((res.x - ref).pow(2).mean().sqrt())
-                rows.append({"solver": "rk45", "rtol": tol, "nfe": res.nfe, "error": err, "seconds": wall,
-                             "cpu_seconds": cpu, "accepted": res.stats["accepted"], "rejected": res.stats["rejected"]})
-                print(f"{p['name']:>14} {'rk45 tol=%g' % tol:>24} nfe {res.nfe:>4}  rms error {err:9.2e}  "
-                      f"{wall * 1e3:8.1f} ms")
+                rows.append(
+                    {
+                        "solver": "rk45",
+                        "rtol": tol,
+                        "nfe": res.nfe,
+                        "error": err,
+                        "seconds": wall,
+                        "cpu_seconds": cpu,
+                        "accepted": res.stats["accepted"],
+                        "rejected": res.stats["rejected"],
+                    }
+                )
+                print(
+                    f"{p['name']:>14} {f'rk45 tol={tol:g}':>24} nfe {res.nfe:>4}  rms error {err:9.2e}  "
+                    f"{wall * 1e3:8.1f} ms"
+                )
         results["problems"].append({"name": p["name"], "d": p["d"], "rows": rows})
     return results
 
@@ -162,22 +194,34 @@ def markdown(results: dict[str, Any], nfes: list[int]) -> str:
     for prob in results["problems"]:
         fixed = [r for r in prob["rows"] if "budget" in r]
         labels = list(dict.fromkeys(r["solver"] for r in fixed))
-        lines += [f"**{prob['name']}**", "", "| solver | " + " | ".join(str(n) for n in nfes) + " |",
-                  "|---|" + "---|" * len(nfes)]
+        lines += [
+            f"**{prob['name']}**",
+            "",
+            "| solver | " + " | ".join(str(n) for n in nfes) + " |",
+            "|---|" + "---|" * len(nfes),
+        ]
         for lab in labels:
             cells = []
             for n in nfes:
                 r = next((r for r in fixed if r["solver"] == lab and r["budget"] == n), None)
-                cells.append("-" if r is None or r["error"] is None else
-                             f"{r['error']:.2e} ({r['seconds'] * 1e3:.0f} / {r['cpu_seconds'] * 1e3:.0f})")
+                cells.append(
+                    "-"
+                    if r is None or r["error"] is None
+                    else f"{r['error']:.2e} ({r['seconds'] * 1e3:.0f} / {r['cpu_seconds'] * 1e3:.0f})"
+                )
             lines.append(f"| {lab} | " + " | ".join(cells) + " |")
         adaptive = [r for r in prob["rows"] if "rtol" in r]
         if adaptive:
-            lines += ["", "| rk45 (torchdiffeq dopri5) rtol = atol | NFE | accepted / rejected | error "
-                      "| wall / CPU ms |", "|---|---|---|---|---|"]
+            lines += [
+                "",
+                "| rk45 (torchdiffeq dopri5) rtol = atol | NFE | accepted / rejected | error | wall / CPU ms |",
+                "|---|---|---|---|---|",
+            ]
             for r in adaptive:
-                lines.append(f"| {r['rtol']:g} | {r['nfe']} | {r['accepted']} / {r['rejected']} | {r['error']:.2e} | "
-                             f"{r['seconds'] * 1e3:.0f} / {r['cpu_seconds'] * 1e3:.0f} |")
+                lines.append(
+                    f"| {r['rtol']:g} | {r['nfe']} | {r['accepted']} / {r['rejected']} | {r['error']:.2e} | "
+                    f"{r['seconds'] * 1e3:.0f} / {r['cpu_seconds'] * 1e3:.0f} |"
+                )
         lines.append("")
     return "\n".join(lines)
 
@@ -195,8 +239,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
         for lab in labels:
             rs = [r for r in prob["rows"] if r["solver"] == lab and r["error"] is not None]
             rs.sort(key=lambda r: r["nfe"])
-            ax.loglog([r["nfe"] for r in rs], [r["error"] for r in rs], "o-" if lab != "rk45" else "s--", label=lab,
-                      ms=3)
+            ax.loglog(
+                [r["nfe"] for r in rs], [r["error"] for r in rs], "o-" if lab != "rk45" else "s--", label=lab, ms=3
+            )
         ax.set_title(prob["name"])
         ax.set_xlabel("NFE")
         ax.set_ylabel("RMS error of x(t_end)")

@@ -2,7 +2,7 @@
 
 from .analytic import GaussianMixture
 from .denoiser import Denoiser, Prediction
-from .sdes import DiscreteVPSDE, GaussianPath, GaussianSDE, SubVPSDE, VESDE, VPSDE
+from .sdes import VESDE, VPSDE, DiscreteVPSDE, GaussianPath, GaussianSDE, SubVPSDE
 
 __version__ = "0.1.0"
 
@@ -18,8 +18,8 @@ __all__ = [
     "GaussianMixture",
 ]
 
-from . import solvers  # noqa: E402
-from .integrate import SampleResult, sample, solve, solve_adaptive  # noqa: E402
+from . import solvers
+from .integrate import SampleResult, sample, solve, solve_adaptive
 
 __all__ += ["solvers", "sample", "solve", "solve_adaptive", "SampleResult"]
 

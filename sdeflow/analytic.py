@@ -89,7 +89,9 @@ class GaussianMixture:
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim < 2 or x[0].numel() != self.d:
-            raise ValueError(f"x must have shape (batch, *data_shape) with {self.d} values per sample, got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have shape (batch, *data_shape) with {self.d} values per sample, got {tuple(x.shape)}"
+            )
         return x.reshape(x.shape[0], self.d)
 
     def _params(self, x: torch.Tensor):
@@ -173,7 +175,10 @@ class GaussianMixture:
     def covariance(self) -> torch.Tensor:
         """Mixture covariance (d, d)."""
         m = self.mean()
-        second = (self.weights[:, None, None] * (torch.diag_embed(self.stds**2) + self.means[:, :, None] * self.means[:, None, :])).sum(0)
+        second = (
+            self.weights[:, None, None]
+            * (torch.diag_embed(self.stds**2) + self.means[:, :, None] * self.means[:, None, :])
+        ).sum(0)
         return second - m[:, None] * m[None, :]
 
     def __repr__(self) -> str:

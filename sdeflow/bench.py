@@ -36,9 +36,10 @@ import json
 import math
 import platform
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -318,7 +319,9 @@ def make_scorer(
 
     extractors = ("auto", "digits", "inception", "raw")
     if extractor not in extractors:
-        raise ValueError(f"extractor={extractor!r} is not supported; allowed values: {', '.join(map(repr, extractors))}")
+        raise ValueError(
+            f"extractor={extractor!r} is not supported; allowed values: {', '.join(map(repr, extractors))}"
+        )
     if not (isinstance(n, int) and n >= 2):
         raise ValueError(f"n must be an int >= 2, got {n!r}")
     if not (isinstance(floor_draws, int) and floor_draws >= 0):
@@ -354,16 +357,29 @@ def make_scorer(
         from .extractors import digits_extractor
 
         net = digits_extractor(cache_dir, device=device)
-        return FeatureScorer(net, reference, pairs, name="fd_digits", device=device,
-                             info={"name": "digits CNN (sdeflow.extractors)", "accuracy": net.accuracy})
+        return FeatureScorer(
+            net,
+            reference,
+            pairs,
+            name="fd_digits",
+            device=device,
+            info={"name": "digits CNN (sdeflow.extractors)", "accuracy": net.accuracy},
+        )
     if kind == "inception":
         if not inception_weights:
             raise ValueError("extractor='inception' needs inception_weights (pytorch-fid's weight file)")
         from .inception import load_fid_inception
 
         net = load_fid_inception(inception_weights, device=device)
-        return FeatureScorer(net, reference, pairs, name="fid", batch_size=100, device=device,
-                             info={"name": "FID Inception-v3 pool3", "weights": str(inception_weights)})
+        return FeatureScorer(
+            net,
+            reference,
+            pairs,
+            name="fid",
+            batch_size=100,
+            device=device,
+            info={"name": "FID Inception-v3 pool3", "weights": str(inception_weights)},
+        )
     return FeatureScorer(None, reference, pairs, name="fd_raw", device=device, info={"name": "raw pixels"})
 
 
@@ -490,8 +506,16 @@ def _draw(
     start = time.perf_counter()
     for lo in range(0, n, batch_size):
         b = min(batch_size, n - lo)
-        res = sample(den, solver=spec.name, nfe=budget if budget is not None else 1, shape=(b, *shape),
-                     generator=gen, dtype=dtype, device=device, **opts)
+        res = sample(
+            den,
+            solver=spec.name,
+            nfe=budget if budget is not None else 1,
+            shape=(b, *shape),
+            generator=gen,
+            dtype=dtype,
+            device=device,
+            **opts,
+        )
         chunks.append(res.x)
         calls += res.nfe
         stats = res.stats
@@ -547,7 +571,9 @@ def run_sweep(
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     cap = 2.0 * max(nfes) if nfe_cap is None else float(nfe_cap)
-    specs = [parse_solver(s) if isinstance(s, str) else s for s in (solvers if solvers is not None else default_solvers())]
+    specs = [
+        parse_solver(s) if isinstance(s, str) else s for s in (solvers if solvers is not None else default_solvers())
+    ]
     net_device, net_dtype = model_device_dtype(den)
     device = torch.device(device) if device is not None else net_device
     dtype = dtype if dtype is not None else net_dtype
@@ -573,8 +599,15 @@ def run_sweep(
             plan.append((spec, None, None))
 
     # one tiny solve first, so that one-time costs (lazy initialisation, allocator warm-up) land on no cell
-    sample(den, solver="euler", nfe=2, shape=(2, *shape), generator=torch.Generator(device).manual_seed(0),
-           dtype=dtype, device=device)
+    sample(
+        den,
+        solver="euler",
+        nfe=2,
+        shape=(2, *shape),
+        generator=torch.Generator(device).manual_seed(0),
+        dtype=dtype,
+        device=device,
+    )
 
     from tqdm.auto import tqdm
 
@@ -611,8 +644,15 @@ def run_sweep(
         primary = scorer.metrics[0]
         bar.set_postfix({primary: f"{metrics[primary]:.3g}", "nfe": f"{nfe:g}"})
     bar.close()
-    return SweepResult(cells, tuple(scorer.metrics), dict(scorer.floor), nfes, tolerances, samples,
-                       dict(getattr(scorer, "floor_std", {})))
+    return SweepResult(
+        cells,
+        tuple(scorer.metrics),
+        dict(scorer.floor),
+        nfes,
+        tolerances,
+        samples,
+        dict(getattr(scorer, "floor_std", {})),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -669,8 +709,10 @@ def markdown_adaptive(result: SweepResult) -> str:
     cells = [c for c in result.cells if c.tol is not None]
     if not cells:
         return ""
-    lines = ["| solver | rtol = atol | NFE spent | " + " | ".join(result.metrics) + " | seconds |",
-             "|---" * (len(result.metrics) + 4) + "|"]
+    lines = [
+        "| solver | rtol = atol | NFE spent | " + " | ".join(result.metrics) + " | seconds |",
+        "|---" * (len(result.metrics) + 4) + "|",
+    ]
     for c in cells:
         vals = [_fmt(c.metrics.get(m)) for m in result.metrics] if c.ok else [_status_word(c)] * len(result.metrics)
         lines.append(f"| {c.solver} | {c.tol:g} | {_fmt(c.nfe, 4)} | " + " | ".join(vals) + f" | {_fmt(c.seconds)} |")
@@ -679,14 +721,19 @@ def markdown_adaptive(result: SweepResult) -> str:
 
 def markdown_cells(result: SweepResult) -> str:
     """Every cell: solver, budget or tolerance, NFE spent, every metric, seconds, status."""
-    lines = ["| solver | budget | NFE spent | " + " | ".join(result.metrics) + " | seconds | status |",
-             "|---" * (len(result.metrics) + 5) + "|"]
+    lines = [
+        "| solver | budget | NFE spent | " + " | ".join(result.metrics) + " | seconds | status |",
+        "|---" * (len(result.metrics) + 5) + "|",
+    ]
     for c in result.cells:
         budget = str(c.budget) if c.budget is not None else (f"tol {c.tol:g}" if c.tol is not None else "-")
         vals = [_fmt(c.metrics.get(m)) for m in result.metrics]
         status = c.status if len(c.status) <= 60 else c.status[:57] + "..."
-        lines.append(f"| {c.solver} | {budget} | {_fmt(c.nfe, 4)} | " + " | ".join(vals)
-                     + f" | {_fmt(c.seconds)} | {status.replace('|', '/')} |")
+        lines.append(
+            f"| {c.solver} | {budget} | {_fmt(c.nfe, 4)} | "
+            + " | ".join(vals)
+            + f" | {_fmt(c.seconds)} | {status.replace('|', '/')} |"
+        )
     return "\n".join(lines)
 
 
@@ -707,17 +754,28 @@ def plot_sweep(result: SweepResult, path: str | Path, title: str = "") -> None:
         ax = axes[0, j]
         values = []
         for i, (solver, cs) in enumerate(groups.items()):
-            pts = sorted((c.nfe, c.metrics[metric]) for c in cs
-                         if c.ok and c.nfe is not None and math.isfinite(c.metrics.get(metric, float("nan"))))
+            pts = sorted(
+                (c.nfe, c.metrics[metric])
+                for c in cs
+                if c.ok and c.nfe is not None and math.isfinite(c.metrics.get(metric, float("nan")))
+            )
             if not pts:
                 continue
             adaptive = any(c.tol is not None for c in cs)
             xs, ys = zip(*pts)
             values += ys
             color = cmap((2 * i) % 20 + (2 * i // 20) % 2)  # the ten dark shades first, then the light ones
-            ax.plot(xs, ys, ls="--" if adaptive else "-", marker=markers[i % len(markers)], ms=4,
-                    color=color, mfc="none" if adaptive else color, lw=1.2,
-                    label=solver + (" (tol)" if adaptive else ""))
+            ax.plot(
+                xs,
+                ys,
+                ls="--" if adaptive else "-",
+                marker=markers[i % len(markers)],
+                ms=4,
+                color=color,
+                mfc="none" if adaptive else color,
+                lw=1.2,
+                label=solver + (" (tol)" if adaptive else ""),
+            )
         floor, std = result.floor.get(metric, float("nan")), result.floor_std.get(metric, float("nan"))
         if math.isfinite(floor):
             values.append(floor)
@@ -835,7 +893,17 @@ def write_outputs(
     adaptive = markdown_adaptive(result)
     if adaptive:
         md += ["## Tolerance-driven solvers", "", adaptive, ""]
-    md += ["## Every cell", "", markdown_cells(result), "", "## Protocol", "", "```json",
-           json.dumps(_json_safe(payload["protocol"]), indent=2), "```", ""]
+    md += [
+        "## Every cell",
+        "",
+        markdown_cells(result),
+        "",
+        "## Protocol",
+        "",
+        "```json",
+        json.dumps(_json_safe(payload["protocol"]), indent=2),
+        "```",
+        "",
+    ]
     paths["markdown"].write_text("\n".join(md))
     return paths

@@ -32,20 +32,37 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--ckpt", required=True, help="checkpoint written by `sdeflow train`")
-    parser.add_argument("--solvers", nargs="+", default=None, metavar="SPEC",
-                        help="solver specs, e.g. ddim 'ddim:eta=1.0' 'dpm_solver:order=3' (default: all but parallel)")
+    parser.add_argument(
+        "--solvers",
+        nargs="+",
+        default=None,
+        metavar="SPEC",
+        help="solver specs, e.g. ddim 'ddim:eta=1.0' 'dpm_solver:order=3' (default: all but parallel)",
+    )
     parser.add_argument("--nfe", type=int, nargs="+", default=list(bench.DEFAULT_NFES), help="NFE budgets")
-    parser.add_argument("--tolerances", type=float, nargs="+", default=list(bench.DEFAULT_TOLERANCES),
-                        help="rtol = atol values of the tolerance-driven solvers")
-    parser.add_argument("--nfe-cap", type=float, default=None,
-                        help="stop tightening a tolerance once a cell spends more NFE (default 2 x max --nfe)")
+    parser.add_argument(
+        "--tolerances",
+        type=float,
+        nargs="+",
+        default=list(bench.DEFAULT_TOLERANCES),
+        help="rtol = atol values of the tolerance-driven solvers",
+    )
+    parser.add_argument(
+        "--nfe-cap",
+        type=float,
+        default=None,
+        help="stop tightening a tolerance once a cell spends more NFE (default 2 x max --nfe)",
+    )
     parser.add_argument("--n", type=int, default=2000, help="samples per cell")
     parser.add_argument("--batch-size", type=int, default=None, help="samples per solver call (default --n)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (the same x_T for every cell)")
     parser.add_argument("--ref-seed", type=int, default=12345, help="seed of the reference / held-out data")
-    parser.add_argument("--extractor", default="auto", choices=["auto", "digits", "inception", "raw"],
-                        help="image features (auto: digits CNN for digits, Inception with --inception-weights, "
-                        "else raw pixels)")
+    parser.add_argument(
+        "--extractor",
+        default="auto",
+        choices=["auto", "digits", "inception", "raw"],
+        help="image features (auto: digits CNN for digits, Inception with --inception-weights, else raw pixels)",
+    )
     parser.add_argument("--inception-weights", default=None, help="pytorch-fid's Inception weight file (FID)")
     parser.add_argument("--cache-dir", default=None, help="where the digits extractor is cached (~/.cache/sdeflow)")
     parser.add_argument("--out", default="runs/bench", help="output folder")
@@ -68,26 +85,57 @@ def run(args: argparse.Namespace) -> int:
     try:
         specs = [bench.parse_solver(s) for s in args.solvers] if args.solvers else None
         den, config, ckpt = load_run(args.ckpt, ema=not args.no_ema, device=device, dtype=dtype)
-        scorer = bench.make_scorer(config, args.n, seed=args.ref_seed, extractor=args.extractor,
-                                   inception_weights=args.inception_weights, cache_dir=args.cache_dir, device=device)
-        result = bench.run_sweep(den, scorer, config["data"]["data_shape"], solvers=specs, nfes=args.nfe,
-                                 tolerances=args.tolerances, nfe_cap=args.nfe_cap, n=args.n, seed=args.seed,
-                                 batch_size=args.batch_size, device=device, dtype=dtype,
-                                 progress=not args.no_progress)
+        scorer = bench.make_scorer(
+            config,
+            args.n,
+            seed=args.ref_seed,
+            extractor=args.extractor,
+            inception_weights=args.inception_weights,
+            cache_dir=args.cache_dir,
+            device=device,
+        )
+        result = bench.run_sweep(
+            den,
+            scorer,
+            config["data"]["data_shape"],
+            solvers=specs,
+            nfes=args.nfe,
+            tolerances=args.tolerances,
+            nfe_cap=args.nfe_cap,
+            n=args.n,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            device=device,
+            dtype=dtype,
+            progress=not args.no_progress,
+        )
     except (FileNotFoundError, CheckpointError, ValueError) as err:
         print(f"sdeflow bench: error: {err}", file=sys.stderr)
         return 2
-    protocol = bench.base_protocol(n=args.n, seed=args.seed, scorer=scorer, device=device, dtype=dtype,
-                                   batch_size=args.batch_size, checkpoint=args.ckpt, reference_seed=args.ref_seed,
-                                   data=config["data"].get("spec"), training_steps=ckpt.get("step"),
-                                   ema=not args.no_ema)
+    protocol = bench.base_protocol(
+        n=args.n,
+        seed=args.seed,
+        scorer=scorer,
+        device=device,
+        dtype=dtype,
+        batch_size=args.batch_size,
+        checkpoint=args.ckpt,
+        reference_seed=args.ref_seed,
+        data=config["data"].get("spec"),
+        training_steps=ckpt.get("step"),
+        ema=not args.no_ema,
+    )
     name = Path(args.ckpt).parent.name or "checkpoint"
-    paths = bench.write_outputs(result, args.out, protocol, title=f"NFE versus quality: {name} "
-                                f"({config['data'].get('spec')})")
+    paths = bench.write_outputs(
+        result, args.out, protocol, title=f"NFE versus quality: {name} ({config['data'].get('spec')})"
+    )
     print(bench.markdown_grid(result))
     adaptive = bench.markdown_adaptive(result)
     if adaptive:
         print("\n" + adaptive)
-    print(f"\nsdeflow bench: {len(result.cells)} cells in {time.perf_counter() - start:.1f} s -> "
-          f"{paths['json']}, {paths['markdown']}, {paths['plot']}", flush=True)
+    print(
+        f"\nsdeflow bench: {len(result.cells)} cells in {time.perf_counter() - start:.1f} s -> "
+        f"{paths['json']}, {paths['markdown']}, {paths['plot']}",
+        flush=True,
+    )
     return 0

@@ -22,8 +22,9 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -31,23 +32,37 @@ import torch
 #: checkerboard: uniform on 8 unit squares scaled by sqrt(3)/2, area 8 * 3/4 = 6
 EXACT_ENTROPY: dict[str, float] = {"checkerboard": math.log(6.0)}
 
-QUICK = {"steps": 40, "hidden": 32, "depth": 1, "n": 256, "nfe": [4, 8], "tolerances": [0.1],
-         "solvers": ["euler", "ddim", "rk45"], "nll_points": 16, "nll_tol": 1e-3}
+QUICK = {
+    "steps": 40,
+    "hidden": 32,
+    "depth": 1,
+    "n": 256,
+    "nfe": [4, 8],
+    "tolerances": [0.1],
+    "solvers": ["euler", "ddim", "rk45"],
+    "nll_points": 16,
+    "nll_tol": 1e-3,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sdeflow.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m sdeflow.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="runs/demo", help="run folder (ckpt.pt is reused when present)")
-    p.add_argument("--data", default="checkerboard", help="a 2-D toy: 8gaussians, checkerboard, moons, swissroll, "
-                   "2spirals, rings, or gmm")
+    p.add_argument(
+        "--data",
+        default="checkerboard",
+        help="a 2-D toy: 8gaussians, checkerboard, moons, swissroll, 2spirals, rings, or gmm",
+    )
     p.add_argument("--steps", type=int, default=4000, help="training steps")
     p.add_argument("--hidden", type=int, default=128, help="MLP width")
     p.add_argument("--depth", type=int, default=3, help="MLP residual blocks")
     p.add_argument("--n", type=int, default=2000, help="samples per (solver, NFE) cell")
     p.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20, 50], help="NFE budgets")
-    p.add_argument("--tolerances", type=float, nargs="+", default=[1e-1, 1e-2, 1e-3],
-                   help="rtol = atol of the adaptive solvers")
+    p.add_argument(
+        "--tolerances", type=float, nargs="+", default=[1e-1, 1e-2, 1e-3], help="rtol = atol of the adaptive solvers"
+    )
     p.add_argument("--solvers", nargs="+", default=None, help="solver specs (default: every solver but parallel)")
     p.add_argument("--nll-points", type=int, default=500, help="held-out points for the test NLL (0: skip)")
     p.add_argument("--nll-tol", type=float, default=1e-5, help="rtol = atol of the likelihood ODE")
@@ -62,9 +77,9 @@ def test_nll(den: Any, spec: str, n: int, seed: int, tol: float = 1e-5) -> dict[
     """Mean test NLL (nats per point) of n fresh held-out draws of ``spec`` (generator seeded by ``seed``), with the
     exact divergence and rtol = atol = ``tol``; ``stderr`` is the standard error of the mean."""
     import sdeflow as sf
-    from .training import make_data
 
     from .bench import model_device_dtype
+    from .training import make_data
 
     device, dtype = model_device_dtype(den)
     x = make_data(spec).sample(n, torch.Generator().manual_seed(seed))[0].to(device, dtype)
@@ -72,9 +87,16 @@ def test_nll(den: Any, spec: str, n: int, seed: int, tol: float = 1e-5) -> dict[
     with torch.no_grad():
         ll = sf.log_likelihood(den, x, rtol=tol, atol=tol)
     lp = ll.log_prob.double()
-    out = {"nll": float(-lp.mean()), "stderr": float(lp.std() / math.sqrt(n)) if n > 1 else float("nan"),
-           "bits_per_dim": float(ll.bits_per_dim.double().mean()), "nfe": float(ll.nfe), "n": n,
-           "tol": tol, "seconds": time.perf_counter() - start, "prior_gap_bound": float(torch.as_tensor(ll.prior_gap_bound).max())}
+    out = {
+        "nll": float(-lp.mean()),
+        "stderr": float(lp.std() / math.sqrt(n)) if n > 1 else float("nan"),
+        "bits_per_dim": float(ll.bits_per_dim.double().mean()),
+        "nfe": float(ll.nfe),
+        "n": n,
+        "tol": tol,
+        "seconds": time.perf_counter() - start,
+        "prior_gap_bound": float(torch.as_tensor(ll.prior_gap_bound).max()),
+    }
     if spec in EXACT_ENTROPY:
         out["exact_entropy"] = EXACT_ENTROPY[spec]
     return out
@@ -101,7 +123,7 @@ def plot_samples_grid(result: Any, reference: torch.Tensor, path: str | Path, ti
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_aspect("equal")
-    ref = reference[: 1000].numpy()
+    ref = reference[:1000].numpy()
     axes[0, 0].scatter(ref[:, 0], ref[:, 1], s=0.4, c="k", linewidths=0)
     axes[0, 0].set_title("held-out data", fontsize=6)
     for ax in axes[1:, 0]:
@@ -139,8 +161,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     out = Path(args.out)
     try:
-        argv = ["--data", args.data, "--net", "mlp", "--hidden", str(args.hidden), "--depth", str(args.depth),
-                "--seed", str(args.seed), "--save-every", "1000", "--device", "cpu"]
+        argv = [
+            "--data",
+            args.data,
+            "--net",
+            "mlp",
+            "--hidden",
+            str(args.hidden),
+            "--depth",
+            str(args.depth),
+            "--seed",
+            str(args.seed),
+            "--save-every",
+            "1000",
+            "--device",
+            "cpu",
+        ]
         action = bench.ensure_trained(out, argv, args.steps, progress=not args.no_progress)
         den, config, ckpt = load_run(out / "ckpt.pt")
     except (ValueError, RuntimeError) as err:
@@ -152,9 +188,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ref_seed = 10_000 + args.seed  # held-out draws: a seed the training stream never uses
     scorer = bench.make_scorer(config, args.n, seed=ref_seed)
     t1 = time.perf_counter()
-    result = bench.run_sweep(den, scorer, config["data"]["data_shape"], solvers=args.solvers, nfes=args.nfe,
-                             tolerances=args.tolerances, n=args.n, seed=args.seed, keep=1000,
-                             progress=not args.no_progress)
+    result = bench.run_sweep(
+        den,
+        scorer,
+        config["data"]["data_shape"],
+        solvers=args.solvers,
+        nfes=args.nfe,
+        tolerances=args.tolerances,
+        n=args.n,
+        seed=args.seed,
+        keep=1000,
+        progress=not args.no_progress,
+    )
     t_sweep = time.perf_counter() - t1
     print(f"[demo] sampled and scored {sum(c.ok for c in result.cells)} cells: {t_sweep:.1f} s", flush=True)
 
@@ -165,19 +210,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     nll_md = ""
     if nll is not None:
-        nll_md = (f"**Test NLL** ({nll['n']} held-out points, exact divergence, rtol = atol = {nll['tol']:g}, "
-                  f"{nll['nfe']:g} NFE): {nll['nll']:.3f} +- {nll['stderr']:.3f} nats per point")
+        nll_md = (
+            f"**Test NLL** ({nll['n']} held-out points, exact divergence, rtol = atol = {nll['tol']:g}, "
+            f"{nll['nfe']:g} NFE): {nll['nll']:.3f} +- {nll['stderr']:.3f} nats per point"
+        )
         if "exact_entropy" in nll:
-            nll_md += (f"; the data's exact entropy, the lowest expected NLL any model can reach, is "
-                       f"{nll['exact_entropy']:.3f} (gap {nll['nll'] - nll['exact_entropy']:.3f} nats)")
+            nll_md += (
+                f"; the data's exact entropy, the lowest expected NLL any model can reach, is "
+                f"{nll['exact_entropy']:.3f} (gap {nll['nll'] - nll['exact_entropy']:.3f} nats)"
+            )
         nll_md += "."
-    train_md = (f"Model: MLP score net ({sum(p.numel() for p in den.net.parameters()):,} parameters), "
-                f"{config['sde']['name']} SDE, {config['loss']['prediction']}-prediction, {ckpt['step']} training "
-                f"steps on `{args.data}`. Samples per cell: {args.n}; every cell starts from the same x_T.")
-    protocol = bench.base_protocol(n=args.n, seed=args.seed, scorer=scorer, device="cpu",
-                                   dtype=next(den.net.parameters()).dtype, checkpoint=out / "ckpt.pt",
-                                   reference_seed=ref_seed, data=args.data, training_steps=ckpt["step"],
-                                   test_nll=nll, seconds={"train": t_train, "sweep": t_sweep})
+    train_md = (
+        f"Model: MLP score net ({sum(p.numel() for p in den.net.parameters()):,} parameters), "
+        f"{config['sde']['name']} SDE, {config['loss']['prediction']}-prediction, {ckpt['step']} training "
+        f"steps on `{args.data}`. Samples per cell: {args.n}; every cell starts from the same x_T."
+    )
+    protocol = bench.base_protocol(
+        n=args.n,
+        seed=args.seed,
+        scorer=scorer,
+        device="cpu",
+        dtype=next(den.net.parameters()).dtype,
+        checkpoint=out / "ckpt.pt",
+        reference_seed=ref_seed,
+        data=args.data,
+        training_steps=ckpt["step"],
+        test_nll=nll,
+        seconds={"train": t_train, "sweep": t_sweep},
+    )
     title = f"sdeflow demo: {args.data}, NFE versus quality"
     paths = bench.write_outputs(result, out, protocol, title=title, extra_markdown=train_md + "\n\n" + nll_md)
     reference = make_data(args.data).sample(1000, torch.Generator().manual_seed(ref_seed))[0]
@@ -185,8 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_samples_grid(result, reference, samples_png, title=f"{args.data}: samples by solver and NFE")
 
     print()
-    print(f"{result.metrics[0]} (sliced 2-Wasserstein to held-out data, lower is better; NFE spent in brackets when "
-          "it differs from the budget):")
+    print(
+        f"{result.metrics[0]} (sliced 2-Wasserstein to held-out data, lower is better; NFE spent in brackets when "
+        "it differs from the budget):"
+    )
     print(bench.markdown_grid(result))
     print("\nmmd2 (multi-scale Gaussian-kernel MMD^2 to held-out data; more sensitive to fine structure):")
     print(bench.markdown_grid(result, "mmd2"))
@@ -196,8 +258,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(adaptive)
     if nll_md:
         print("\n" + nll_md.replace("**", ""))
-    print(f"\nwrote {paths['markdown']}, {paths['json']}, {paths['plot']}, {samples_png} "
-          f"(total {time.perf_counter() - t0:.0f} s)")
+    print(
+        f"\nwrote {paths['markdown']}, {paths['json']}, {paths['plot']}, {samples_png} "
+        f"(total {time.perf_counter() - t0:.0f} s)"
+    )
     return 0
 
 

@@ -22,7 +22,8 @@ with sigma_data = 1 up to sign; for sub-VP it is the same angle construction. Th
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 

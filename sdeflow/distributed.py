@@ -24,10 +24,11 @@ building block of ``sdeflow sample`` and of the benchmarks (gather samples or me
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -225,7 +226,9 @@ def shard_slice(n: int, rank: int | None = None, world_size: int | None = None) 
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank must lie in [0, world_size) with world_size >= 1, got rank={rank}, world_size={world_size}")
+        raise ValueError(
+            f"rank must lie in [0, world_size) with world_size >= 1, got rank={rank}, world_size={world_size}"
+        )
     return slice(rank * n // world_size, (rank + 1) * n // world_size)
 
 
@@ -311,7 +314,7 @@ def map_chunks(
     err: BaseException | None = None
     try:
         local = [(first + k, _to_cpu(fn(chunk))) for k, chunk in enumerate(it)]
-    except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
+    except Exception as e:
         err = e
     _agree_on_errors(err)
     if world == 1:

@@ -24,7 +24,8 @@ the conversion table; its ``nfe`` is the wrapped Denoiser's counter, so ``res.nf
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -205,7 +206,10 @@ class ClassifierFreeGuidance(DenoiserWrapper):
         tb = batch_time(t, x) if t.ndim else t
         null = torch.full_like(y, self.null_label)
         out = self.base.raw(
-            torch.cat([x, x]), torch.cat([tb, tb]) if tb.ndim else tb, **{self.label_key: torch.cat([y, null])}, **kwargs
+            torch.cat([x, x]),
+            torch.cat([tb, tb]) if tb.ndim else tb,
+            **{self.label_key: torch.cat([y, null])},
+            **kwargs,
         )
         cond, uncond = out.chunk(2)
         return uncond + self.weight(x, t) * (cond - uncond)
@@ -335,7 +339,9 @@ class NoiseAwareClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if x.ndim < 2 or math.prod(x.shape[1:]) != self.dim:
-            raise ValueError(f"x must have shape (batch, *data_shape) with {self.dim} values per sample, got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have shape (batch, *data_shape) with {self.dim} values per sample, got {tuple(x.shape)}"
+            )
         batch = x.shape[0]
         t = torch.as_tensor(t, device=x.device)
         emb = torch.nn.functional.silu(self.time(t.expand(batch) if t.ndim == 0 else t))
@@ -425,8 +431,13 @@ def train_classifier(
     from .training.trainer import Trainer
 
     trainer_options.setdefault("progress", False)
-    trainer = Trainer(classifier, ClassifierLoss(sde, time_sampling=time_sampling, t_min=t_min), data,
-                      conditional=True, **trainer_options)
+    trainer = Trainer(
+        classifier,
+        ClassifierLoss(sde, time_sampling=time_sampling, t_min=t_min),
+        data,
+        conditional=True,
+        **trainer_options,
+    )
     trainer.fit(steps)
     return trainer
 
@@ -484,7 +495,12 @@ def _run(
     if stepper.mode == "adaptive":
         t0, t1 = (t_data, t_noise) if forward else (t_noise, t_data)
         res = solve_adaptive(
-            stepper, x, t0, t1, rtol=stepper.opts.get("rtol", 1e-3), atol=stepper.opts.get("atol", 1e-3),
+            stepper,
+            x,
+            t0,
+            t1,
+            rtol=stepper.opts.get("rtol", 1e-3),
+            atol=stepper.opts.get("atol", 1e-3),
             h0=stepper.opts.get("h0"),
         )
     else:
@@ -567,7 +583,9 @@ def _check_data(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be a tensor of shape (batch, *data_shape)")
 
 
-def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float | torch.Tensor, dot_threshold: float = 0.9995) -> torch.Tensor:
+def slerp(
+    z0: torch.Tensor, z1: torch.Tensor, alpha: float | torch.Tensor, dot_threshold: float = 0.9995
+) -> torch.Tensor:
     r"""Spherical linear interpolation (Shoemake 1985), per sample over the flattened data dims.
 
     .. math:: \mathrm{slerp}(z_0, z_1; \alpha) = \frac{\sin((1-\alpha)\theta)}{\sin\theta} z_0
@@ -584,7 +602,9 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float | torch.Tensor, dot_t
         (B, *data_shape).
     """
     if z0.shape != z1.shape or z0.ndim < 2:
-        raise ValueError(f"z0 and z1 must have the same shape (batch, *data_shape), got {tuple(z0.shape)}, {tuple(z1.shape)}")
+        raise ValueError(
+            f"z0 and z1 must have the same shape (batch, *data_shape), got {tuple(z0.shape)}, {tuple(z1.shape)}"
+        )
     if not 0.0 < dot_threshold < 1.0:
         raise ValueError(f"dot_threshold must lie in (0, 1), got {dot_threshold}")
     B = z0.shape[0]
@@ -646,9 +666,7 @@ def gmm_class_logits(gmm: GaussianMixture, sde: GaussianSDE) -> Callable[[torch.
     return classifier
 
 
-def gmm_conditional_net(
-    gmm: GaussianMixture, sde: GaussianSDE, prediction: str = "eps"
-) -> Callable[..., torch.Tensor]:
+def gmm_conditional_net(gmm: GaussianMixture, sde: GaussianSDE, prediction: str = "eps") -> Callable[..., torch.Tensor]:
     r"""The exact class-conditional net of a mixture: ``net(x, t, y)`` returns, per sample, the exact ``prediction``
     target of component y (y in 0..K-1: :math:`\varepsilon_k = s\,(x - a\mu_k)/(a^2\sigma_k^2 + s^2)`) or of the
     whole mixture for the null class y = K (also y=None): :math:`\sum_k p(k\mid x_t)\,\varepsilon_k`. Has

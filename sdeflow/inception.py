@@ -19,8 +19,9 @@ conv-BN-ReLU units, optionally forking into two convolutions whose outputs are c
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn

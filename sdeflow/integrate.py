@@ -13,9 +13,9 @@ Steppers (:mod:`sdeflow.solvers`) only know how to make one step; everything abo
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -205,17 +205,23 @@ def solve_adaptive(
             raise SolverError(f"adaptive solve did not reach t_end={t_end} in max_steps={max_steps} rounds")
         t0 = t[idx]
         t1 = t0 + direction * h[idx]
-        t1 = torch.maximum(t1, torch.full_like(t0, t_end)) if direction < 0 else torch.minimum(t1, torch.full_like(t0, t_end))
+        t1 = (
+            torch.maximum(t1, torch.full_like(t0, t_end))
+            if direction < 0
+            else torch.minimum(t1, torch.full_like(t0, t_end))
+        )
         xs = x[idx]
         z = noise(rounds - 1, t0, t1, xs, stepper.noise_draws) if stepper.noise_draws else None
         res = stepper.step(t0, t1, xs, None, z)
         x_new, err = res.x, res.error
         if err is None:
             if stepper.stochastic:
-                raise ValueError(f"solver {stepper.name!r} is stochastic and has no error estimate: it cannot be adaptive")
+                raise ValueError(
+                    f"solver {stepper.name!r} is stochastic and has no error estimate: it cannot be adaptive"
+                )
             mid = 0.5 * (t0 + t1)
             half = stepper.step(mid, t1, stepper.step(t0, mid, xs, None, None).x, None, None)
-            err = (half.x - x_new) / (2.0 ** stepper.order - 1.0)
+            err = (half.x - x_new) / (2.0**stepper.order - 1.0)
             x_new = half.x
         en = norm(err, xs, x_new, rtol, atol)
         accept = en <= 1.0
@@ -340,8 +346,16 @@ def sample(
     nfe0 = den.nfe
     if stepper.mode == "adaptive":
         res = solve_adaptive(
-            stepper, x_T, sde.T, t_end, rtol=stepper.opts.get("rtol", 1e-3), atol=stepper.opts.get("atol", 1e-3),
-            h0=stepper.opts.get("h0"), noise=noise, callback=callback, progress=progress,
+            stepper,
+            x_T,
+            sde.T,
+            t_end,
+            rtol=stepper.opts.get("rtol", 1e-3),
+            atol=stepper.opts.get("atol", 1e-3),
+            h0=stepper.opts.get("h0"),
+            noise=noise,
+            callback=callback,
+            progress=progress,
         )
         if return_trajectory:
             raise ValueError("return_trajectory is not available for adaptive solvers (per-sample times differ)")
@@ -357,8 +371,9 @@ def sample(
         if isinstance(kind, torch.Tensor):
             t_end = float(g[-1])
         if stepper.mode == "external":
-            res = stepper.integrate(x_T, g, noise=noise, callback=callback, return_trajectory=return_trajectory,
-                                    progress=progress)
+            res = stepper.integrate(
+                x_T, g, noise=noise, callback=callback, return_trajectory=return_trajectory, progress=progress
+            )
         else:
             res = solve(stepper, x_T, g, noise, callback, return_trajectory, progress)
     if denoise_final:

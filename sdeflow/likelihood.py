@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torchdiffeq
@@ -467,8 +468,16 @@ def log_likelihood(
         try:
             if adjoint:
                 ys = torchdiffeq.odeint_adjoint(
-                    flow, y0, times, rtol=rtol, atol=atol, method=method, options=options,
-                    adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_options=adjoint_options,
+                    flow,
+                    y0,
+                    times,
+                    rtol=rtol,
+                    atol=atol,
+                    method=method,
+                    options=options,
+                    adjoint_rtol=adjoint_rtol,
+                    adjoint_atol=adjoint_atol,
+                    adjoint_options=adjoint_options,
                     adjoint_params=params,
                 )
             else:
@@ -515,8 +524,13 @@ def log_likelihood(
         x=x,
         t_eps=t_eps,
         stats=dict(
-            evaluations=evaluations, batches=len(chunks), method=method, rtol=rtol, atol=atol,
-            divergence=divergence, n_probes=n_probes if divergence == "hutchinson" else 0,
+            evaluations=evaluations,
+            batches=len(chunks),
+            method=method,
+            rtol=rtol,
+            atol=atol,
+            divergence=divergence,
+            n_probes=n_probes if divergence == "hutchinson" else 0,
             state_dtype=str(state_dtype).replace("torch.", ""),
         ),
     )

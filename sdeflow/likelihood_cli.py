@@ -51,8 +51,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--low", type=float, default=None, help="model value of the lowest cell's lower edge")
     parser.add_argument("--high", type=float, default=None, help="model value of the highest cell's upper edge")
     parser.add_argument("--seed", type=int, default=0, help="seed of the probes and the dequantization noise")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="under torchrun, cuda means cuda:LOCAL_RANK")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="under torchrun, cuda means cuda:LOCAL_RANK",
+    )
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="the net's dtype")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     parser.add_argument("--out", default=None, help="write a JSON summary with per-sample values here")
@@ -133,17 +136,31 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> int:
         gen = torch.Generator(device=device).manual_seed(args.seed + idx.start)
         with torch.no_grad():
             res = log_likelihood(
-                den, xb, divergence=args.divergence, rtol=args.rtol, atol=args.atol, t_eps=args.t_eps,
-                generator=gen, n_probes=args.n_probes, probe=args.probe, method=args.method, dequantize=deq,
+                den,
+                xb,
+                divergence=args.divergence,
+                rtol=args.rtol,
+                atol=args.atol,
+                t_eps=args.t_eps,
+                generator=gen,
+                n_probes=args.n_probes,
+                probe=args.probe,
+                method=args.method,
+                dequantize=deq,
                 options=options,
             )
-        return {"log_prob": res.log_prob, "bits_per_dim": res.bits_per_dim, "prior_gap": res.prior_gap_bound,
-                "nfe": res.nfe, "evaluations": res.stats["evaluations"], "t_eps": res.t_eps,
-                "offset": res.dequantization_offset}
+        return {
+            "log_prob": res.log_prob,
+            "bits_per_dim": res.bits_per_dim,
+            "prior_gap": res.prior_gap_bound,
+            "nfe": res.nfe,
+            "evaluations": res.stats["evaluations"],
+            "t_eps": res.t_eps,
+            "offset": res.dequantization_offset,
+        }
 
     start = time.perf_counter()
-    parts = map_chunks(chunk, int(data.shape[0]), args.batch_size, progress=not args.no_progress,
-                       desc="log-likelihood")
+    parts = map_chunks(chunk, int(data.shape[0]), args.batch_size, progress=not args.no_progress, desc="log-likelihood")
     if parts is None:  # not rank 0
         return 0
     seconds = time.perf_counter() - start
@@ -153,13 +170,22 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> int:
     nfe = sum(p["nfe"] for p in parts)
     offset = parts[0]["offset"]
     out: dict[str, Any] = {
-        "ckpt": str(args.ckpt), "data": str(args.data), "n": int(data.shape[0]), "sde": repr(den.sde),
-        "divergence": args.divergence, "rtol": args.rtol, "atol": args.atol, "t_eps": parts[0]["t_eps"],
+        "ckpt": str(args.ckpt),
+        "data": str(args.data),
+        "n": int(data.shape[0]),
+        "sde": repr(den.sde),
+        "divergence": args.divergence,
+        "rtol": args.rtol,
+        "atol": args.atol,
+        "t_eps": parts[0]["t_eps"],
         "dequantization": None if deq is None else {"levels": deq.levels, "low": deq.low, "high": deq.high},
         "dequantization_offset_bits": offset,
-        "log_prob": _summary(log_prob), "bits_per_dim": _summary(bits_per_dim),
+        "log_prob": _summary(log_prob),
+        "bits_per_dim": _summary(bits_per_dim),
         "prior_gap_bound_nats": float(gap.mean()) if gap is not None else None,
-        "nfe": nfe, "evaluations": sum(p["evaluations"] for p in parts), "seconds": seconds,
+        "nfe": nfe,
+        "evaluations": sum(p["evaluations"] for p in parts),
+        "seconds": seconds,
         "world_size": ctx.world_size,
     }
     lp, bpd = out["log_prob"], out["bits_per_dim"]

@@ -27,9 +27,10 @@ float: the one host synchronisation happens at the very end.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple, Protocol, Sequence, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -158,7 +159,7 @@ class GaussianStats:
     def dim(self) -> int:
         return self.mean.shape[0]
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "GaussianStats":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> GaussianStats:
         return GaussianStats(self.mean.to(device, dtype), self.cov.to(device, dtype), self.n)
 
     def save(self, path: str | Path) -> None:
@@ -167,7 +168,7 @@ class GaussianStats:
             np.savez(f, mu=self.mean.double().cpu().numpy(), sigma=self.cov.double().cpu().numpy(), **extra)
 
     @classmethod
-    def load(cls, path: str | Path) -> "GaussianStats":
+    def load(cls, path: str | Path) -> GaussianStats:
         with np.load(path, allow_pickle=False) as f:
             if "mu" not in f or "sigma" not in f:
                 raise ValueError(f"{path} holds {sorted(f.files)}; a statistics file needs the keys 'mu' and 'sigma'")
@@ -190,7 +191,7 @@ class StatsAccumulator:
         self._mean: torch.Tensor | None = None
         self._m2: torch.Tensor | None = None
 
-    def update(self, x: torch.Tensor) -> "StatsAccumulator":
+    def update(self, x: torch.Tensor) -> StatsAccumulator:
         """Add a batch of shape (B, D) (or (B, *shape), flattened)."""
         x = _flatten(x).to(torch.float64)
         nb = x.shape[0]
@@ -432,6 +433,7 @@ def _two_samples(x: torch.Tensor, y: torch.Tensor, min_n: int = 2) -> tuple[torc
 
 def _median_bandwidth(x: torch.Tensor, y: torch.Tensor, max_points: int = 1000) -> torch.Tensor:
     """Median pairwise distance of the pooled samples (up to ``max_points`` evenly spaced rows of each)."""
+
     def spaced(z: torch.Tensor) -> torch.Tensor:
         if z.shape[0] <= max_points:
             return z
@@ -557,6 +559,7 @@ def _wasserstein_1d_pp(xs: torch.Tensor, ys: torch.Tensor, p: float) -> torch.Te
     if n == m:
         return (xs - ys).abs().pow(p).mean(1).sum()
     dev = xs.device
+
     def grid(k: int) -> torch.Tensor:
         return torch.arange(1, k + 1, device=dev, dtype=torch.float64) / k
 

@@ -14,7 +14,7 @@ normals for step i over [t1, t0] (t1 < t0). Draw 0 is the *normalized Brownian i
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -42,7 +42,9 @@ class PerSampleGenerator:
         shape = tuple(shape)
         if shape[0] != len(self.generators):
             raise ValueError(f"batch size {shape[0]} does not match the {len(self.generators)} per-sample seeds")
-        out = torch.stack([torch.randn(shape[1:], generator=g, dtype=dtype, device=self.device) for g in self.generators])
+        out = torch.stack(
+            [torch.randn(shape[1:], generator=g, dtype=dtype, device=self.device) for g in self.generators]
+        )
         return out.to(device) if device is not None else out
 
 
@@ -63,9 +65,7 @@ def randn(
 class NoiseSource:
     """Base class: ``__call__(i, t0, t1, like, draws) -> (draws, *like.shape)`` standard normals."""
 
-    def __call__(
-        self, i: int, t0: torch.Tensor, t1: torch.Tensor, like: torch.Tensor, draws: int = 1
-    ) -> torch.Tensor:
+    def __call__(self, i: int, t0: torch.Tensor, t1: torch.Tensor, like: torch.Tensor, draws: int = 1) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -115,8 +115,15 @@ class BrownianNoise(NoiseSource):
         self.shape = tuple(shape)
         self.t_min, self.t_max = float(t_min), float(t_max)
         self.bm = torchsde.BrownianInterval(
-            t0=self.t_min, t1=self.t_max, size=self.shape, dtype=dtype, device=device, entropy=int(seed), tol=tol,
-            halfway_tree=True, levy_area_approximation=levy_area_approximation,
+            t0=self.t_min,
+            t1=self.t_max,
+            size=self.shape,
+            dtype=dtype,
+            device=device,
+            entropy=int(seed),
+            tol=tol,
+            halfway_tree=True,
+            levy_area_approximation=levy_area_approximation,
         )
         self.generator = generator
 

@@ -40,7 +40,8 @@ from __future__ import annotations
 import math
 import time
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -134,8 +135,9 @@ class StepEvaluator:
         """xs (w, B, *d) at steps begin..begin+w-1, t0/t1 (w,) float64, z (w, draws, B, *d) -> (Phi(xs), x0 or None)."""
         if xs.shape[0] == 1:  # one step (every rank takes it itself): scalar host times, exactly the sequential call
             i = begin
-            res = self.stepper.step(self.grid[i], self.grid[i + 1], xs[0], self.state_at(i),
-                                    None if z is None else z[0])
+            res = self.stepper.step(
+                self.grid[i], self.grid[i + 1], xs[0], self.state_at(i), None if z is None else z[0]
+            )
             return res.x[None], None if res.x0 is None else res.x0[None]
         return _over_ranks(self._batched, self.group, xs, t0, t1, z)
 
@@ -184,8 +186,9 @@ class MultistepEvaluator(StepEvaluator):
     def __call__(self, xs, begin, t0, t1, z):
         self.begin = begin
         if xs.shape[0] == 1:  # the sequential step itself, with the accepted history
-            res = self.stepper.step(self.grid[begin], self.grid[begin + 1], xs[0], self._history(begin),
-                                    None if z is None else z[0])
+            res = self.stepper.step(
+                self.grid[begin], self.grid[begin + 1], xs[0], self._history(begin), None if z is None else z[0]
+            )
             self.last = res.state.nodes[0][1][None] if res.state.nodes else None
             return res.x[None], res.x0[None]
         f, x0 = _over_ranks(self._outputs, self.group, xs, t0)
@@ -240,7 +243,7 @@ def picard_solve(
     x: torch.Tensor,
     grid: torch.Tensor,
     noise: NoiseSource | None = None,
-    window: "int | AutoWindow" = 64,
+    window: int | AutoWindow = 64,
     tol: float = 0.1,
     max_iters: int | None = None,
     callback: Callback | None = None,
@@ -298,7 +301,7 @@ def picard_solve(
         noise = IIDNoise(None)
     g = grid.to(device=x.device, dtype=torch.float64)
     thr = (tol**2) * step_noise_variance(stepper.sde, g)  # (N,) float64: e_j <= thr_j passes
-    B = x.shape[0]
+    x.shape[0]
 
     def draw(i: int) -> torch.Tensor | None:
         return noise(i, grid[i], grid[i + 1], x, draws) if draws else None
@@ -471,7 +474,7 @@ def measure_call_costs(
     costs: dict[int, float] = {}
     start = time.perf_counter()
     best_eff, dips, W = 0.0, 0, 1
-    while W <= min(max_window, ev.parallel_steps):
+    while min(max_window, ev.parallel_steps) >= W:
         costs[W] = best_time(W)
         eff = W * costs[1] / costs[W]
         best_eff = max(best_eff, eff)
@@ -529,7 +532,7 @@ class AutoWindow:
         return self.efficiency * self.accepted / (self.rounds * self.window) >= 1.0
 
 
-_COST_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_COST_CACHE: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
 
 
 def _cached_costs(stepper: Stepper, x: torch.Tensor, grid: torch.Tensor) -> tuple[dict[int, float], int]:
@@ -667,9 +670,17 @@ class Parallel(Stepper):
             window = AutoWindow(costs, self.base.stochastic)
             extra = {"auto": True, "costs": costs, "calibration_nfe": cal_nfe}
         res = picard_solve(
-            self.base, x_T, grid, noise, window=window, tol=float(self.opts["tol"]),
-            max_iters=self.opts["max_iters"], callback=callback, return_trajectory=return_trajectory,
-            progress=progress, group=self.opts["group"],
+            self.base,
+            x_T,
+            grid,
+            noise,
+            window=window,
+            tol=float(self.opts["tol"]),
+            max_iters=self.opts["max_iters"],
+            callback=callback,
+            return_trajectory=return_trajectory,
+            progress=progress,
+            group=self.opts["group"],
         )
         res.stats.update(extra)
         return res

@@ -21,7 +21,7 @@ times for accuracy; python numbers become float64) and is cast to the state's dt
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -131,7 +131,9 @@ class GaussianSDE:
         if noise.shape != x0.shape:
             raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
         t = self._t(t)
-        return self._coef(torch.exp(self._log_alpha(t)), x0) * x0 + self._coef(torch.exp(self._log_sigma(t)), x0) * noise
+        return (
+            self._coef(torch.exp(self._log_alpha(t)), x0) * x0 + self._coef(torch.exp(self._log_sigma(t)), x0) * noise
+        )
 
     def reverse_drift(self, x: torch.Tensor, t: TimeLike, score: torch.Tensor) -> torch.Tensor:
         r"""Drift of the reverse-time SDE (Anderson 1982): :math:`f x - g^2 \nabla\log p_t`, to be integrated from T to 0."""
@@ -248,7 +250,9 @@ class VPSDE(_VPBase):
         self.schedule = schedule
         if schedule == "linear":
             if not (beta_min > 0 and beta_max > 0):
-                raise ValueError(f"beta_min and beta_max must be positive, got beta_min={beta_min}, beta_max={beta_max}")
+                raise ValueError(
+                    f"beta_min and beta_max must be positive, got beta_min={beta_min}, beta_max={beta_max}"
+                )
             if not beta_min < beta_max:
                 raise ValueError(f"beta_min must be < beta_max, got beta_min={beta_min} >= beta_max={beta_max}")
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
@@ -306,7 +310,10 @@ class VPSDE(_VPBase):
             # 1 - a^2 = (cos^2 th0 - cos^2 th)/cos^2 th0 = sin(th - th0) sin(th + th0)/cos^2 th0: no cancellation, and
             # exactly 0 at t = 0 (log a can round to +1e-17 there, which would make log(1 - a^2) NaN)
             c = math.pi / (2 * (1 + self.cosine_s))
-            return 0.5 * (torch.log(torch.sin(c * t)) + torch.log(torch.sin(c * (t + 2 * self.cosine_s)))) - self._cos_log_c0
+            return (
+                0.5 * (torch.log(torch.sin(c * t)) + torch.log(torch.sin(c * (t + 2 * self.cosine_s))))
+                - self._cos_log_c0
+            )
         return super()._log_sigma(t)
 
     def _f(self, t: torch.Tensor) -> torch.Tensor:
@@ -443,14 +450,14 @@ class DiscreteVPSDE(_VPBase):
         self.T, self.eps = 1.0, 1.0 / self.N
 
     @classmethod
-    def linear(cls, n: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "DiscreteVPSDE":
+    def linear(cls, n: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> DiscreteVPSDE:
         """DDPM's linear betas (Ho et al. 2020): beta_i = linspace(beta_start, beta_end, n)."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         return cls(torch.linspace(beta_start, beta_end, n, dtype=torch.float64))
 
     @classmethod
-    def cosine(cls, n: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> "DiscreteVPSDE":
+    def cosine(cls, n: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> DiscreteVPSDE:
         """Improved-DDPM cosine betas (Nichol & Dhariwal 2021, eq. 17), beta clipped at ``max_beta`` = 0.999."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")

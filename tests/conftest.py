@@ -9,7 +9,7 @@ Fixtures (all session-scoped, so they mix with ``@given``):
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -54,9 +54,7 @@ _f = st.floats  # shorthand
 
 
 def _strategies() -> dict[str, st.SearchStrategy[sf.GaussianSDE]]:
-    vp_lin = st.builds(
-        lambda b0, db: sf.VPSDE(b0, b0 + db, "linear"), _f(0.01, 2.0), _f(0.5, 40.0)
-    )
+    vp_lin = st.builds(lambda b0, db: sf.VPSDE(b0, b0 + db, "linear"), _f(0.01, 2.0), _f(0.5, 40.0))
     return {
         "vp_linear": vp_lin,
         "vp_cosine": st.builds(
@@ -104,4 +102,3 @@ def sde_strategy() -> Callable[[str], st.SearchStrategy[sf.GaussianSDE]]:
 def times() -> Callable[[sf.GaussianSDE], st.SearchStrategy[float]]:
     """times(sde): a strategy over t in [sde.eps, sde.T] (float64)."""
     return lambda sde: _f(sde.eps, sde.T, allow_nan=False)
-

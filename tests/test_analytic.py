@@ -317,7 +317,9 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def test_device_agnostic(sde_kind, make_sde, device):
     """Everything stays on the data's device (generator included) and matches the CPU float64 result."""
     sde = make_sde(sde_kind)
-    gmm = sf.GaussianMixture(torch.tensor([[0.0, 1.0], [2.0, -1.0]]), torch.tensor([0.3, 0.5]), torch.tensor([0.4, 0.6]))
+    gmm = sf.GaussianMixture(
+        torch.tensor([[0.0, 1.0], [2.0, -1.0]]), torch.tensor([0.3, 0.5]), torch.tensor([0.4, 0.6])
+    )
     g = torch.Generator(device=device).manual_seed(0)
     x0 = gmm.sample(64, generator=g)
     xT = sde.prior_sample((64, 2), generator=g, dtype=F64)

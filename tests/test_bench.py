@@ -29,8 +29,7 @@ def oracle():
     gmm = default_gmm()
     den = gmm.denoiser(sf.VPSDE())
     g = torch.Generator().manual_seed(1)
-    scorer = bench.LowDimScorer(gmm.sample(400, generator=g), [gmm.sample(400, generator=g) for _ in range(4)],
-                                seed=3)
+    scorer = bench.LowDimScorer(gmm.sample(400, generator=g), [gmm.sample(400, generator=g) for _ in range(4)], seed=3)
     return den, scorer
 
 
@@ -73,12 +72,25 @@ def test_scorer_distance_to_itself_is_zero_and_floor_positive(oracle):
 
 def test_sweep_on_the_oracle(oracle, tmp_path):
     den, scorer = oracle
-    res = bench.run_sweep(den, scorer, (2,), solvers=["euler", "heun", "pc", "ddim:bogus=1", "rk45"], nfes=[1, 2, 40],
-                          tolerances=[1e-1, 1e-3], n=400, seed=7, keep=50, progress=False)
+    res = bench.run_sweep(
+        den,
+        scorer,
+        (2,),
+        solvers=["euler", "heun", "pc", "ddim:bogus=1", "rk45"],
+        nfes=[1, 2, 40],
+        tolerances=[1e-1, 1e-3],
+        n=400,
+        seed=7,
+        keep=50,
+        progress=False,
+    )
     cells = {(c.solver, c.budget, c.tol): c for c in res.cells}
     # pc (predictor + corrector) needs 2 NFE per step: budget 1 is skipped, not an error; a bad option is an error
     assert cells[("pc", 1, None)].status.startswith("skipped") and cells[("pc", 2, None)].ok
-    assert cells[("ddim:bogus=1", None, None)].status.startswith("error") and "bogus" in cells[("ddim:bogus=1", None, None)].status
+    assert (
+        cells[("ddim:bogus=1", None, None)].status.startswith("error")
+        and "bogus" in cells[("ddim:bogus=1", None, None)].status
+    )
     for b in (1, 2, 40):
         assert cells[("euler", b, None)].nfe == b  # res.nfe as the Denoiser counted it
     assert cells[("heun", 40, None)].nfe == 39  # EDM Heun: its last step is an Euler step
@@ -141,8 +153,24 @@ def test_bench_cli_end_to_end(tmp_path, capsys):
     tiny = ["--data", "gmm", "--hidden", "16", "--depth", "1", "--batch-size", "32", "--no-progress"]
     assert main(["train", *tiny, "--steps", "5", "--out", str(run)]) == 0
     out = tmp_path / "bench"
-    argv = ["bench", "--ckpt", str(run / "ckpt.pt"), "--solvers", "euler", "dpm_solver++", "--nfe", "2", "4",
-            "--n", "64", "--out", str(out), "--no-progress", "--device", "cpu"]
+    argv = [
+        "bench",
+        "--ckpt",
+        str(run / "ckpt.pt"),
+        "--solvers",
+        "euler",
+        "dpm_solver++",
+        "--nfe",
+        "2",
+        "4",
+        "--n",
+        "64",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| euler |" in printed and "| dpm_solver++ |" in printed
@@ -153,7 +181,11 @@ def test_bench_cli_end_to_end(tmp_path, capsys):
     assert proto["reference"]["n_reference"] == 64 and set(proto["data_floor"]) == {"sw2", "mmd2", "fd"}
     assert set(proto["data_floor_std"]) == {"sw2", "mmd2", "fd"}
     assert [(c["solver"], c["budget"], c["nfe"], c["status"]) for c in data["cells"]] == [
-        ("euler", 2, 2, "ok"), ("euler", 4, 4, "ok"), ("dpm_solver++", 2, 2, "ok"), ("dpm_solver++", 4, 4, "ok")]
+        ("euler", 2, 2, "ok"),
+        ("euler", 4, 4, "ok"),
+        ("dpm_solver++", 2, 2, "ok"),
+        ("dpm_solver++", 4, 4, "ok"),
+    ]
     assert all(math.isfinite(c["metrics"]["sw2"]) and c["seconds"] > 0 for c in data["cells"])
     assert (out / "table.md").read_text().startswith("# NFE versus quality")
     assert (out / "nfe_vs_quality.png").read_bytes()[:8] == PNG_MAGIC

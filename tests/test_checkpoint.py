@@ -39,8 +39,21 @@ def _trainer(out_dir=None, seed=0) -> Trainer:
         "net": {"name": "mlp", "dim": 2, "hidden": 32, "depth": 2, "time_dim": 16, "num_classes": 2, "dropout": 0.1},
         "loss": loss.config(),
     }
-    return Trainer(net, loss, TensorData(x, y), batch_size=16, lr=1e-2, warmup=5, grad_clip=0.5, ema_decay=0.9,
-                   conditional=True, progress=False, out_dir=out_dir, config=config, seed=seed)
+    return Trainer(
+        net,
+        loss,
+        TensorData(x, y),
+        batch_size=16,
+        lr=1e-2,
+        warmup=5,
+        grad_clip=0.5,
+        ema_decay=0.9,
+        conditional=True,
+        progress=False,
+        out_dir=out_dir,
+        config=config,
+        seed=seed,
+    )
 
 
 def _assert_same_state(a: Trainer, b: Trainer) -> None:
@@ -77,7 +90,9 @@ def test_resume_is_bit_exact(tmp_path):
     assert den.prediction == "v" and den.net.num_classes == 2
     x = torch.randn(4, 2)
     with torch.no_grad():
-        torch.testing.assert_close(den.net(x, torch.full((4,), 0.5), y=1), second.ema.eval()(x, torch.full((4,), 0.5), y=1))
+        torch.testing.assert_close(
+            den.net(x, torch.full((4,), 0.5), y=1), second.ema.eval()(x, torch.full((4,), 0.5), y=1)
+        )
 
 
 def test_save_keeps_previous_and_roundtrips(tmp_path):
@@ -186,5 +201,9 @@ def test_config_must_be_primitive():
     with pytest.raises(ValueError, match="keys"):
         check_primitive({1: 2})
     with pytest.raises(ValueError, match="primitives"):
-        Trainer(MLPScoreNet(2, hidden=8, depth=1), DenoisingScoreMatching(sf.VPSDE()), TensorData(torch.randn(4, 2)),
-                config={"sde": sf.VPSDE()})
+        Trainer(
+            MLPScoreNet(2, hidden=8, depth=1),
+            DenoisingScoreMatching(sf.VPSDE()),
+            TensorData(torch.randn(4, 2)),
+            config={"sde": sf.VPSDE()},
+        )

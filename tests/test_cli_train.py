@@ -70,8 +70,14 @@ def test_sigint_in_process_writes_checkpoint(tmp_path):
         return torch.randn(n, 2, generator=g)
 
     torch.manual_seed(0)
-    trainer = Trainer(MLPScoreNet(2, hidden=8, depth=1), DenoisingScoreMatching(sf.VPSDE()),
-                      SampledData(draw, (2,), {"name": "probe"}), batch_size=8, progress=False, out_dir=tmp_path)
+    trainer = Trainer(
+        MLPScoreNet(2, hidden=8, depth=1),
+        DenoisingScoreMatching(sf.VPSDE()),
+        SampledData(draw, (2,), {"name": "probe"}),
+        batch_size=8,
+        progress=False,
+        out_dir=tmp_path,
+    )
     before = signal.getsignal(signal.SIGINT)
     result = trainer.fit(10**6)
     assert result.interrupted == signal.SIGINT and result.step == 5
@@ -83,9 +89,23 @@ def test_sigterm_subprocess_writes_checkpoint(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(sf.__file__).parents[1])}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sdeflow.cli", "train", *TINY, "--steps", "100000000", "--save-every", "0",
-         "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "sdeflow.cli",
+            "train",
+            *TINY,
+            "--steps",
+            "100000000",
+            "--save-every",
+            "0",
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         first = proc.stdout.readline()  # printed just before the loop starts
@@ -123,13 +143,60 @@ def test_sample_cli_matches_the_api_and_plots(tmp_path):
 
 def test_sample_cli_conditional_images_with_guidance(tmp_path):
     run = tmp_path / "digits"
-    assert main(["train", "--data", "digits", "--net", "unet", "--channels", "8", "--channel-mult", "1,2",
-                 "--num-res-blocks", "1", "--attention-levels", "1", "--conditional", "--batch-size", "4",
-                 "--steps", "2", "--no-progress", "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "digits",
+                "--net",
+                "unet",
+                "--channels",
+                "8",
+                "--channel-mult",
+                "1,2",
+                "--num-res-blocks",
+                "1",
+                "--attention-levels",
+                "1",
+                "--conditional",
+                "--batch-size",
+                "4",
+                "--steps",
+                "2",
+                "--no-progress",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     den = load_denoiser(run / "ckpt.pt")
     assert den.net.num_classes == 10
     out, png = tmp_path / "d.npy", tmp_path / "d.png"
-    assert main(["sample", "--ckpt", str(run / "ckpt.pt"), "--solver", "ddim", "--nfe", "2", "--n", "5",
-                 "--class", "3", "--cfg-scale", "2.0", "--out", str(out), "--plot", str(png)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--ckpt",
+                str(run / "ckpt.pt"),
+                "--solver",
+                "ddim",
+                "--nfe",
+                "2",
+                "--n",
+                "5",
+                "--class",
+                "3",
+                "--cfg-scale",
+                "2.0",
+                "--out",
+                str(out),
+                "--plot",
+                str(png),
+            ]
+        )
+        == 0
+    )
     assert np.load(out).shape == (5, 1, 8, 8)
     assert png.read_bytes()[:4] == b"\x89PNG"

@@ -48,7 +48,7 @@ def test_velocity_is_derivative_of_rescaled_path():
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(4, 3, generator=g, dtype=F64), torch.randn(4, 3, generator=g, dtype=F64)
     phi, h = torch.tensor(0.7, dtype=F64), 1e-6
-    path = lambda p: torch.cos(p) * x0 + torch.sin(p) * eps  # noqa: E731
+    path = lambda p: torch.cos(p) * x0 + torch.sin(p) * eps
     fd = (path(phi + h) - path(phi - h)) / (2 * h)
     np.testing.assert_allclose((-torch.sin(phi) * x0 + torch.cos(phi) * eps).numpy(), fd.numpy(), atol=1e-9)
 

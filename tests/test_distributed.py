@@ -30,13 +30,57 @@ from sdeflow.noise import PerSampleGenerator
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
 # --batch-size 7 over 2 ranks: uneven shares (4 + 3), so the loss weighting n_r W / B is exercised
-TRAIN = ["--data", "gmm", "--hidden", "16", "--depth", "1", "--batch-size", "7", "--warmup", "0", "--no-progress",
-         "--log-every", "2", "--device", "cpu"]
+TRAIN = [
+    "--data",
+    "gmm",
+    "--hidden",
+    "16",
+    "--depth",
+    "1",
+    "--batch-size",
+    "7",
+    "--warmup",
+    "0",
+    "--no-progress",
+    "--log-every",
+    "2",
+    "--device",
+    "cpu",
+]
 SAMPLE = ["--solver", "ddpm", "--nfe", "6", "--n", "11", "--batch-size", "3", "--seed", "5", "--device", "cpu"]
-LIKELIHOOD = ["--divergence", "hutchinson", "--batch-size", "3", "--rtol", "1e-2", "--atol", "1e-2",
-              "--seed", "2", "--device", "cpu", "--no-progress"]
-PARALLEL = ["--solver", "parallel", "--option", "base='ddim'", "--option", "window=4", "--option", "tol=1e-3",
-            "--nfe", "12", "--n", "4", "--seed", "1", "--device", "cpu"]
+LIKELIHOOD = [
+    "--divergence",
+    "hutchinson",
+    "--batch-size",
+    "3",
+    "--rtol",
+    "1e-2",
+    "--atol",
+    "1e-2",
+    "--seed",
+    "2",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
+PARALLEL = [
+    "--solver",
+    "parallel",
+    "--option",
+    "base='ddim'",
+    "--option",
+    "window=4",
+    "--option",
+    "tol=1e-3",
+    "--nfe",
+    "12",
+    "--n",
+    "4",
+    "--seed",
+    "1",
+    "--device",
+    "cpu",
+]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -97,8 +141,9 @@ def _gmm_data():
 
 def test_sample_sharded_is_per_sample_seeded():
     """Sample i is sf.sample with seed 5 + i, whatever the chunking (chunks of 2 vs one call: equal to rounding)."""
-    den = sf.GaussianMixture(torch.tensor([[-1.0, 0.5], [1.0, -0.5]]), torch.tensor([0.3, 0.5]),
-                             torch.tensor([0.4, 0.6])).denoiser(sf.VPSDE())
+    den = sf.GaussianMixture(
+        torch.tensor([[-1.0, 0.5], [1.0, -0.5]]), torch.tensor([0.3, 0.5]), torch.tensor([0.4, 0.6])
+    ).denoiser(sf.VPSDE())
     x, nfe = D.sample_sharded(den, 5, (2,), seed=5, batch_size=2, solver="ddpm", nfe=8)
     assert x.shape == (5, 2) and nfe == 3 * 8
     part = sf.sample(den, "ddpm", nfe=8, shape=(2, 2), generator=PerSampleGenerator([7, 8])).x
@@ -132,8 +177,13 @@ def test_torchrun_training_sampling_likelihood_match_one_process(tmp_path):
     shutil.copy(single / "ckpt.prev.pt", resumed / "ckpt.pt")  # a one-process checkpoint at step 4
     ckpt = str(single / "ckpt.pt")
     data = tmp_path / "data.npy"
-    np.save(data, sf.GaussianMixture(torch.tensor([[-1.0, 0.0], [1.0, 0.5]]), torch.tensor([0.4, 0.3]),
-                                     torch.tensor([0.5, 0.5])).sample(5, torch.Generator().manual_seed(0)).float().numpy())
+    np.save(
+        data,
+        sf.GaussianMixture(torch.tensor([[-1.0, 0.0], [1.0, 0.5]]), torch.tensor([0.4, 0.3]), torch.tensor([0.5, 0.5]))
+        .sample(5, torch.Generator().manual_seed(0))
+        .float()
+        .numpy(),
+    )
     commands = [
         ["train", *TRAIN, "--steps", "4", "--save-every", "0", "--out", str(two)],
         ["train", "--resume", "--steps", "8", "--no-progress", "--device", "cpu", "--out", str(resumed)],
@@ -142,8 +192,13 @@ def test_torchrun_training_sampling_likelihood_match_one_process(tmp_path):
         ["sample", "--ckpt", ckpt, *PARALLEL, "--split", "window", "--out", str(tmp_path / "p2.npy")],
     ]
     start = time.perf_counter()
-    proc = subprocess.run(_torchrun(__file__, json.dumps(commands), str(tmp_path / "report.json")), env=_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        _torchrun(__file__, json.dumps(commands), str(tmp_path / "report.json")),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     launch = time.perf_counter() - start
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     report = json.loads((tmp_path / "report.json").read_text())
@@ -170,7 +225,9 @@ def test_torchrun_training_sampling_likelihood_match_one_process(tmp_path):
     den = sf.load_denoiser(ckpt)
     direct = sf.sample(den, "ddpm", nfe=6, shape=(3, 2), generator=PerSampleGenerator([5 + 6, 5 + 7, 5 + 8])).x
     np.testing.assert_array_equal(s1[6:9], direct.numpy())  # chunk 2 (rank 1's): samples 6..8, seeds 11..13
-    assert _cli(["likelihood", "--ckpt", ckpt, "--data", str(data), *LIKELIHOOD, "--out", str(tmp_path / "l1.json")]) == 0
+    assert (
+        _cli(["likelihood", "--ckpt", ckpt, "--data", str(data), *LIKELIHOOD, "--out", str(tmp_path / "l1.json")]) == 0
+    )
     l1, l2 = (json.loads((tmp_path / f).read_text()) for f in ("l1.json", "l2.json"))
     assert l2["world_size"] == 2 and l1["nfe"] == l2["nfe"]
     assert l1["per_sample"] == l2["per_sample"] and len(l1["per_sample"]["log_prob"]) == 5
@@ -191,7 +248,9 @@ def _rank_pid(launcher: subprocess.Popen, rank: int, timeout: float = 60.0) -> i
         path = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children")
         for pid in path.read_text().split() if path.exists() else []:
             try:
-                env = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in kv)
+                env = dict(
+                    kv.split(b"=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in kv
+                )
             except OSError:
                 continue
             if env.get(b"RANK") == str(rank).encode():
@@ -208,16 +267,22 @@ def test_killed_rank_leaves_the_last_checkpoint_loadable(tmp_path):
 
     out = tmp_path / "run"
     launcher = subprocess.Popen(
-        _torchrun("-m", "sdeflow.cli", "--", "train", *TRAIN, "--steps", "100000000", "--save-every", "1",
-                  "--out", str(out)),
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        _torchrun(
+            "-m", "sdeflow.cli", "--", "train", *TRAIN, "--steps", "100000000", "--save-every", "1", "--out", str(out)
+        ),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         victim = _rank_pid(launcher, 1)
         deadline = time.time() + 120
         while not (out / "ckpt.prev.pt").exists() and launcher.poll() is None and time.time() < deadline:
             time.sleep(0.02)
-        assert (out / "ckpt.prev.pt").exists(), launcher.communicate(timeout=10)[0] if launcher.poll() is not None else ""
+        assert (out / "ckpt.prev.pt").exists(), (
+            launcher.communicate(timeout=10)[0] if launcher.poll() is not None else ""
+        )
         time.sleep(0.2)  # a few more steps and checkpoint writes
         os.kill(victim, signal.SIGKILL)
         log, _ = launcher.communicate(timeout=120)
@@ -228,8 +293,22 @@ def test_killed_rank_leaves_the_last_checkpoint_loadable(tmp_path):
     assert launcher.returncode != 0, log[-3000:]
     last = load_checkpoint(out / "ckpt.pt")
     assert last["step"] >= 2 and load_checkpoint(out / "ckpt.prev.pt")["step"] == last["step"] - 1
-    assert _cli(["train", "--resume", "--steps", str(last["step"] + 2), "--no-progress", "--device", "cpu",
-                 "--out", str(out)]) == 0
+    assert (
+        _cli(
+            [
+                "train",
+                "--resume",
+                "--steps",
+                str(last["step"] + 2),
+                "--no-progress",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert load_checkpoint(out / "ckpt.pt")["step"] == last["step"] + 2
 
 
@@ -241,9 +320,13 @@ def test_sigterm_to_torchrun_stops_all_ranks_at_one_step(tmp_path):
 
     out = tmp_path / "run"
     launcher = subprocess.Popen(
-        _torchrun("-m", "sdeflow.cli", "--", "train", *TRAIN, "--steps", "100000000", "--save-every", "0",
-                  "--out", str(out)),
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        _torchrun(
+            "-m", "sdeflow.cli", "--", "train", *TRAIN, "--steps", "100000000", "--save-every", "0", "--out", str(out)
+        ),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         first = launcher.stdout.readline()
@@ -275,8 +358,9 @@ def _driver(commands: list[list[str]], report: str) -> int:
         gathered: list = [None] * ctx.world_size
         torch.distributed.all_gather_object(gathered, caught)
         if ctx.is_main:
-            Path(report).write_text(json.dumps({"codes": codes, "world_size": ctx.world_size,
-                                                "replica_check_caught": gathered}))
+            Path(report).write_text(
+                json.dumps({"codes": codes, "world_size": ctx.world_size, "replica_check_caught": gathered})
+            )
     return 0 if all(c == 0 for c in codes) else 1
 
 

@@ -23,7 +23,7 @@ import torch
 import sdeflow as sf
 from sdeflow.grids import time_grid
 from sdeflow.integrate import make_stepper, solve
-from sdeflow.noise import IIDNoise, TensorNoise
+from sdeflow.noise import TensorNoise
 from sdeflow.solvers.dpm_solver import nfe_split
 from sdeflow.solvers.exponential import dynamic_threshold, lagrange_basis, phi, quadrature
 
@@ -79,8 +79,9 @@ def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_phi_matches_its_integral(k):
     for z in [-40.0, -3.0, -1.0, -0.999, -0.3, -1e-4, 0.0, 1e-7, 0.5, 1.0, 2.5]:
-        exact = scipy.integrate.quad(lambda th: math.exp((1 - th) * z) * th ** (k - 1) / math.factorial(k - 1), 0, 1,
-                                     epsabs=1e-300, epsrel=1e-13)[0]
+        exact = scipy.integrate.quad(
+            lambda th: math.exp((1 - th) * z) * th ** (k - 1) / math.factorial(k - 1), 0, 1, epsabs=1e-300, epsrel=1e-13
+        )[0]
         assert phi(k, z) == pytest.approx(exact, rel=1e-13, abs=1e-300)
     zs = torch.tensor([-40.0, -1.0, -0.3, 0.0, 0.5, 2.5], dtype=F64)
     torch.testing.assert_close(phi(k, zs), torch.tensor([phi(k, float(z)) for z in zs], dtype=F64), rtol=1e-15, atol=0)
@@ -93,9 +94,10 @@ def test_quadrature_exact_for_polynomials(kappa, h):
     for nodes in ([0.0], [0.0, 0.5], [0.0, -0.8], [0.0, -0.7, -1.6], [0.0, 1 / 3, 2 / 3], [0.0, -0.9, -1.7, 1.0]):
         n = len(nodes)
         coef = rng.normal(size=n)
-        poly = lambda tau: sum(c * (tau / h) ** j for j, c in enumerate(coef))  # noqa: E731  degree n - 1
-        exact = scipy.integrate.quad(lambda tau: math.exp(kappa * (h - tau)) * poly(tau), 0, h, epsabs=1e-300,
-                                     epsrel=1e-13)[0]
+        poly = lambda tau: sum(c * (tau / h) ** j for j, c in enumerate(coef))
+        exact = scipy.integrate.quad(
+            lambda tau: math.exp(kappa * (h - tau)) * poly(tau), 0, h, epsabs=1e-300, epsrel=1e-13
+        )[0]
         w = quadrature(nodes, h, kappa)
         approx = sum(wm * poly(r * h) for wm, r in zip(w, nodes))
         assert approx == pytest.approx(exact, rel=1e-12)
@@ -213,8 +215,7 @@ def ref_dpm_solver_pp(den, sde, grid, x, order, solver_type, lof):
             d10, d11 = (ms[0] - ms[1]) / r0, (ms[1] - ms[2]) / r1
             D1 = d10 + r0 / (r0 + r1) * (d10 - d11)
             D2 = (d10 - d11) / (r0 + r1)
-            x = (s1 / s0 * x - a1 * em * ms[0] + a1 * (em / h + 1) * D1
-                 + 2 * a1 * (0.5 - (h + em) / h**2) * D2)
+            x = s1 / s0 * x - a1 * em * ms[0] + a1 * (em / h + 1) * D1 + 2 * a1 * (0.5 - (h + em) / h**2) * D2
     return x
 
 
@@ -295,8 +296,7 @@ def ref_dpm_solver(den, sde, grid, x, plan):
             t2, a2, s2 = at(r2)
             u1 = a1 / a_s * x - s1 * math.expm1(r1 * h) * e0
             D1 = den.eps(u1, t1) - e0
-            u2 = (a2 / a_s * x - s2 * math.expm1(r2 * h) * e0
-                  - s2 * r2 / r1 * (math.expm1(r2 * h) / (r2 * h) - 1) * D1)
+            u2 = a2 / a_s * x - s2 * math.expm1(r2 * h) * e0 - s2 * r2 / r1 * (math.expm1(r2 * h) / (r2 * h) - 1) * D1
             D2 = den.eps(u2, t2) - e0
             x = a_t / a_s * x - s_t * math.expm1(h) * e0 - s_t / r2 * (math.expm1(h) / h - 1) * D2
     return x
@@ -365,17 +365,26 @@ def test_nfe_is_exact_for_every_variant():
     den = sf.GaussianMixture(**MIX).denoiser(sde)
     x = _x_T(sde, 3)
     for nfe in (1, 2, 5, 7, 16):
-        for solver, opts in [("dpm_solver", {"order": 3, "solver_type": "taylor"}), ("dpm_solver", {"predict_x0": True}),
-                             ("dpm_solver++", {"sde": True}), ("unipc", {"predict_x0": False})]:
+        for solver, opts in [
+            ("dpm_solver", {"order": 3, "solver_type": "taylor"}),
+            ("dpm_solver", {"predict_x0": True}),
+            ("dpm_solver++", {"sde": True}),
+            ("unipc", {"predict_x0": False}),
+        ]:
             _nfe_run(den, solver, nfe, x, generator=torch.Generator().manual_seed(0), **opts)
         _nfe_run(den, "dpm_solver++", nfe, x, denoise_final=True) if nfe > 1 else None
 
 
 # ------------------------------------------------------------------------------------------------ per-sample times
 PER_SAMPLE = [
-    ("dpm_solver", {"order": 1}), ("dpm_solver", {"order": 2}), ("dpm_solver", {"order": 3}),
-    ("dpm_solver", {"order": 3, "adaptive": True}), ("dpm_solver++", {"order": 2}), ("dpm_solver++", {"sde": True}),
-    ("unipc", {"order": 2}), ("adaptive_sde", {}),
+    ("dpm_solver", {"order": 1}),
+    ("dpm_solver", {"order": 2}),
+    ("dpm_solver", {"order": 3}),
+    ("dpm_solver", {"order": 3, "adaptive": True}),
+    ("dpm_solver++", {"order": 2}),
+    ("dpm_solver++", {"sde": True}),
+    ("unipc", {"order": 2}),
+    ("adaptive_sde", {}),
 ]
 
 
@@ -430,7 +439,9 @@ def test_adaptive_sde_matches_the_exact_law_in_high_dimension():
     ae, se = float(sde.alpha(sde.eps)), float(sde.sigma(sde.eps))
     nfes = []
     for rtol in (0.1, 0.03):
-        res = sf.sample(den, "adaptive_sde", x_T=x_T, rtol=rtol, atol=rtol / 5, generator=torch.Generator().manual_seed(1))
+        res = sf.sample(
+            den, "adaptive_sde", x_T=x_T, rtol=rtol, atol=rtol / 5, generator=torch.Generator().manual_seed(1)
+        )
         nfes.append(res.nfe)
         assert res.stats["rejected"] > 0 and res.nfe == 2 * res.stats["rounds"]
         v_ratio = float(res.x.var(0).mean()) / (ae**2 * S**2 + se**2)
@@ -459,8 +470,9 @@ def test_dynamic_thresholding():
     y = dynamic_threshold(x0, 0.9, 1.0)
     assert float(y.abs().max()) <= 1.0 + 1e-12
     s = torch.quantile(x0.reshape(5, -1).abs(), 0.9, dim=1).clamp(min=1.0)
-    torch.testing.assert_close(y, torch.maximum(torch.minimum(x0, s[:, None, None, None]), -s[:, None, None, None])
-                               / s[:, None, None, None])
+    torch.testing.assert_close(
+        y, torch.maximum(torch.minimum(x0, s[:, None, None, None]), -s[:, None, None, None]) / s[:, None, None, None]
+    )
     inside = 0.5 * torch.tanh(x0)
     assert torch.equal(dynamic_threshold(inside, 0.995, 1.0), inside)
     # a solve whose x0 predictions stay in [-1, 1] is unchanged; one outside is pulled in
@@ -539,8 +551,14 @@ def test_diffusers_schedulers_are_reproduced_on_their_grids():
 
     den = sf.Denoiser(net, sde, "eps", time_input="index")
     x_T = _x_T(sde, 4)
-    base = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                final_sigmas_type="sigma_min", solver_order=2)
+    base = dict(
+        num_train_timesteps=1000,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        final_sigmas_type="sigma_min",
+        solver_order=2,
+    )
     for nfe in (8, 16):
         for solver, cls, cfg, opts in [
             ("dpm_solver++", diffusers.DPMSolverMultistepScheduler, {}, {"order": 2}),

@@ -38,8 +38,9 @@ def test_karras_rho_and_t_end():
     sde = sf.VESDE(0.01, 50.0)
     g = time_grid(sde, 4, "karras", t_end=0.2, rho=3.0)
     s = sde.edm_sigma(g)
-    torch.testing.assert_close(s ** (1 / 3), torch.linspace(50.0 ** (1 / 3), float(sde.sigma(0.2)) ** (1 / 3), 5,
-                                                             dtype=torch.float64))
+    torch.testing.assert_close(
+        s ** (1 / 3), torch.linspace(50.0 ** (1 / 3), float(sde.sigma(0.2)) ** (1 / 3), 5, dtype=torch.float64)
+    )
     with pytest.raises(ValueError, match="t_end > 0"):
         time_grid(sde, 4, "karras", t_end=0.0)
 

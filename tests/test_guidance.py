@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -70,7 +68,9 @@ def test_classifier_guidance_exact_classifier_is_the_conditional_score(kind):
     labels = torch.tensor([0, 1, 2] * 8)
     den = gmm.denoiser(sde)
     guided = ClassifierGuidance(den, gmm_class_logits(gmm, sde), labels, scale=1.0)
-    exact = torch.stack([component(gmm, int(k)).score(x[i : i + 1], t[i : i + 1], sde)[0] for i, k in enumerate(labels)])
+    exact = torch.stack(
+        [component(gmm, int(k)).score(x[i : i + 1], t[i : i + 1], sde)[0] for i, k in enumerate(labels)]
+    )
     got = guided.score(x, t)
     assert torch.allclose(got, exact, rtol=1e-8, atol=1e-8 * float(exact.abs().max())), (got - exact).abs().max()
     assert guided.nfe == 1 and guided.classifier_nfe == 1
@@ -111,8 +111,12 @@ def test_cfg_seed_identities_and_affine_equivalence(prediction, kind):
         torch.testing.assert_close(got, eps_u + w * (eps_c - eps_u), rtol=1e-9, atol=1e-9)
     # w = 1 is the conditional prediction and w = 0 the unconditional one in the net's own target space too
     cond = ConditionalDenoiser(den, labels)
-    torch.testing.assert_close(ClassifierFreeGuidance(den, labels, 1.0).raw(x, t), cond.raw(x, t), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(ClassifierFreeGuidance(den, labels, 0.0).x0(x, t), gmm.x0(x, t, sde), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(
+        ClassifierFreeGuidance(den, labels, 1.0).raw(x, t), cond.raw(x, t), rtol=1e-10, atol=1e-10
+    )
+    torch.testing.assert_close(
+        ClassifierFreeGuidance(den, labels, 0.0).x0(x, t), gmm.x0(x, t, sde), rtol=1e-9, atol=1e-9
+    )
 
 
 class _Spy:
@@ -141,7 +145,10 @@ def test_cfg_one_batched_call_and_interval():
     # per-sample times straddling the interval: guided inside, conditional outside, still one call
     t = torch.tensor([0.1, 0.2, 0.3, 0.6, 0.7, 0.95], dtype=F64)
     inside = ((t >= 0.2) & (t <= 0.6))[:, None]
-    ec, eu = torch.stack([component(gmm, 1).eps(x[i : i + 1], t[i : i + 1], sde)[0] for i in range(6)]), gmm.eps(x, t, sde)
+    ec, eu = (
+        torch.stack([component(gmm, 1).eps(x[i : i + 1], t[i : i + 1], sde)[0] for i in range(6)]),
+        gmm.eps(x, t, sde),
+    )
     torch.testing.assert_close(cfg.eps(x, t), torch.where(inside, eu + 4.0 * (ec - eu), ec))
     assert den.nfe == 3
 
@@ -167,14 +174,15 @@ def test_wrappers_work_with_every_solver(solver):
     den = sf.Denoiser(gmm_conditional_net(gmm, sde), sde)
     x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(5), dtype=F64)
 
-
     def run(d):
         return sf.sample(d, solver, nfe=12, x_T=x_T, generator=torch.Generator().manual_seed(6))
 
     guided, cond = run(ClassifierFreeGuidance(den, 1, 1.0)), run(ConditionalDenoiser(den, 1))
     torch.testing.assert_close(guided.x, cond.x, rtol=1e-8, atol=1e-8)
     assert guided.nfe == cond.nfe
-    torch.testing.assert_close(run(ClassifierFreeGuidance(den, 1, 0.0)).x, run(gmm.denoiser(sde)).x, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(
+        run(ClassifierFreeGuidance(den, 1, 0.0)).x, run(gmm.denoiser(sde)).x, rtol=1e-8, atol=1e-8
+    )
 
 
 def test_bad_arguments():
@@ -201,7 +209,6 @@ def test_bad_arguments():
 # ---------------------------------------------------------------------------------------------- noise-aware classifier
 def test_noise_aware_classifier_learns_the_exact_posterior():
     """Trained by cross-entropy on noisy data with the library's Trainer, p(y | x_t, t) approaches the exact one."""
-    from sdeflow.training.data import TensorData
 
     torch.manual_seed(0)
     threads = torch.get_num_threads()
@@ -239,7 +246,9 @@ def _train_and_compare():
     x0 = torch.cat(xs)[:1024].double()
     perm = torch.randperm(x0.shape[0], generator=gl)
     exact_ce = loss(gmm_class_logits(gmm, sde), x0[perm], torch.Generator().manual_seed(12), y[perm])
-    trained_ce = loss(lambda a, b: trainer.ema(a.float(), b.float()), x0[perm], torch.Generator().manual_seed(12), y[perm])
+    trained_ce = loss(
+        lambda a, b: trainer.ema(a.float(), b.float()), x0[perm], torch.Generator().manual_seed(12), y[perm]
+    )
     assert float(exact_ce) <= float(trained_ce) + 0.01 < float(exact_ce) + 0.05
 
 

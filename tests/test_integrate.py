@@ -142,8 +142,15 @@ def test_pi_controller_and_error_norm():
 # ---------------------------------------------------------------------------------------------- sample()
 def test_sample_draws_x_T_from_the_prior(problem):
     sde, den, _, _ = problem
-    res = sf.sample(den, "euler", nfe=1, shape=(5, 2), generator=torch.Generator().manual_seed(7), dtype=torch.float64,
-                    grid=torch.tensor([1.0, 1.0 - 1e-9], dtype=torch.float64))
+    res = sf.sample(
+        den,
+        "euler",
+        nfe=1,
+        shape=(5, 2),
+        generator=torch.Generator().manual_seed(7),
+        dtype=torch.float64,
+        grid=torch.tensor([1.0, 1.0 - 1e-9], dtype=torch.float64),
+    )
     x_T = sde.prior_std() * torch.randn(5, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     torch.testing.assert_close(res.x, x_T, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="pass either x_T or shape"):

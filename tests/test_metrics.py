@@ -203,11 +203,7 @@ def test_frechet_of_samples_converges_to_closed_form() -> None:
 def _naive_mmd2(x: np.ndarray, y: np.ndarray, k) -> float:
     kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
     m, n = len(x), len(y)
-    return (
-        (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
-        + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
-        - 2 * kxy.mean()
-    )
+    return (kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1)) - 2 * kxy.mean()
 
 
 def _gauss_kernel(h: float):
@@ -215,7 +211,7 @@ def _gauss_kernel(h: float):
 
 
 def test_mmd2_matches_naive_u_statistic() -> None:
-    import scipy.spatial  # noqa: F401  (cdist for the oracle)
+    import scipy.spatial
 
     rng = _rng(8)
     x, y = rng.standard_normal((90, 3)), rng.standard_normal((70, 3)) + 0.3
@@ -246,7 +242,7 @@ def test_mmd2_unbiased_under_null_and_positive_when_shifted() -> None:
         x = torch.randn(n, 2, generator=g, dtype=torch.float64)
         y = torch.randn(n, 2, generator=g, dtype=torch.float64)
         u.append(mmd2(x, y, bandwidth=h))
-        k = lambda a, b: torch.exp(-torch.cdist(a, b).square() / (2 * h * h))  # noqa: E731
+        k = lambda a, b: torch.exp(-torch.cdist(a, b).square() / (2 * h * h))
         v.append(float(k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean()))
     u, v = np.array(u), np.array(v)
     se = u.std(ddof=1) / math.sqrt(R)
@@ -260,7 +256,7 @@ def test_kid_matches_naive_and_behaves() -> None:
     rng = _rng(10)
     d = 8
     x, y = rng.standard_normal((60, d)), rng.standard_normal((60, d)) + 0.5
-    cubic = lambda a, b: (a @ b.T / d + 1.0) ** 3  # noqa: E731
+    cubic = lambda a, b: (a @ b.T / d + 1.0) ** 3
     res = kid(torch.from_numpy(x), torch.from_numpy(y), subsets=1, subset_size=60)  # the full sets, any order
     assert res.mean == pytest.approx(_naive_mmd2(x, y, cubic), rel=1e-10)
     assert math.isnan(res.std)
@@ -341,6 +337,6 @@ def test_metrics_on_cuda_match_cpu() -> None:
     assert st.mean.device.type == "cuda"
     assert frechet_distance(st, gaussian_stats(x)) == pytest.approx(0.0, abs=1e-9)
     assert mmd2(xc, yc, bandwidth=2.0) == pytest.approx(mmd2(x, y, bandwidth=2.0), rel=1e-9)
-    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731  (CPU generator, CUDA data)
+    gen = lambda: torch.Generator().manual_seed(0)
     assert sliced_wasserstein(xc, yc, generator=gen()) == pytest.approx(sliced_wasserstein(x, y, generator=gen()))
     assert kid(xc, yc, subsets=5, generator=gen()).mean == pytest.approx(kid(x, y, subsets=5, generator=gen()).mean)

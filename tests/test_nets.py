@@ -27,8 +27,15 @@ def _unzero(net: nn.Module, seed: int = 0) -> nn.Module:
 @pytest.mark.parametrize("channels,size", [(1, 8), (1, 28), (3, 32)])
 def test_unet_shapes_and_dependence(channels, size, conditional):
     torch.manual_seed(0)
-    net = UNet(channels, channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
-               num_classes=10 if conditional else None)
+    net = UNet(
+        channels,
+        channels=16,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attention_levels=(1,),
+        num_heads=2,
+        num_classes=10 if conditional else None,
+    )
     x = torch.randn(3, channels, size, size)
     t = torch.tensor([0.1, 0.5, 0.9])
     y = torch.tensor([0, 7, 10]) if conditional else None
@@ -52,7 +59,9 @@ def test_unet_shapes_and_dependence(channels, size, conditional):
 
 def test_unet_odd_size_padding_and_levels():
     torch.manual_seed(0)
-    net = _unzero(UNet(1, channels=8, channel_mult=(1, 2, 2, 2), num_res_blocks=1, attention_levels=(2, 3), num_heads=1))
+    net = _unzero(
+        UNet(1, channels=8, channel_mult=(1, 2, 2, 2), num_res_blocks=1, attention_levels=(2, 3), num_heads=1)
+    )
     for size in (5, 28, 13):
         x = torch.randn(2, 1, size, size + 3)
         assert net(x, torch.rand(2)).shape == x.shape
@@ -95,8 +104,13 @@ def test_mlp_any_data_shape_and_labels(shape):
 def test_nets_run_in_float64_and_as_denoiser():
     torch.manual_seed(0)
     sde = sf.VPSDE()
-    for net, x in [(MLPScoreNet(2, hidden=16, depth=1), torch.randn(4, 2, dtype=torch.float64)),
-                   (UNet(1, channels=8, channel_mult=(1, 2), num_res_blocks=1, num_heads=1), torch.randn(2, 1, 8, 8, dtype=torch.float64))]:
+    for net, x in [
+        (MLPScoreNet(2, hidden=16, depth=1), torch.randn(4, 2, dtype=torch.float64)),
+        (
+            UNet(1, channels=8, channel_mult=(1, 2), num_res_blocks=1, num_heads=1),
+            torch.randn(2, 1, 8, 8, dtype=torch.float64),
+        ),
+    ]:
         net = _unzero(net).double()
         den = sf.Denoiser(net, sde, "eps")
         out = den.x0(x, 0.5)
@@ -139,7 +153,9 @@ def test_input_scaling_gives_unit_variance_inputs():
     x0 = 0.5 * torch.randn(20000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for t in (1e-5, 0.3, 1.0):
         tt = torch.full((len(x0),), t, dtype=torch.float64)
-        x_t = sde.marginal(x0, tt, torch.randn(x0.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+        x_t = sde.marginal(
+            x0, tt, torch.randn(x0.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        )
         wrapped(x_t, tt)
         expect = 1 / math.sqrt(0.25 + float(sde.sigma(t)) ** 2)
         torch.testing.assert_close(seen["x"], expect * x_t)

@@ -49,14 +49,15 @@ def test_brownian_coarse_increments_are_sums_of_fine_ones():
     bn = BrownianNoise(like.shape, seed=11, t_min=0.001, t_max=1.0)
     fine = torch.linspace(1.0, 0.001, 33, dtype=torch.float64)
     coarse = fine[::8]
-    inc = lambda grid, k: bn(0, grid[k], grid[k + 1], like)[0] * math.sqrt(float(grid[k] - grid[k + 1]))  # noqa
+    inc = lambda grid, k: bn(0, grid[k], grid[k + 1], like)[0] * math.sqrt(float(grid[k] - grid[k + 1]))
     for j in range(len(coarse) - 1):
         total = sum(inc(fine, k) for k in range(8 * j, 8 * j + 8))
         torch.testing.assert_close(inc(coarse, j), total, rtol=0, atol=1e-12)
     # the same seed is the same path whatever the query order; another seed another path
     again = BrownianNoise(like.shape, seed=11, t_min=0.001, t_max=1.0)
-    torch.testing.assert_close(again(0, coarse[1], coarse[2], like), bn(0, coarse[1], coarse[2], like), rtol=0,
-                               atol=1e-12)
+    torch.testing.assert_close(
+        again(0, coarse[1], coarse[2], like), bn(0, coarse[1], coarse[2], like), rtol=0, atol=1e-12
+    )
     other = BrownianNoise(like.shape, seed=12, t_min=0.001, t_max=1.0)
     assert not torch.allclose(other(0, coarse[1], coarse[2], like), bn(0, coarse[1], coarse[2], like))
 
@@ -64,8 +65,12 @@ def test_brownian_coarse_increments_are_sums_of_fine_ones():
 def test_brownian_increments_are_standard_normal():
     like = torch.zeros(4000, 1, dtype=torch.float64)
     bn = BrownianNoise(like.shape, seed=1, t_min=0.0, t_max=1.0)
-    z = torch.cat([bn(i, torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), like)[0]
-                   for i, (a, b) in enumerate([(1.0, 0.7), (0.7, 0.2), (0.2, 0.0)])])
+    z = torch.cat(
+        [
+            bn(i, torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), like)[0]
+            for i, (a, b) in enumerate([(1.0, 0.7), (0.7, 0.2), (0.2, 0.0)])
+        ]
+    )
     n = z.numel()
     assert abs(float(z.mean())) < 5 / math.sqrt(n)
     assert abs(float(z.var()) - 1) < 5 * math.sqrt(2 / n)

@@ -156,8 +156,18 @@ def test_max_iters_caps_the_sweeps(den, x_T):
 def test_trajectory_and_callback(den, x_T):
     seq = sf.sample(den, "ddpm", nfe=30, x_T=x_T, generator=gen(), return_trajectory=True)
     seen = []
-    res = sf.sample(den, "parallel", base="ddpm", nfe=30, x_T=x_T, generator=gen(), window=8, tol=1e-14,
-                    return_trajectory=True, callback=lambda p: seen.append((p["i"], p["x"].clone(), p["x0"])))
+    res = sf.sample(
+        den,
+        "parallel",
+        base="ddpm",
+        nfe=30,
+        x_T=x_T,
+        generator=gen(),
+        window=8,
+        tol=1e-14,
+        return_trajectory=True,
+        callback=lambda p: seen.append((p["i"], p["x"].clone(), p["x0"])),
+    )
     assert res.trajectory.shape == seq.trajectory.shape == (31, *x_T.shape)
     assert float((res.trajectory - seq.trajectory).abs().max()) <= 1e-12
     assert [i for i, _, _ in seen] == list(range(30))

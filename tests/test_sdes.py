@@ -60,9 +60,13 @@ def test_subvp_closed_form(b0, db, t):
     sde = sf.SubVPSDE(b0, b0 + db)
     a = vp_linear_alpha(t, b0, b0 + db)
     np.testing.assert_allclose(float(sde.alpha(t)), a, rtol=1e-13)
-    np.testing.assert_allclose(float(sde.sigma(t)), one_minus_a2(vp_linear_log_alpha(t, b0, b0 + db)), rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(
+        float(sde.sigma(t)), one_minus_a2(vp_linear_log_alpha(t, b0, b0 + db)), rtol=1e-12, atol=1e-300
+    )
     # Song et al. 2021, eq. 29: g^2 = beta(t) (1 - exp(-2 int_0^t beta)) = beta (1 - a^4)
-    np.testing.assert_allclose(float(sde.g2(t)), (b0 + t * db) * -np.expm1(4 * vp_linear_log_alpha(t, b0, b0 + db)), rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(
+        float(sde.g2(t)), (b0 + t * db) * -np.expm1(4 * vp_linear_log_alpha(t, b0, b0 + db)), rtol=1e-12, atol=1e-300
+    )
 
 
 @given(smin=st.floats(1e-3, 1.0), r=st.floats(1.0, 5.0), t=unit_times)
@@ -102,7 +106,7 @@ def test_vp_cosine_default_end_time():
 )
 def test_vp_sigmoid_closed_form(start, end, tau, delta, t):
     sde = sf.VPSDE(schedule="sigmoid", sigmoid_start=start, sigmoid_end=end, sigmoid_tau=tau, alpha_bar_min=delta)
-    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    sig = lambda z: 1 / (1 + math.exp(-z))
     vs, ve = sig(start / tau), sig(end / tau)
     gamma = (ve - sig((start + t * (end - start)) / tau)) / (ve - vs)
     abar = delta + (1 - delta) * gamma
@@ -194,10 +198,10 @@ def test_discrete_moments_by_finite_differences(betas, w, v0):
     N = sde.N
     t = t64((np.arange(N) + w) / N)
     h = 1e-4 / N
-    la = lambda u: sde.log_alpha(u)  # noqa: E731
+    la = lambda u: sde.log_alpha(u)
     dla = (la(t + h) - la(t - h)) / (2 * h)
     np.testing.assert_allclose(np_(sde.f(t)), np_(dla), rtol=1e-6)
-    v = lambda u: sde.alpha(u) ** 2 * v0 + sde.sigma(u) ** 2  # noqa: E731
+    v = lambda u: sde.alpha(u) ** 2 * v0 + sde.sigma(u) ** 2
     dv = (v(t + h) - v(t - h)) / (2 * h)
     rhs = 2 * sde.f(t) * v(t) + sde.g2(t)
     # v is affine in exp(2 log a): FD error ~ h^2 |2f|^2 |v'| / 6 < 1e-8 |v'|, rounding ~ 1e-16 / h
@@ -269,7 +273,7 @@ def test_drift_diffusion_marginal_shapes(sde_kind, make_sde):
     x = torch.randn(5, 3, 4, 2, generator=g, dtype=F64)
     noise = torch.randn(x.shape, generator=g, dtype=F64)
     t = torch.linspace(sde.eps, sde.T, 5, dtype=F64)
-    col = lambda c: c.reshape(-1, 1, 1, 1)  # noqa: E731
+    col = lambda c: c.reshape(-1, 1, 1, 1)
     np.testing.assert_allclose(np_(sde.drift(x, t)), np_(col(sde.f(t)) * x), rtol=1e-14)
     xt = sde.marginal(x, t, noise)
     np.testing.assert_allclose(np_(xt), np_(col(sde.alpha(t)) * x + col(sde.sigma(t)) * noise), rtol=1e-14)

@@ -34,14 +34,25 @@ DETERMINISTIC_VARIANTS: dict[str, list[dict]] = {
     "ddim": [{"eta": 0.0}],
     "heun": [{}],
     "rk45": [{}],
-    "dpm_solver": [{"order": 1}, {"order": 2}, {"order": 3}, {"order": 2, "solver_type": "taylor"},
-                   {"order": 3, "solver_type": "taylor"}, {"order": 3, "predict_x0": True}],
+    "dpm_solver": [
+        {"order": 1},
+        {"order": 2},
+        {"order": 3},
+        {"order": 2, "solver_type": "taylor"},
+        {"order": 3, "solver_type": "taylor"},
+        {"order": 3, "predict_x0": True},
+    ],
     # DPM-Solver++(3M) and UniPC-3 are fitted in test_fast_solvers.py on mixtures: on Gaussian data 3M converges with
     # order 4 (the Adams error telescopes to end-point derivatives that vanish there) and UniPC-3 reaches its order 4
     # only beyond 128 steps
     "dpm_solver++": [{"order": 1}, {"order": 2}, {"order": 2, "solver_type": "taylor"}],
-    "unipc": [{"order": 1}, {"order": 2}, {"order": 2, "variant": "bh1"}, {"order": 2, "corrector": False},
-              {"order": 2, "predict_x0": False}],
+    "unipc": [
+        {"order": 1},
+        {"order": 2},
+        {"order": 2, "variant": "bh1"},
+        {"order": 2, "corrector": False},
+        {"order": 2, "predict_x0": False},
+    ],
 }
 #: option variants of stochastic solvers for the exact weak-order test (samplers affine in x for Gaussian data).
 STOCHASTIC_VARIANTS: dict[str, list[dict]] = {
@@ -115,6 +126,7 @@ def _pf_reference(sde, gmm, x_T: torch.Tensor, T: float, t_end: float) -> torch.
 
 def _gaussian_flow(sde, x_T: torch.Tensor, T: float, t_end: float) -> torch.Tensor:
     """Closed-form probability-flow map for data N(MU, S^2 I)."""
+
     def a_v(t):
         a, s = float(sde.alpha(t)), float(sde.sigma(t))
         return a, math.sqrt(a * a * S * S + s * s)

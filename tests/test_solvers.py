@@ -126,8 +126,9 @@ def test_same_generator_same_samples(name):
 def test_per_sample_generator_independent_of_batch(name):
     name, opts = _named(name)
     sde, gmm, net, den = _setup()
-    big = sf.sample(den, name, nfe=8, shape=(4, 2), generator=PerSampleGenerator([3, 7, 11, 13]), dtype=torch.float64,
-                    **opts).x
+    big = sf.sample(
+        den, name, nfe=8, shape=(4, 2), generator=PerSampleGenerator([3, 7, 11, 13]), dtype=torch.float64, **opts
+    ).x
     one = sf.sample(den, name, nfe=8, shape=(1, 2), generator=PerSampleGenerator([11]), dtype=torch.float64, **opts).x
     torch.testing.assert_close(big[2:3], one, rtol=0, atol=1e-12)
 
@@ -232,8 +233,15 @@ def test_torchsde_noise_restrictions():
 def test_callback_and_trajectory(name):
     sde, gmm, net, den = _setup()
     seen = []
-    res = sf.sample(den, name, nfe=8, shape=(3, 2), generator=torch.Generator().manual_seed(0), return_trajectory=True,
-                    callback=seen.append)
+    res = sf.sample(
+        den,
+        name,
+        nfe=8,
+        shape=(3, 2),
+        generator=torch.Generator().manual_seed(0),
+        return_trajectory=True,
+        callback=seen.append,
+    )
     n = res.times.numel() - 1
     assert res.trajectory.shape == (n + 1, 3, 2)
     assert torch.equal(res.trajectory[-1], res.x)
@@ -283,8 +291,14 @@ def test_heun_last_step_is_ddim():
 
 # ---------------------------------------------------------------------------------------------- predictor-corrector
 @pytest.mark.parametrize(
-    "sde_name,predictor", [("vp", "reverse_diffusion"), ("subvp", "reverse_diffusion"), ("ve", "reverse_diffusion"),
-                           ("vp", "euler_maruyama"), ("ve", "none")]
+    "sde_name,predictor",
+    [
+        ("vp", "reverse_diffusion"),
+        ("subvp", "reverse_diffusion"),
+        ("ve", "reverse_diffusion"),
+        ("vp", "euler_maruyama"),
+        ("ve", "none"),
+    ],
 )
 def test_pc_langevin_equilibrium(sde_name, predictor):
     """Langevin with the snr rule on Gaussian data N(mu, S^2 I), exact score: u = x - a mu obeys
@@ -387,16 +401,26 @@ def test_torchsde_srk_strong_order():
     bn = BrownianNoise((B, 2), seed=2, t_min=t_end, t_max=1.0, levy_area_approximation="space-time")
     st = make_stepper(den, "torchsde", method="srk")
     ref = st.integrate(x_T, time_grid(sde, 256, "uniform", t_end=t_end), noise=bn).x
-    errs = [float((st.integrate(x_T, time_grid(sde, n, "uniform", t_end=t_end), noise=bn).x - ref).norm(dim=1).mean())
-            for n in (8, 16, 32)]
+    errs = [
+        float((st.integrate(x_T, time_grid(sde, n, "uniform", t_end=t_end), noise=bn).x - ref).norm(dim=1).mean())
+        for n in (8, 16, 32)
+    ]
     slope = math.log(errs[0] / errs[2]) / math.log(4)
     assert slope >= st.strong_order - 0.3, errs
 
 
 def test_torchsde_adaptive():
     sde, gmm, net, den = _setup()
-    res = sf.sample(den, "torchsde", shape=(8, 2), generator=torch.Generator().manual_seed(0), adaptive=True,
-                    rtol=0.05, atol=0.05, dtype=torch.float64)
+    res = sf.sample(
+        den,
+        "torchsde",
+        shape=(8, 2),
+        generator=torch.Generator().manual_seed(0),
+        adaptive=True,
+        rtol=0.05,
+        atol=0.05,
+        dtype=torch.float64,
+    )
     assert res.nfe == net.calls > 0 and bool(torch.isfinite(res.x).all())
 
 
@@ -407,8 +431,15 @@ def test_solvers_on_cuda_match_cpu(name):
     """Device agnostic: the same solve on CUDA stays there and matches the CPU result (same x_T, same noise)."""
     sde, gmm, net, den = _setup()
     x_T = sde.prior_sample((8, 2), torch.Generator().manual_seed(0), dtype=torch.float64)
-    opts = {"noise": TensorNoise(torch.randn(64, 2, 8, 2, generator=torch.Generator().manual_seed(1),
-                                             dtype=torch.float64))} if name in STOCHASTIC_FIXED else {}
+    opts = (
+        {
+            "noise": TensorNoise(
+                torch.randn(64, 2, 8, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+            )
+        }
+        if name in STOCHASTIC_FIXED
+        else {}
+    )
     cpu = sf.sample(den, name, nfe=10, x_T=x_T, **opts).x
     if "noise" in opts:
         opts["noise"] = TensorNoise(opts["noise"].noise.cuda())

@@ -42,7 +42,9 @@ def space_factor(space: str, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("sde_name", ["vp", "ve"])
 @pytest.mark.parametrize("prediction", PREDICTIONS)
-@pytest.mark.parametrize("weighting,time_sampling", [("simple", "uniform"), ("likelihood", "importance"), ("min_snr", "uniform")])
+@pytest.mark.parametrize(
+    "weighting,time_sampling", [("simple", "uniform"), ("likelihood", "importance"), ("min_snr", "uniform")]
+)
 def test_oracle_sits_at_the_loss_floor(sde_name, prediction, weighting, time_sampling):
     """E[loss(oracle) | x_t] = w ratio c^2 Var(x0 | x_t) / d exactly: the Monte-Carlo means agree within 4 standard
     errors, and an untrained net lies far above the floor."""
@@ -55,7 +57,12 @@ def test_oracle_sits_at_the_loss_floor(sde_name, prediction, weighting, time_sam
     oracle = gmm.denoiser(sde, prediction).net
     per = loss.per_sample(oracle, x0, draw=draw)
     a, s = sde.alpha(draw.t), sde.sigma(draw.t)
-    floor = loss.weight(draw.t) * draw.ratio * space_factor(loss.space, a, s) ** 2 * posterior_x0_var(gmm, draw.x_t, a, s).mean(1)
+    floor = (
+        loss.weight(draw.t)
+        * draw.ratio
+        * space_factor(loss.space, a, s) ** 2
+        * posterior_x0_var(gmm, draw.x_t, a, s).mean(1)
+    )
     gap = per - floor
     se = gap.std() / math.sqrt(len(gap))
     assert abs(float(gap.mean())) < 4 * float(se), (float(per.mean()), float(floor.mean()), float(se))
@@ -102,7 +109,11 @@ def test_min_snr_matches_hang_et_al_per_target_weights(prediction):
     snr = (a / s) ** 2
     out = _linear_net(draw.x_t, draw.t)
     target = {"eps": draw.noise, "x0": x0, "v": a * draw.noise - s * x0}[prediction]
-    weight = {"eps": torch.clamp(snr, max=5) / snr, "x0": torch.clamp(snr, max=5), "v": torch.clamp(snr, max=5) / (snr + 1)}[prediction]
+    weight = {
+        "eps": torch.clamp(snr, max=5) / snr,
+        "x0": torch.clamp(snr, max=5),
+        "v": torch.clamp(snr, max=5) / (snr + 1),
+    }[prediction]
     torch.testing.assert_close(per, (weight * (out - target) ** 2).mean(1), rtol=1e-9, atol=1e-12)
 
 
@@ -111,7 +122,12 @@ def test_likelihood_weighting_and_importance_sampling(sde_name):
     """Uniform t: the per-sample loss is g(t)^2 ||score_hat - score||^2 / d with the closed-form g^2. Importance
     sampling: the ratio makes E_p[ratio h(t)] the uniform average of any h (checked against quadrature), and the
     likelihood weight in eps space becomes the constant 2 (lambda(eps) - lambda(T)) / (T - eps)."""
-    sde = {"vp": sf.VPSDE(), "subvp": sf.SubVPSDE(), "ve": sf.VESDE(0.01, 50.0), "vp_cosine": sf.VPSDE(schedule="cosine")}[sde_name]
+    sde = {
+        "vp": sf.VPSDE(),
+        "subvp": sf.SubVPSDE(),
+        "ve": sf.VESDE(0.01, 50.0),
+        "vp_cosine": sf.VPSDE(schedule="cosine"),
+    }[sde_name]
     g = torch.Generator().manual_seed(5)
     x0 = torch.randn(256, 2, dtype=torch.float64, generator=g)
     uni = DenoisingScoreMatching(sde, "eps", "likelihood", "uniform")
@@ -132,7 +148,7 @@ def test_likelihood_weighting_and_importance_sampling(sde_name):
     imp = DenoisingScoreMatching(sde, "eps", "likelihood", "importance")
     t_i, ratio = imp.sample_time(200_000, torch.Generator().manual_seed(6))
     assert float(t_i.min()) >= imp.t_min and float(t_i.max()) <= imp.t_max
-    h = lambda tt: torch.as_tensor(tt) ** 2 + torch.cos(7 * torch.as_tensor(tt))  # noqa: E731
+    h = lambda tt: torch.as_tensor(tt) ** 2 + torch.cos(7 * torch.as_tensor(tt))
     exact = integrate.quad(lambda u: float(h(u)), imp.t_min, imp.t_max)[0] / (imp.t_max - imp.t_min)
     est = ratio * h(t_i)
     assert abs(float(est.mean()) - exact) < 4 * float(est.std()) / math.sqrt(len(est))
@@ -191,9 +207,14 @@ def test_conditional_loss_passes_labels_and_null_class():
 
 def test_bad_arguments_name_the_argument():
     sde = sf.VPSDE()
-    for kwargs, name in [({"prediction": "noise"}, "prediction"), ({"weighting": "snr"}, "weighting"),
-                         ({"time_sampling": "beta"}, "time_sampling"), ({"p_uncond": 1.5}, "p_uncond"),
-                         ({"t_min": 0.0}, "t_min"), ({"min_snr_gamma": 0.0}, "min_snr_gamma")]:
+    for kwargs, name in [
+        ({"prediction": "noise"}, "prediction"),
+        ({"weighting": "snr"}, "weighting"),
+        ({"time_sampling": "beta"}, "time_sampling"),
+        ({"p_uncond": 1.5}, "p_uncond"),
+        ({"t_min": 0.0}, "t_min"),
+        ({"min_snr_gamma": 0.0}, "min_snr_gamma"),
+    ]:
         with pytest.raises(ValueError, match=name):
             DenoisingScoreMatching(sde, **kwargs)
 

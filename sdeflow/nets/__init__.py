@@ -5,4 +5,12 @@ from .mlp import MLPScoreNet
 from .scaling import InputScaling
 from .unet import UNet
 
-__all__ = ["MLPScoreNet", "UNet", "InputScaling", "SinusoidalEmbedding", "FourierEmbedding", "TimeMLP", "ClassEmbedding"]
+__all__ = [
+    "MLPScoreNet",
+    "UNet",
+    "InputScaling",
+    "SinusoidalEmbedding",
+    "FourierEmbedding",
+    "TimeMLP",
+    "ClassEmbedding",
+]

@@ -125,7 +125,9 @@ def prepare_labels(
     if y.shape != (batch,):
         raise ValueError(f"y must be an int or have shape (batch,) = ({batch},), got {tuple(y.shape)}")
     if y.device.type == "cpu" and y.numel() and (int(y.min()) < 0 or int(y.max()) > num_classes):
-        raise ValueError(f"y must lie in [0, {num_classes}] ({num_classes} = null class), got [{int(y.min())}, {int(y.max())}]")
+        raise ValueError(
+            f"y must lie in [0, {num_classes}] ({num_classes} = null class), got [{int(y.min())}, {int(y.max())}]"
+        )
     return y
 
 

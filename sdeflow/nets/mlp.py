@@ -91,7 +91,9 @@ class MLPScoreNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | int | None = None) -> torch.Tensor:
         if x.ndim < 2 or math.prod(x.shape[1:]) != self.dim:
-            raise ValueError(f"x must have shape (batch, *data_shape) with {self.dim} values per sample, got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have shape (batch, *data_shape) with {self.dim} values per sample, got {tuple(x.shape)}"
+            )
         batch = x.shape[0]
         emb = embed_conditions(self.time, self.label, t, y, batch, self.num_classes, x.device)
         emb = self.emb_act(emb)

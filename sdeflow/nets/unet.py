@@ -17,7 +17,7 @@ sizes, so one configuration serves every image size.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -156,7 +156,9 @@ class UNet(nn.Module):
             raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
         levels = len(channel_mult)
         if any(a < 0 or a >= levels for a in attention_levels):
-            raise ValueError(f"attention_levels must lie in 0..{levels - 1} (one per channel_mult entry), got {attention_levels}")
+            raise ValueError(
+                f"attention_levels must lie in 0..{levels - 1} (one per channel_mult entry), got {attention_levels}"
+            )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         self.in_channels, self.num_classes = in_channels, num_classes
@@ -183,7 +185,9 @@ class UNet(nn.Module):
             if i < levels - 1:
                 self.down.append(_Down(ch))
                 skips.append(ch)
-        self.mid = _Sequence(ResBlock(ch, ch, emb_dim, dropout), SelfAttention(ch, num_heads), ResBlock(ch, ch, emb_dim, dropout))
+        self.mid = _Sequence(
+            ResBlock(ch, ch, emb_dim, dropout), SelfAttention(ch, num_heads), ResBlock(ch, ch, emb_dim, dropout)
+        )
         self.up = nn.ModuleList()
         for i, mult in reversed(list(enumerate(channel_mult))):
             for j in range(num_res_blocks + 1):

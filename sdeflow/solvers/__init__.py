@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from .base import SolverError, Stepper, StepResult
+from ..parallel import Parallel
 from .adaptive_sde import AdaptiveSDE
+from .base import SolverError, Stepper, StepResult
 from .ddim import DDIM, DDPM
 from .dpm_solver import DPMSolver, DPMSolverPP
 from .euler import Euler, EulerMaruyama
@@ -12,7 +13,6 @@ from .heun import Heun
 from .pc import PredictorCorrector
 from .rk import RK45
 from .unipc import UniPC
-from ..parallel import Parallel  # noqa: E402  (parallel.py imports only .base at load time)
 
 SOLVERS: dict[str, type[Stepper]] = {
     "euler": Euler,

@@ -69,11 +69,14 @@ class AdaptiveSDE(Stepper):
         from ..integrate import PIController  # the driver imports the solver table: import at use
 
         r = float(self.opts["exponent"])
-        return PIController(safety=float(self.opts["safety"]), beta1=2.0 * r, beta2=0.0, factor_min=1e-3,
-                            factor_max=1e3)
+        return PIController(
+            safety=float(self.opts["safety"]), beta1=2.0 * r, beta2=0.0, factor_min=1e-3, factor_max=1e3
+        )
 
     @staticmethod
-    def error_norm(err: torch.Tensor, x_old: torch.Tensor, x_new: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
+    def error_norm(
+        err: torch.Tensor, x_old: torch.Tensor, x_new: torch.Tensor, rtol: float, atol: float
+    ) -> torch.Tensor:
         r"""The paper's norm, per sample: :math:`\lVert \mathrm{err}/\delta\rVert_2/\sqrt n` with
         :math:`\delta = \max(\epsilon_{abs}, \epsilon_{rel}\max(|x'|, |x|))`, :math:`x' = x'' + \mathrm{err}`.
         Non-finite -> inf. Shape (B,), float64."""

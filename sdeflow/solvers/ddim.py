@@ -82,7 +82,9 @@ class DDPM(DDIM):
 
     def validate(self) -> None:
         if self.opts["variance"] not in ("beta_tilde", "beta"):
-            raise ValueError(f"variance={self.opts['variance']!r} is not supported; allowed values: 'beta_tilde', 'beta'")
+            raise ValueError(
+                f"variance={self.opts['variance']!r} is not supported; allowed values: 'beta_tilde', 'beta'"
+            )
 
     stochastic = True  # type: ignore[assignment]
     strong_order = 0.5  # type: ignore[assignment]

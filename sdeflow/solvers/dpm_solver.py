@@ -127,8 +127,9 @@ class DPMSolver(ExponentialStepper):
         self._check_bool("adaptive")
         if self.opts["adaptive"]:
             if self.opts["order"] == 1:
-                raise ValueError("order=1 has no embedded pair; adaptive=True needs order 2 (DPM-Solver-12) or 3 "
-                                 "(DPM-Solver-23)")
+                raise ValueError(
+                    "order=1 has no embedded pair; adaptive=True needs order 2 (DPM-Solver-12) or 3 (DPM-Solver-23)"
+                )
             for k in ("rtol", "atol"):
                 if not (isinstance(self.opts[k], (int, float)) and self.opts[k] > 0):
                     raise ValueError(f"{k} must be a positive number, got {self.opts[k]!r}")

@@ -51,8 +51,9 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -233,7 +234,7 @@ class LogSNRView:
         self.coefficients: dict[tuple, tuple] = {}  # the steppers' memo of update coefficients (keyed by form, rule)
 
     @classmethod
-    def of(cls, sde: Any) -> "LogSNRView":
+    def of(cls, sde: Any) -> LogSNRView:
         """The view of ``sde``, shared by every stepper on it (the caches depend on the SDE only)."""
         view = _VIEWS.get(sde)
         if view is None:
@@ -293,7 +294,7 @@ class LogSNRView:
         self.prefill(ts)
 
 
-_VIEWS: "weakref.WeakKeyDictionary[Any, LogSNRView]" = weakref.WeakKeyDictionary()
+_VIEWS: weakref.WeakKeyDictionary[Any, LogSNRView] = weakref.WeakKeyDictionary()
 
 
 def base_coefficients(form: Form, p0: Point, p1: Point) -> tuple[Num, Num, Num, Num | None]:
@@ -387,8 +388,9 @@ class ExponentialStepper(Stepper):
         # same table is applied without recomputing the schedule (wrappers override raw() only; a subclass that
         # overrides predict() or coefficients() is always called through predict())
         cls = type(denoiser)
-        self._table_predict = (cls.predict is Denoiser.predict and cls.coefficients is Denoiser.coefficients
-                               and denoiser.prediction != "v")  # the v row needs tensor a, s
+        self._table_predict = (
+            cls.predict is Denoiser.predict and cls.coefficients is Denoiser.coefficients and denoiser.prediction != "v"
+        )  # the v row needs tensor a, s
 
     # ---------------------------------------------------------------- options
     def _check_choice(self, name: str, allowed: Sequence[Any]) -> None:
@@ -398,8 +400,10 @@ class ExponentialStepper(Stepper):
         else:
             ok = v in allowed
         if not ok:
-            raise ValueError(f"{name}={v!r} is not supported by solver {self.name!r}; allowed values: "
-                             f"{', '.join(map(repr, allowed))}")
+            raise ValueError(
+                f"{name}={v!r} is not supported by solver {self.name!r}; allowed values: "
+                f"{', '.join(map(repr, allowed))}"
+            )
 
     def _check_bool(self, name: str) -> None:
         if not isinstance(self.opts[name], bool):
@@ -415,8 +419,10 @@ class ExponentialStepper(Stepper):
         if not (isinstance(m, (int, float)) and 0.0 < m < float("inf")):
             raise ValueError(f"threshold_max must be a positive finite number, got {m!r}")
         if self.opts["thresholding"] and self.form.target != "x0":
-            raise ValueError(f"thresholding=True needs the data-prediction form (solver {self.name!r} integrates eps "
-                             "here); use dpm_solver++ or unipc, or predict_x0=True")
+            raise ValueError(
+                f"thresholding=True needs the data-prediction form (solver {self.name!r} integrates eps "
+                "here); use dpm_solver++ or unipc, or predict_x0=True"
+            )
 
     @property
     def form(self) -> Form:
@@ -441,9 +447,7 @@ class ExponentialStepper(Stepper):
             return self.den.predict(x, p.t)
         return _TABLE[self.den.prediction](self.den.raw(x, p.t), x, p.a, p.s)
 
-    def coefficients(
-        self, p0: Point, p1: Point, nodes: Sequence[Point], rule: str
-    ) -> tuple[list[Num], Num | None]:
+    def coefficients(self, p0: Point, p1: Point, nodes: Sequence[Point], rule: str) -> tuple[list[Num], Num | None]:
         """Float64 coefficients ``[c_x, c_out w_0, c_out w_1, ...]`` and the noise std of one update (memoized for
         scalar points: a fixed grid computes each step's coefficients once)."""
         key = None
@@ -485,5 +489,7 @@ class ExponentialStepper(Stepper):
         """Every grid time needs a finite log-SNR (t_end = 0 is lambda = +inf on VP paths); caches the grid's points."""
         self.view.prefill(grid)
         if not all(math.isfinite(self.view.point(t).lam) for t in grid.detach().cpu().to(torch.float64).unbind(0)):
-            raise ValueError(f"solver {self.name!r} needs a finite log-SNR at every grid time; t_end = "
-                             f"{float(grid[-1]):.3g} has lambda = inf: use t_end > 0 (e.g. sde.eps)")
+            raise ValueError(
+                f"solver {self.name!r} needs a finite log-SNR at every grid time; t_end = "
+                f"{float(grid[-1]):.3g} has lambda = inf: use t_end > 0 (e.g. sde.eps)"
+            )

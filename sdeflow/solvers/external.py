@@ -8,7 +8,7 @@ A non-finite model output raises :class:`~sdeflow.solvers.base.SolverError` nami
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -167,7 +167,7 @@ def integrate_scipy(
     if bar is not None:
         bar.close()
     outs.append(solver.y)
-    to_x = lambda y: torch.from_numpy(np.ascontiguousarray(y)).reshape(shape).to(device=device, dtype=dtype)  # noqa
+    to_x = lambda y: torch.from_numpy(np.ascontiguousarray(y)).reshape(shape).to(device=device, dtype=dtype)
     xT = to_x(outs[-1])
     traj = torch.stack([to_x(y) for y in outs]) if return_trajectory else None
     return _result(xT, den.nfe - nfe0, grid, traj, accepted, rejected)
@@ -218,7 +218,6 @@ class _ReverseSDE(torch.nn.Module):
 
     def g_prod(self, tau: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self._g(tau, y) * v
-
 
 
 class _ReversedBrownian:
@@ -326,7 +325,12 @@ class TorchSDE(Stepper):
         entropy = int(torch.randint(0, 2**62, (1,), generator=gen, device=gdev))
         levy = "space-time" if self.opts["method"] == "srk" else "none"
         return torchsde.BrownianInterval(
-            t0=-float(grid[0]), t1=-float(grid[-1]), size=(B, D), dtype=x.dtype, device=x.device, entropy=entropy,
+            t0=-float(grid[0]),
+            t1=-float(grid[-1]),
+            size=(B, D),
+            dtype=x.dtype,
+            device=x.device,
+            entropy=entropy,
             levy_area_approximation=levy,
         )
 
@@ -348,8 +352,16 @@ class TorchSDE(Stepper):
         if self.opts["adaptive"]:
             span = float(taus[-1] - taus[0])
             ys = torchsde.sdeint(
-                sde, y, taus, bm=bm, method=method, dt=0.05 * span, adaptive=True, rtol=float(self.opts["rtol"]),
-                atol=float(self.opts["atol"]), dt_min=float(self.opts["dt_min"]),
+                sde,
+                y,
+                taus,
+                bm=bm,
+                method=method,
+                dt=0.05 * span,
+                adaptive=True,
+                rtol=float(self.opts["rtol"]),
+                atol=float(self.opts["atol"]),
+                dt_min=float(self.opts["dt_min"]),
             )
             xs = ys.reshape(len(taus), *x.shape)
             _check_finite(xs[-1], float(grid[-1]), "final state")

@@ -58,7 +58,6 @@ class Heun(Stepper):
     def stochastic(self) -> bool:  # type: ignore[override]
         return float(self.opts["S_churn"]) > 0
 
-
     def num_steps(self, nfe: int) -> int:
         """N steps cost 2N - 1 NFE (Euler last step): N = (nfe + 1) // 2."""
         if int(nfe) < 1:

@@ -155,5 +155,14 @@ class RK45(Stepper):
 
         rtol, atol = float(self.opts["rtol"]), float(self.opts["atol"])
         fn = integrate_scipy if self.opts["backend"] == "scipy" else integrate_torchdiffeq
-        return fn(self, x, grid, rtol, atol, h0=self.opts["h0"], callback=callback, return_trajectory=return_trajectory,
-                  progress=progress)
+        return fn(
+            self,
+            x,
+            grid,
+            rtol,
+            atol,
+            h0=self.opts["h0"],
+            callback=callback,
+            return_trajectory=return_trajectory,
+            progress=progress,
+        )

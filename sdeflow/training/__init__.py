@@ -2,7 +2,18 @@
 
 from .checkpoint import CheckpointError, load_checkpoint, previous_path, save_checkpoint
 from .config import build_loss, build_net, build_sde, build_trainer, load_denoiser, load_run
-from .data import TOYS, DataSource, SampledData, TensorData, default_gmm, load_digits, load_image_folder, load_npy, make_data, toy_2d
+from .data import (
+    TOYS,
+    DataSource,
+    SampledData,
+    TensorData,
+    default_gmm,
+    load_digits,
+    load_image_folder,
+    load_npy,
+    make_data,
+    toy_2d,
+)
 from .losses import TIME_SAMPLINGS, WEIGHTINGS, DenoisingScoreMatching, DSMDraw
 from .trainer import FitResult, Trainer
 

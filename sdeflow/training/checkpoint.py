@@ -22,7 +22,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "previous_path", "check_primitive", "FORMAT", "VERSION"]
+__all__ = [
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "previous_path",
+    "check_primitive",
+    "FORMAT",
+    "VERSION",
+]
 
 FORMAT = "sdeflow-checkpoint"
 VERSION = 1
@@ -52,7 +60,9 @@ def check_primitive(obj: Any, where: str = "config") -> None:
                 raise ValueError(f"{where} keys must be strings, got {k!r}")
             check_primitive(v, f"{where}[{k!r}]")
         return
-    raise ValueError(f"{where} must hold only primitives (dict, list, str, int, float, bool, None), got {type(obj).__name__}")
+    raise ValueError(
+        f"{where} must hold only primitives (dict, list, str, int, float, bool, None), got {type(obj).__name__}"
+    )
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -111,7 +121,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
     """
     path = Path(path)
     prev = previous_path(path)
-    hint = f"; the previous checkpoint {prev} is still there: pass it instead" if prev.is_file() and prev != path else ""
+    hint = (
+        f"; the previous checkpoint {prev} is still there: pass it instead" if prev.is_file() and prev != path else ""
+    )
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}{hint}")
     try:

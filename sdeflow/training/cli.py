@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from .._utils import check_choice
-from ..distributed import DistributedContext, run_cli
 from ..denoiser import PREDICTIONS
+from ..distributed import DistributedContext, run_cli
 from ..nets.embeddings import EMBEDDINGS
 from .checkpoint import CheckpointError, load_checkpoint, previous_path
 from .config import NET_NAMES, SDE_NAMES, build_trainer
@@ -48,12 +48,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     g = parser.add_argument_group("data")
-    g.add_argument("--data", help="toy (8gaussians, checkerboard, moons, swissroll, 2spirals, rings), gmm, digits, "
-                   "a .npy file or an image folder")
+    g.add_argument(
+        "--data",
+        help="toy (8gaussians, checkerboard, moons, swissroll, 2spirals, rings), gmm, digits, "
+        "a .npy file or an image folder",
+    )
     g.add_argument("--image-size", type=int, default=None, help="resize folder images to this square size")
     g.add_argument("--conditional", action="store_true", help="train class-conditionally on the data's labels")
-    g.add_argument("--p-uncond", type=float, default=None, help="label dropout for classifier-free guidance "
-                   "(default 0.1 with --conditional)")
+    g.add_argument(
+        "--p-uncond",
+        type=float,
+        default=None,
+        help="label dropout for classifier-free guidance (default 0.1 with --conditional)",
+    )
     g = parser.add_argument_group("SDE")
     g.add_argument("--sde", default="vp", choices=SDE_NAMES)
     g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "sigmoid"], help="VP schedule")
@@ -76,8 +83,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sigma-data", type=float, default=None, help="data scale for c_in (default 0.5 images, 1 else)")
     g = parser.add_argument_group("loss")
     g.add_argument("--weighting", default="simple", choices=WEIGHTINGS)
-    g.add_argument("--time-sampling", default=None, choices=TIME_SAMPLINGS,
-                   help="default: importance for --weighting likelihood, uniform otherwise")
+    g.add_argument(
+        "--time-sampling",
+        default=None,
+        choices=TIME_SAMPLINGS,
+        help="default: importance for --weighting likelihood, uniform otherwise",
+    )
     g.add_argument("--stratified", action="store_true", help="stratify t across the batch")
     g.add_argument("--min-snr-gamma", type=float, default=5.0)
     g = parser.add_argument_group("optimisation")
@@ -94,8 +105,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     g.add_argument("--save-every", type=int, default=1000, help="checkpoint period in steps (0: end only)")
     g.add_argument("--log-every", type=int, default=50)
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available; under "
-                   "torchrun: cuda:LOCAL_RANK)")
+    g.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1 ... (default: cuda if available; under torchrun: cuda:LOCAL_RANK)",
+    )
     g.add_argument("--amp", action="store_true", help="float16 mixed precision (CUDA only)")
     g.add_argument("--no-progress", action="store_true")
 
@@ -115,27 +129,58 @@ def config_from_args(args: argparse.Namespace, data: DataSource) -> dict[str, An
     if args.conditional and num_classes is None:
         raise ValueError(f"--conditional needs labelled data; data={args.data!r} has no labels")
     if args.net == "mlp":
-        net: dict[str, Any] = {"name": "mlp", "dim": math.prod(shape), "hidden": args.hidden, "depth": args.depth,
-                               "time_dim": 128, "embedding": args.embedding, "num_classes": num_classes,
-                               "dropout": args.dropout}
+        net: dict[str, Any] = {
+            "name": "mlp",
+            "dim": math.prod(shape),
+            "hidden": args.hidden,
+            "depth": args.depth,
+            "time_dim": 128,
+            "embedding": args.embedding,
+            "num_classes": num_classes,
+            "dropout": args.dropout,
+        }
     else:
         if not is_image:
             raise ValueError(f"--net unet needs image data of shape (C, H, W), got data_shape {tuple(shape)}")
-        net = {"name": "unet", "in_channels": shape[0], "channels": args.channels, "channel_mult": args.channel_mult,
-               "num_res_blocks": args.num_res_blocks, "attention_levels": args.attention_levels, "num_heads": 4,
-               "dropout": args.dropout, "num_classes": num_classes, "embedding": args.embedding}
+        net = {
+            "name": "unet",
+            "in_channels": shape[0],
+            "channels": args.channels,
+            "channel_mult": args.channel_mult,
+            "num_res_blocks": args.num_res_blocks,
+            "attention_levels": args.attention_levels,
+            "num_heads": 4,
+            "dropout": args.dropout,
+            "num_classes": num_classes,
+            "embedding": args.embedding,
+        }
     net["input_scaling"] = not args.no_input_scaling
     net["sigma_data"] = args.sigma_data if args.sigma_data is not None else (0.5 if is_image else 1.0)
     p_uncond = args.p_uncond if args.p_uncond is not None else (0.1 if args.conditional else 0.0)
     time_sampling = args.time_sampling or ("importance" if args.weighting == "likelihood" else "uniform")
-    loss = {"prediction": args.prediction, "weighting": args.weighting, "time_sampling": time_sampling,
-            "stratified": args.stratified, "min_snr_gamma": args.min_snr_gamma, "p_uncond": p_uncond}
+    loss = {
+        "prediction": args.prediction,
+        "weighting": args.weighting,
+        "time_sampling": time_sampling,
+        "stratified": args.stratified,
+        "min_snr_gamma": args.min_snr_gamma,
+        "p_uncond": p_uncond,
+    }
     mlp = args.net == "mlp"
-    train = {"steps": args.steps if args.steps is not None else 5000,
-             "batch_size": args.batch_size or (256 if mlp else 64),
-             "lr": args.lr or (1e-3 if mlp else 2e-4), "weight_decay": args.weight_decay, "warmup": args.warmup,
-             "grad_clip": args.grad_clip, "ema_decay": args.ema_decay, "seed": args.seed, "amp": args.amp,
-             "conditional": args.conditional, "save_every": args.save_every, "log_every": args.log_every}
+    train = {
+        "steps": args.steps if args.steps is not None else 5000,
+        "batch_size": args.batch_size or (256 if mlp else 64),
+        "lr": args.lr or (1e-3 if mlp else 2e-4),
+        "weight_decay": args.weight_decay,
+        "warmup": args.warmup,
+        "grad_clip": args.grad_clip,
+        "ema_decay": args.ema_decay,
+        "seed": args.seed,
+        "amp": args.amp,
+        "conditional": args.conditional,
+        "save_every": args.save_every,
+        "log_every": args.log_every,
+    }
     data_cfg = {"spec": args.data, **data.config()}
     if args.image_size is not None:
         data_cfg["size"] = args.image_size
@@ -188,17 +233,26 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> int:
     n_params = sum(p.numel() for p in trainer.net.parameters())
     where = f"{ctx.world_size} processes ({ctx.backend}, {ctx.device.type})" if ctx.distributed else device
     if main:
-        print(f"sdeflow train: {config['net']['name']} ({n_params:,} parameters) on {config['data']['spec']}, "
-              f"{config['sde']['name']} SDE, {config['loss']['prediction']}-prediction, {where}; "
-              f"steps {trainer.step} -> {steps}, writing {ckpt_path}", flush=True)
+        print(
+            f"sdeflow train: {config['net']['name']} ({n_params:,} parameters) on {config['data']['spec']}, "
+            f"{config['sde']['name']} SDE, {config['loss']['prediction']}-prediction, {where}; "
+            f"steps {trainer.step} -> {steps}, writing {ckpt_path}",
+            flush=True,
+        )
     result = trainer.fit(steps)
     if result.interrupted is not None:
         if main:
-            print(f"sdeflow train: interrupted by signal {result.interrupted} at step {result.step}; "
-                  f"checkpoint written to {result.checkpoint}", file=sys.stderr, flush=True)
+            print(
+                f"sdeflow train: interrupted by signal {result.interrupted} at step {result.step}; "
+                f"checkpoint written to {result.checkpoint}",
+                file=sys.stderr,
+                flush=True,
+            )
         return 128 + int(result.interrupted)
     if main:
-        print(f"sdeflow train: done, step {result.step}, loss {result.loss:.4g}, {result.seconds:.1f} s "
-              f"({result.step / max(result.seconds, 1e-9):.1f} steps/s this session) -> {result.checkpoint}",
-              flush=True)
+        print(
+            f"sdeflow train: done, step {result.step}, loss {result.loss:.4g}, {result.seconds:.1f} s "
+            f"({result.step / max(result.seconds, 1e-9):.1f} steps/s this session) -> {result.checkpoint}",
+            flush=True,
+        )
     return 0

@@ -22,21 +22,41 @@ from torch import nn
 from .._utils import check_choice
 from ..denoiser import Denoiser
 from ..nets import InputScaling, MLPScoreNet, UNet
-from ..sdes import GaussianSDE, SubVPSDE, VESDE, VPSDE
+from ..sdes import VESDE, VPSDE, GaussianSDE, SubVPSDE
 from .checkpoint import CheckpointError, load_checkpoint
 from .losses import DenoisingScoreMatching
 
-__all__ = ["SDE_NAMES", "NET_NAMES", "build_sde", "build_net", "build_loss", "build_trainer", "load_denoiser", "load_run"]
+__all__ = [
+    "SDE_NAMES",
+    "NET_NAMES",
+    "build_sde",
+    "build_net",
+    "build_loss",
+    "build_trainer",
+    "load_denoiser",
+    "load_run",
+]
 
 SDE_NAMES = ("vp", "subvp", "ve")
 NET_NAMES = ("mlp", "unet")
 
-_SDE_KEYS = {"vp": ("beta_min", "beta_max", "schedule"), "subvp": ("beta_min", "beta_max"), "ve": ("sigma_min", "sigma_max")}
+_SDE_KEYS = {
+    "vp": ("beta_min", "beta_max", "schedule"),
+    "subvp": ("beta_min", "beta_max"),
+    "ve": ("sigma_min", "sigma_max"),
+}
 _SDE_CLASSES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
 _MLP_KEYS = ("dim", "hidden", "depth", "time_dim", "embedding", "num_classes", "dropout")
 _UNET_KEYS = (
-    "in_channels", "channels", "channel_mult", "num_res_blocks", "attention_levels", "num_heads", "dropout",
-    "num_classes", "embedding",
+    "in_channels",
+    "channels",
+    "channel_mult",
+    "num_res_blocks",
+    "attention_levels",
+    "num_heads",
+    "dropout",
+    "num_classes",
+    "embedding",
 )
 
 
@@ -138,5 +158,14 @@ def build_trainer(
     net = build_net(config, sde)
     if "betas" in train:
         train["betas"] = tuple(train["betas"])
-    return Trainer(net, build_loss(config, sde), data, seed=seed, device=dev, out_dir=out_dir, progress=progress,
-                   config=config, **train)
+    return Trainer(
+        net,
+        build_loss(config, sde),
+        data,
+        seed=seed,
+        device=dev,
+        out_dir=out_dir,
+        progress=progress,
+        config=config,
+        **train,
+    )

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -156,18 +157,21 @@ class DataSource(Protocol):
     data_shape: tuple[int, ...]
     num_classes: int | None
 
-    def sample(self, batch: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        ...
+    def sample(
+        self, batch: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
-    def config(self) -> dict[str, Any]:
-        ...
+    def config(self) -> dict[str, Any]: ...
 
 
 class SampledData:
     """An infinite source: ``fn(n, generator) -> (n, *data_shape)`` draws fresh samples for every batch."""
 
     def __init__(
-        self, fn: Callable[[int, torch.Generator | None], torch.Tensor], data_shape: tuple[int, ...], spec: dict[str, Any]
+        self,
+        fn: Callable[[int, torch.Generator | None], torch.Tensor],
+        data_shape: tuple[int, ...],
+        spec: dict[str, Any],
     ) -> None:
         self.fn, self.data_shape, self.spec = fn, tuple(data_shape), dict(spec)
         self.num_classes: int | None = None

@@ -35,7 +35,8 @@ equal strata of [0, 1) before the map to t (lower variance, same expectation).
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
@@ -95,7 +96,9 @@ class DenoisingScoreMatching:
         self.t_min = float(sde.eps if t_min is None else t_min)
         self.t_max = float(sde.T if t_max is None else t_max)
         if not 0.0 < self.t_min < self.t_max <= sde.T:
-            raise ValueError(f"t_min and t_max must satisfy 0 < t_min < t_max <= T={sde.T}, got {self.t_min}, {self.t_max}")
+            raise ValueError(
+                f"t_min and t_max must satisfy 0 < t_min < t_max <= T={sde.T}, got {self.t_min}, {self.t_max}"
+            )
         if not min_snr_gamma > 0:
             raise ValueError(f"min_snr_gamma must be positive, got {min_snr_gamma}")
         if not 0.0 <= p_uncond <= 1.0:

@@ -57,8 +57,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--solver", default="dpm_solver++", help="a name from sdeflow.solvers.available()")
     parser.add_argument("--nfe", type=int, default=10, help="net-evaluation budget (fixed-step solvers)")
     parser.add_argument("--n", type=int, default=1000, help="number of samples")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help=f"samples per solver call (default: min(n, {DEFAULT_BATCH})); the unit split across ranks")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"samples per solver call (default: min(n, {DEFAULT_BATCH})); the unit split across ranks",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output .npy file")
     parser.add_argument("--plot", default=None, help="optional PNG: scatter plot (2-D) or image grid")
@@ -67,16 +71,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--denoise-final", action="store_true", help="finish with the Tweedie denoising step")
     parser.add_argument("--rtol", type=float, default=None, help="adaptive solvers")
     parser.add_argument("--atol", type=float, default=None, help="adaptive solvers")
-    parser.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                        help="solver option, repeatable (e.g. eta=1.0, order=3)")
+    parser.add_argument(
+        "--option",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="solver option, repeatable (e.g. eta=1.0, order=3)",
+    )
     parser.add_argument("--class", dest="label", type=int, default=None, help="class label (conditional nets)")
     parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance weight (with --class)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available; under "
-                        "torchrun: cuda:LOCAL_RANK)")
-    parser.add_argument("--split", choices=["samples", "window"], default="samples",
-                        help="under torchrun: split the samples across ranks (default), or the Picard windows of "
-                        "--solver parallel")
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, ... (default: cuda if available; under torchrun: cuda:LOCAL_RANK)"
+    )
+    parser.add_argument(
+        "--split",
+        choices=["samples", "window"],
+        default="samples",
+        help="under torchrun: split the samples across ranks (default), or the Picard windows of --solver parallel",
+    )
     parser.add_argument("--float64", action="store_true", help="sample in float64")
     parser.add_argument("--progress", action="store_true")
 
@@ -101,7 +115,7 @@ def plot_samples(x: torch.Tensor | np.ndarray, path: str | Path, title: str = ""
         grid = torch.ones(c, rows * (h + 1) + 1, cols * (w + 1) + 1)
         for i, img in enumerate(to_unit_range(x[:k])):
             r, q = divmod(i, cols)
-            grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = img
+            grid[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + q * (w + 1) : 1 + q * (w + 1) + w] = img
         fig, ax = plt.subplots(figsize=(min(12, 1 + cols * max(w, 8) / 16),) * 2)
         if c == 1:
             ax.imshow(grid[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
@@ -166,9 +180,23 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> int:
     start = time.perf_counter()
     try:
         x, nfe = sample_sharded(
-            den, args.n, shape, seed=args.seed, batch_size=batch, device=device, progress=args.progress,
-            shard=args.split == "samples", solver=args.solver, nfe=args.nfe, t_end=args.t_end, grid=args.grid,
-            denoise_final=args.denoise_final, dtype=dtype, rtol=args.rtol, atol=args.atol, **options,
+            den,
+            args.n,
+            shape,
+            seed=args.seed,
+            batch_size=batch,
+            device=device,
+            progress=args.progress,
+            shard=args.split == "samples",
+            solver=args.solver,
+            nfe=args.nfe,
+            t_end=args.t_end,
+            grid=args.grid,
+            denoise_final=args.denoise_final,
+            dtype=dtype,
+            rtol=args.rtol,
+            atol=args.atol,
+            **options,
         )
     except ValueError as err:
         return error(err)
@@ -180,10 +208,17 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> int:
     np.save(out, x.numpy().astype(np.float32))
     if not bool(torch.isfinite(x).all()):
         print("sdeflow sample: warning: some samples are not finite", file=sys.stderr)
-    label = f", class {args.label}" + (f", cfg {args.cfg_scale}" if args.cfg_scale is not None else "") if args.label is not None else ""
+    label = (
+        f", class {args.label}" + (f", cfg {args.cfg_scale}" if args.cfg_scale is not None else "")
+        if args.label is not None
+        else ""
+    )
     ranks = f" on {ctx.world_size} ranks" if ctx.distributed else ""
-    print(f"sdeflow sample: {args.n} samples {tuple(x.shape[1:])} with {args.solver} (NFE {nfe}{label}) in "
-          f"{seconds:.2f} s{ranks} -> {out}", flush=True)
+    print(
+        f"sdeflow sample: {args.n} samples {tuple(x.shape[1:])} with {args.solver} (NFE {nfe}{label}) in "
+        f"{seconds:.2f} s{ranks} -> {out}",
+        flush=True,
+    )
     if args.plot:
         plot_samples(x, args.plot, f"{args.solver}, NFE {args.nfe}{label} ({Path(args.ckpt).parent.name})")
         print(f"sdeflow sample: plot -> {args.plot}", flush=True)

@@ -116,7 +116,9 @@ class Trainer:
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr}")
         if warmup < 0 or save_every < 0 or log_every < 1:
-            raise ValueError(f"warmup and save_every must be >= 0 and log_every >= 1, got {warmup}, {save_every}, {log_every}")
+            raise ValueError(
+                f"warmup and save_every must be >= 0 and log_every >= 1, got {warmup}, {save_every}, {log_every}"
+            )
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}")
         if grad_clip is not None and grad_clip < 0:
@@ -130,13 +132,16 @@ class Trainer:
         if conditional and (data.num_classes is None or getattr(net, "num_classes", None) is None):
             raise ValueError("conditional=True needs labelled data and a class-conditional net (num_classes set)")
         if distributed and not _dist.is_distributed():
-            raise ValueError("distributed=True needs an initialized torch.distributed group of more than one process "
-                             "(launch with torchrun)")
+            raise ValueError(
+                "distributed=True needs an initialized torch.distributed group of more than one process "
+                "(launch with torchrun)"
+            )
         self.world_size = _dist.get_world_size() if (distributed is not False and _dist.is_distributed()) else 1
         self.rank = _dist.get_rank() if self.world_size > 1 else 0
         if batch_size < self.world_size:
-            raise ValueError(f"batch_size (the global batch) must be >= the number of processes {self.world_size}, "
-                             f"got {batch_size}")
+            raise ValueError(
+                f"batch_size (the global batch) must be >= the number of processes {self.world_size}, got {batch_size}"
+            )
         self.config = dict(config or {})
         check_primitive(self.config)
         self.net = net.to(self.device)
@@ -149,7 +154,9 @@ class Trainer:
             if self.device.type == "cuda" and self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.net, device_ids=ids, output_device=None if ids is None else ids[0])
+            self.model = DistributedDataParallel(
+                self.net, device_ids=ids, output_device=None if ids is None else ids[0]
+            )
             self.ema.load_state_dict(self.net.state_dict())  # DDP broadcast rank 0's initial weights into the net
         self.loss, self.data = loss, data
         # the labels are dropped for the whole global batch before sharding, so the per-shard loss must not drop again
@@ -283,8 +290,12 @@ class Trainer:
             return float(running) / count, self._signal
         import torch.distributed as dist
 
-        box = torch.stack([running.detach().to(torch.float64),
-                           torch.tensor(float(self._signal or 0), dtype=torch.float64, device=running.device)])
+        box = torch.stack(
+            [
+                running.detach().to(torch.float64),
+                torch.tensor(float(self._signal or 0), dtype=torch.float64, device=running.device),
+            ]
+        )
         dist.all_reduce(box)  # SUM: the loss over ranks, and the signal flag (nonzero if any rank got one)
         total, flag = box.tolist()
         if flag:
