@@ -26,10 +26,12 @@ from torch import nn
 
 from .embeddings import ClassEmbedding, TimeMLP, embed_conditions
 
-__all__ = ["MLPScoreNet"]
+__all__ = ["MLPScoreNet", "ResidualBlock"]
 
 
-class _ResidualBlock(nn.Module):
+class ResidualBlock(nn.Module):
+    """Pre-norm residual block of the MLP trunk: ``h + fc2(dropout(silu(fc1(silu(norm(h))) + W_emb emb)))``."""
+
     def __init__(self, hidden: int, emb_dim: int, dropout: float) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(hidden)
@@ -81,7 +83,7 @@ class MLPScoreNet(nn.Module):
         self.label = ClassEmbedding(num_classes, emb_dim) if num_classes is not None else None
         self.emb_act = nn.SiLU()
         self.inp = nn.Linear(dim, hidden)
-        self.blocks = nn.ModuleList(_ResidualBlock(hidden, emb_dim, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(ResidualBlock(hidden, emb_dim, dropout) for _ in range(depth))
         self.out_norm = nn.LayerNorm(hidden)
         self.out = nn.Linear(hidden, dim)
         self.skip = nn.Linear(emb_dim, dim)  # per-coordinate gain c(t) of the linear path c(t) * x

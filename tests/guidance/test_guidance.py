@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gmm_oracles import gmm_class_logits, gmm_conditional_net
 
 import sdeflow as sf
 from sdeflow.guidance import (
@@ -23,8 +24,6 @@ from sdeflow.guidance import (
     NoiseAwareClassifier,
     decode,
     encode,
-    gmm_class_logits,
-    gmm_conditional_net,
     interpolate,
     slerp,
     train_classifier,
@@ -372,6 +371,18 @@ def test_slerp_geometry():
         slerp(z0, z1[:, :2], 0.5)
     with pytest.raises(ValueError, match="alpha"):
         slerp(z0, z1, torch.ones(3))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["z0", "z1", "alpha"])
+def test_slerp_rejects_non_finite_input(where, bad):
+    g = torch.Generator().manual_seed(21)
+    args = {"z0": torch.randn(4, 3, generator=g, dtype=F64), "z1": torch.randn(4, 3, generator=g, dtype=F64)}
+    args["alpha"] = torch.full((4,), 0.5, dtype=F64)
+    args[where] = args[where].clone()
+    args[where].view(-1)[1] = bad
+    with pytest.raises(ValueError, match=f"{where} must be finite"):
+        slerp(args["z0"], args["z1"], args["alpha"])
 
 
 def test_interpolate_endpoints_reconstruct():

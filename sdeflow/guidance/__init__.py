@@ -1,0 +1,38 @@
+r"""Guidance: conditioning and guidance as Denoiser wrappers, a noise-aware classifier, ODE inversion.
+
+* :mod:`.wrappers`: :class:`ConditionalDenoiser`, :class:`ClassifierFreeGuidance` (Ho & Salimans 2021),
+  :class:`ClassifierGuidance` (Dhariwal & Nichol 2021): each *is* a :class:`~sdeflow.Denoiser`, so every solver takes it.
+* :mod:`.classifier`: :class:`NoiseAwareClassifier` :math:`p_\phi(y\mid x_t, t)`, its :class:`ClassifierLoss` and
+  :func:`train_classifier`.
+* :mod:`.inversion`: :func:`encode` / :func:`decode` along the probability-flow ODE (DDIM inversion, Song, Meng &
+  Ermon 2021), :func:`slerp` and :func:`interpolate` between latents.
+"""
+
+from .classifier import ClassifierLoss, NoiseAwareClassifier, train_classifier
+from .inversion import decode, encode, interpolate, slerp
+from .wrappers import (
+    ClassifierFreeGuidance,
+    ClassifierGuidance,
+    ConditionalDenoiser,
+    DenoiserWrapper,
+    Labels,
+    as_labels,
+    classifier_log_prob_grad,
+)
+
+__all__ = [
+    "Labels",
+    "as_labels",
+    "DenoiserWrapper",
+    "ConditionalDenoiser",
+    "ClassifierFreeGuidance",
+    "ClassifierGuidance",
+    "classifier_log_prob_grad",
+    "NoiseAwareClassifier",
+    "ClassifierLoss",
+    "train_classifier",
+    "encode",
+    "decode",
+    "slerp",
+    "interpolate",
+]
