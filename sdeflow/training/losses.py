@@ -31,23 +31,31 @@ for every SDE as :math:`t = \lambda^{-1}(u)`, :math:`u\sim U[\lambda(T), \lambda
 ratio :math:`1/((T-\epsilon)p(t)) = 2 s^2 \Delta\lambda / (g^2 (T-\epsilon))`, so every combination of weighting and
 sampling estimates the same :math:`\mathcal L` without bias. ``stratified=True`` puts one uniform draw in each of B
 equal strata of [0, 1) before the map to t (lower variance, same expectation).
+
+:class:`EDMLoss` is the EDM objective (Karras et al. 2022): x0 space, weight
+:math:`\lambda(\sigma) = (\sigma^2+\sigma_{data}^2)/(\sigma\sigma_{data})^2` of the noise level
+:math:`\sigma = s/a`, and :math:`\ln\sigma \sim N(P_{mean}, P_{std}^2)` truncated to the path's range; it follows
+the same draw / per_sample protocol, so the Trainer runs it unchanged.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 
-from .._utils import check_choice
+from .._utils import check_choice, check_positive
 from ..denoiser import PREDICTIONS, Denoiser, Prediction, _to_target, convert
 from ..sdes import GaussianSDE
 
-__all__ = ["DenoisingScoreMatching", "DSMDraw", "WEIGHTINGS", "TIME_SAMPLINGS"]
+__all__ = ["DenoisingScoreMatching", "EDMLoss", "DSMDraw", "WEIGHTINGS", "TIME_SAMPLINGS", "OBJECTIVES"]
 
 WEIGHTINGS = ("simple", "likelihood", "min_snr")
 TIME_SAMPLINGS = ("uniform", "importance")
+#: the loss classes a run config can name in ``config["loss"]["objective"]`` (absent: ``"dsm"``)
+OBJECTIVES = ("dsm", "edm")
 
 
 class DSMDraw(NamedTuple):
@@ -216,3 +224,119 @@ class DenoisingScoreMatching:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"DenoisingScoreMatching({args})"
+
+
+class EDMLoss(DenoisingScoreMatching):
+    r"""The EDM training objective (Karras, Aittala, Aila & Laine 2022, eq. 2, 8 and Table 1, "Ours"):
+
+    .. math:: \mathcal L = \mathbb E_{\ln\sigma\sim N(P_{mean}, P_{std}^2)}\;\lambda(\sigma)\;
+              \mathbb E\,\tfrac1d\big\|D_\theta(x_0 + \sigma n;\sigma) - x_0\big\|^2,\qquad
+              \lambda(\sigma) = \frac{\sigma^2 + \sigma_{data}^2}{(\sigma\,\sigma_{data})^2},
+
+    with :math:`P_{mean} = -1.2`, :math:`P_{std} = 1.2`, :math:`\sigma_{data} = 0.5` by default. On a path
+    :math:`x_t = a x_0 + s\varepsilon` the noise level is :math:`\sigma = s/a` (``sde.edm_sigma``): each sample's
+    :math:`\sigma` is drawn log-normally, mapped to :math:`t = \sigma^{-1}(\sigma)` (``sde.t_from_edm_sigma``), and
+    :math:`x_t = a(t)x_0 + s(t)n`; since :math:`D(x_t/a;\sigma) = E[x_0|x_t]` is the same regression, the loss is the
+    x0-space squared error of the net's prediction (any prediction type, converted through the Denoiser's table)
+    weighted by :math:`\lambda(\sigma(t))`.
+
+    With :class:`sdeflow.preconditioning.EDMPreconditioning` (``prediction="x0"``), :math:`\lambda = 1/c_{out}^2` and
+    the loss is a unit-weighted regression of the raw net F onto :math:`(x_0 - c_{skip}\hat x)/c_{out}` at every
+    noise level (Karras et al. 2022, eq. 8). For data :math:`N(0, \sigma_{data}^2 I)` the exact denoiser
+    :math:`\sigma_{data}^2\hat x/(\sigma^2+\sigma_{data}^2)` scores exactly 1 at every sigma.
+
+    **The path's range.** The log-normal is truncated to the path's noise levels
+    :math:`[\sigma(t_{min}), \sigma(t_{max})]` (exactly, by inverse-CDF sampling of the truncated normal in
+    :math:`\ln\sigma`), so every time lies in the range the path and the samplers use. For the default VP path
+    (sigma from 0.0105 to 152) this removes 0.26% of the mass, all of it below the smallest sigma; for the default
+    VE (0.01 to 50), 0.23%; see :attr:`truncated_mass`.
+
+    Args:
+        sde: the Gaussian path.
+        prediction: what the net outputs, ``"x0"`` for an EDM-preconditioned net (default), or ``"eps" | "v" |
+            "score"`` (the weight stays in x0 space).
+        sigma_data: :math:`\sigma_{data}`, the data's per-coordinate standard deviation.
+        p_mean, p_std: mean and standard deviation of :math:`\ln\sigma`.
+        stratified: stratify the batch's uniform draws before the inverse CDF.
+        t_min, t_max: the path's time range (defaults ``sde.eps`` and ``sde.T``), the truncation above.
+        p_uncond: label dropout for classifier-free guidance.
+
+    Every sample's importance ratio is 1: the objective *is* the expectation under the (truncated) log-normal.
+    """
+
+    def __init__(
+        self,
+        sde: GaussianSDE,
+        prediction: str = "x0",
+        sigma_data: float = 0.5,
+        p_mean: float = -1.2,
+        p_std: float = 1.2,
+        stratified: bool = False,
+        t_min: float | None = None,
+        t_max: float | None = None,
+        p_uncond: float = 0.0,
+    ) -> None:
+        super().__init__(sde, prediction, "simple", "uniform", stratified, t_min, t_max, p_uncond=p_uncond)
+        check_positive("sigma_data", sigma_data)
+        check_positive("p_std", p_std)
+        if not math.isfinite(p_mean):
+            raise ValueError(f"p_mean must be finite, got {p_mean}")
+        self.sigma_data, self.p_mean, self.p_std = float(sigma_data), float(p_mean), float(p_std)
+        self.space = "x0"
+        self.sigma_min = float(sde.edm_sigma(self.t_min))
+        self.sigma_max = float(sde.edm_sigma(self.t_max))
+        z = torch.tensor([self.sigma_min, self.sigma_max], dtype=torch.float64).log().sub(self.p_mean) / self.p_std
+        self._cdf_lo, self._cdf_hi = (float(v) for v in torch.special.ndtr(z))
+        if not self._cdf_hi - self._cdf_lo > 1e-12:
+            raise ValueError(
+                f"the log-normal (p_mean={p_mean}, p_std={p_std}) puts no mass on the path's noise levels "
+                f"[{self.sigma_min:.4g}, {self.sigma_max:.4g}]"
+            )
+
+    @property
+    def truncated_mass(self) -> float:
+        """The log-normal's probability outside the path's noise levels (removed by the truncation)."""
+        return 1.0 - (self._cdf_hi - self._cdf_lo)
+
+    def sample_sigma(
+        self, batch: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """Noise levels (B,) float64 from the log-normal truncated to [sigma(t_min), sigma(t_max)]."""
+        u = self._uniform(batch, generator, torch.device(device))
+        z = torch.special.ndtri(self._cdf_lo + (self._cdf_hi - self._cdf_lo) * u)
+        return torch.exp(self.p_mean + self.p_std * z).clamp(self.sigma_min, self.sigma_max)
+
+    def sample_time(
+        self, batch: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Times t = sigma^{-1}(sigma) (B,) for log-normal sigma, and unit importance ratios (B,), both float64."""
+        sigma = self.sample_sigma(batch, generator, device)
+        t = self.sde.t_from_edm_sigma(sigma).clamp(self.t_min, self.t_max)
+        return t, torch.ones_like(t)
+
+    def sigma_weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        r""":math:`\lambda(\sigma) = (\sigma^2 + \sigma_{data}^2)/(\sigma\sigma_{data})^2` (Karras et al. 2022, Table 1)."""
+        sd2 = self.sigma_data**2
+        return (sigma * sigma + sd2) / (sigma * sigma * sd2)
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """lambda(sigma(t)) in x0 space, float64, shape of t."""
+        return self.sigma_weight(self.sde.edm_sigma(t))
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments as plain primitives, with ``objective="edm"`` (for checkpoints)."""
+        return {
+            "objective": "edm",
+            "prediction": self.prediction,
+            "sigma_data": self.sigma_data,
+            "p_mean": self.p_mean,
+            "p_std": self.p_std,
+            "stratified": self.stratified,
+            "t_min": self.t_min,
+            "t_max": self.t_max,
+            "p_uncond": self.p_uncond,
+        }
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "objective")
+        return f"EDMLoss({args})"
