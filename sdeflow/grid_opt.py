@@ -1,0 +1,646 @@
+r"""Fitted sampling grids: the time steps of a given solver at a given NFE budget, optimised for a given model.
+
+At low NFE the time grid, not the solver formula, decides the error, and the best grid depends on the model (where
+its probability-flow trajectories bend). :func:`optimize_grid` fits the grid of a fixed-grid deterministic solver to
+the model by minimising the final error against a high-accuracy reference solve of the same model from the same
+starting noises:
+
+.. math:: \min_{T = t_0 > t_1 > \dots > t_S = t_\text{end}}\ \mathrm{RMS}\big(\Phi_{t_{0:S}}(x_T) - x^\star(x_T)\big),
+
+with :math:`\Phi` the solver on the grid and :math:`x^\star` the reference (a fine DPM-Solver++(3M) solve in float64,
+its own error estimated from a half-resolution solve and reported). Two methods, both gradient-free (they call
+only :func:`sdeflow.integrate.solve`, so every fixed-grid deterministic solver works, multistep ones included):
+
+* ``method="dp"`` (global): dynamic programming over a fine candidate set of times along the reference trajectories,
+  as in optimal stepsize distillation (OSS, Zhou et al. 2025, "Optimal Stepsize for Diffusion Sampling"): the cost of
+  a step :math:`\tau_i \to \tau_j` is the RMS error of ONE solver step from the reference state at :math:`\tau_i`
+  against the reference state at :math:`\tau_j`, and the DP finds the S-step path of least summed cost
+  (:math:`O(S M^2)` for M candidates). One step from a reference state ignores a multistep solver's history, so the
+  DP grid is then refined by coordinate descent on the *true* end error (``refine=True``: each interior knot in turn,
+  golden-section search between its neighbours, the solver run end to end), as DMN does with its local-error
+  objective (Xue et al. 2024, "Accelerating Diffusion Sampling with Optimized Time Steps").
+* ``method="local"`` (cheap): golden-section coordinate descent on a two-parameter family scored by the true end
+  error. With :math:`\sigma = e^{-\lambda}` (the EDM noise level, Karras et al. 2022), times are uniform in the
+  Box-Cox transform :math:`\phi_q(\sigma) = (\sigma^q - 1)/q` (:math:`q = 0`: uniform in log-SNR, DPM-Solver's
+  grid; :math:`q = 1/\rho`: EDM's :math:`\rho` ramp) after a power warp :math:`u \mapsto u^p` of the step index
+  fraction. About 30 solves.
+
+Both start from the best of the built-in grids (:data:`sdeflow.grids.GRIDS`) and keep the best grid seen: the result
+is never worse, on the fitting noises, than the solver's default grid. Everything is deterministic given the
+generator (the fitting noises are drawn from the prior with it; a fixed seed when None).
+
+:func:`fit_grid` returns a :class:`GridFit` (the grid, the errors, the cost in NFE and seconds); :func:`optimize_grid`
+returns its grid. :class:`GridCache` memoises fits per (model fingerprint, solver, options, NFE, fit settings), in
+memory and optionally as JSON files; :func:`save_grid` / :func:`load_grid` write and read one grid with the SDE's
+description.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .denoiser import Denoiser
+from .grids import GRIDS, check_grid, time_grid
+from .integrate import make_stepper, solve
+from .solvers.base import SolverError, Stepper
+
+__all__ = [
+    "GridFit",
+    "METHODS",
+    "fit_grid",
+    "optimize_grid",
+    "model_fingerprint",
+    "GridCache",
+    "save_grid",
+    "load_grid",
+]
+
+METHODS = ("dp", "local")
+F64 = torch.float64
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+_FORMAT = "sdeflow.grid/1"
+
+
+@dataclass
+class GridFit:
+    """The result of :func:`fit_grid`.
+
+    Attributes:
+        grid: the fitted float64 grid, decreasing from ``sde.T`` to ``t_end``.
+        error: RMS end error of the solver on ``grid`` against the reference, on the fitting noises.
+        default_error: the same on the solver's default grid (``error <= default_error`` always).
+        default_grid: the solver's default grid at this budget.
+        solver, options, nfe, method: what was fitted.
+        n: number of fitting noises.
+        reference_nfe: net calls of the reference solve (and its half-resolution check).
+        reference_error: estimated RMS error of the reference itself (Richardson, from the half-resolution solve).
+        fit_nfe: net calls of the whole fit, reference included.
+        evaluations: end-to-end solves of the solver made while fitting.
+        seconds: wall time of the fit.
+        history: (evaluation index, best error so far) whenever the best improved.
+    """
+
+    grid: torch.Tensor
+    error: float
+    default_error: float
+    default_grid: torch.Tensor
+    solver: str
+    options: dict[str, Any]
+    nfe: int
+    method: str
+    n: int
+    reference_nfe: int
+    reference_error: float
+    fit_nfe: int
+    evaluations: int
+    seconds: float
+    history: list[tuple[int, float]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------ coordinates
+class _Coord:
+    """A monotone map between u in [0, 1] and times in [t_end, T]: linear in log-SNR when both ends have a finite
+    one (every VP/VE path with t_end > 0), else linear in t."""
+
+    def __init__(self, sde: Any, T: float, t_end: float) -> None:
+        self.sde, self.T, self.t_end = sde, T, t_end
+        lam0 = float(sde.log_snr(torch.tensor(T, dtype=F64)))
+        lam1 = float(sde.log_snr(torch.tensor(t_end, dtype=F64)))
+        self.log_snr = math.isfinite(lam0) and math.isfinite(lam1) and lam1 > lam0
+        self.lam0, self.lam1 = lam0, lam1
+
+    def times(self, u: torch.Tensor) -> torch.Tensor:
+        u = u.to(F64)
+        if self.log_snr:
+            t = self.sde.t_from_log_snr(self.lam0 + u * (self.lam1 - self.lam0)).to(F64)
+        else:
+            t = self.T + u * (self.t_end - self.T)
+        t = t.clone()
+        t[0], t[-1] = self.T, self.t_end
+        return t
+
+    def u_of(self, grid: torch.Tensor) -> torch.Tensor:
+        g = grid.to(F64)
+        if self.log_snr:
+            u = (self.sde.log_snr(g).to(F64) - self.lam0) / (self.lam1 - self.lam0)
+        else:
+            u = (g - self.T) / (self.t_end - self.T)
+        u = u.clone()
+        u[0], u[-1] = 0.0, 1.0
+        return u
+
+
+# ------------------------------------------------------------------------------------------------ the objective
+class _Objective:
+    """End-to-end RMS error of the solver on a grid against the reference end states; counts and tracks the best."""
+
+    def __init__(self, stepper: Stepper, x_T: torch.Tensor, ref: torch.Tensor, budget: int, coord: _Coord) -> None:
+        self.stepper, self.x_T, self.ref, self.budget, self.coord = stepper, x_T, ref, budget, coord
+        self.evaluations = 0
+        self.best_err = math.inf
+        self.best_grid: torch.Tensor | None = None
+        self.history: list[tuple[int, float]] = []
+
+    def grid_error(self, grid: torch.Tensor) -> float:
+        self.evaluations += 1
+        try:
+            self.stepper.num_steps(self.budget)  # singlestep solvers remember their NFE split for init()
+            x = solve(self.stepper, self.x_T, grid).x
+        except SolverError:
+            return math.inf
+        err = _rms(x, self.ref)
+        if err < self.best_err:
+            self.best_err, self.best_grid = err, grid.clone()
+            self.history.append((self.evaluations, err))
+        return err
+
+    def u_error(self, u: torch.Tensor) -> float:
+        if not bool((u[1:] > u[:-1]).all()):
+            return math.inf
+        grid = self.coord.times(u)
+        if not bool((grid[1:] < grid[:-1]).all()):
+            return math.inf
+        return self.grid_error(grid)
+
+
+def _rms(x: torch.Tensor, ref: torch.Tensor) -> float:
+    err = float((x.to(F64) - ref.to(F64)).pow(2).mean().sqrt())
+    return err if math.isfinite(err) else math.inf
+
+
+def _golden(f: Callable[[float], float], a: float, b: float, x0: float, f0: float, iters: int) -> tuple[float, float]:
+    """Golden-section search of f on [a, b] (Kiefer 1953), ``iters`` evaluations; returns the best of it and (x0, f0)."""
+    best = (f0, x0)
+    c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
+    fc, fd = f(c), f(d)
+    best = min(best, (fc, c), (fd, d))
+    for _ in range(max(0, iters - 2)):
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - _GOLDEN * (b - a)
+            fc = f(c)
+            best = min(best, (fc, c))
+        else:
+            a, c, fc = c, d, fd
+            d = a + _GOLDEN * (b - a)
+            fd = f(d)
+            best = min(best, (fd, d))
+    return best[1], best[0]
+
+
+def _coordinate_descent(obj: _Objective, u: torch.Tensor, sweeps: int, iters: int, tol: float) -> torch.Tensor:
+    """Each interior knot in turn (golden section between its neighbours) on the true end error, ``sweeps`` times;
+    stops early when a sweep improves by less than the relative ``tol``."""
+    u = u.clone()
+    err = obj.u_error(u)
+    for _ in range(sweeps):
+        start = err
+        for k in range(1, u.numel() - 1):
+            lo, hi = float(u[k - 1]), float(u[k + 1])
+            gap = 1e-4 * (hi - lo)
+
+            def f(v: float, k: int = k) -> float:
+                w = u.clone()
+                w[k] = v
+                return obj.u_error(w)
+
+            v, e = _golden(f, lo + gap, hi - gap, float(u[k]), err, iters)
+            if e < err:
+                u[k], err = v, e
+        if not start < math.inf or start - err <= tol * start:
+            break
+    return u
+
+
+# ------------------------------------------------------------------------------------------------ the family
+def _family_u(coord: _Coord, steps: int, q: float, p: float) -> torch.Tensor:
+    r"""u of the grid uniform in :math:`\phi_q(\sigma)` (:math:`\sigma = e^{-\lambda}`) at index fractions
+    :math:`(i/S)^p`; on a t-coordinate, uniform in :math:`t^{1/(1+q)}`... simply ``(i/S)^p`` warped by q."""
+    w = torch.linspace(0.0, 1.0, steps + 1, dtype=F64) ** p
+    if not coord.log_snr:  # no finite log-SNR range: a power ramp in t, u = w^(exp q)
+        return w ** math.exp(q)
+    ls0, ls1 = -coord.lam0, -coord.lam1  # log sigma at the two ends (decreasing)
+
+    def bc(ls: float | torch.Tensor) -> Any:
+        return ls if abs(q) < 1e-12 else (torch.expm1(torch.as_tensor(q * ls, dtype=F64)) / q)
+
+    phi0, phi1 = bc(ls0), bc(ls1)
+    phi = phi0 + w * (phi1 - phi0)
+    ls = phi if abs(q) < 1e-12 else torch.log1p(q * torch.as_tensor(phi)) / q
+    u = (-ls - coord.lam0) / (coord.lam1 - coord.lam0)
+    u = u.clone()
+    u[0], u[-1] = 0.0, 1.0
+    return u
+
+
+def _fit_family(obj: _Objective, steps: int, iters: int, sweeps: int = 2) -> tuple[float, float]:
+    """Coordinate golden-section search of (q, p) in [-1, 1] x [1/3, 3] (p through log p)."""
+    q, lp = 0.0, 0.0
+
+    def err(q: float, lp: float) -> float:
+        u = _family_u(obj.coord, steps, q, math.exp(lp))
+        return obj.u_error(u) if bool(torch.isfinite(u).all()) else math.inf
+
+    e = err(q, lp)
+    for _ in range(sweeps):
+        q, e = _golden(lambda v: err(v, lp), -1.0, 1.0, q, e, iters)
+        lp, e = _golden(lambda v: err(q, v), -math.log(3.0), math.log(3.0), lp, e, iters)
+    return q, math.exp(lp)
+
+
+# ------------------------------------------------------------------------------------------------ DP
+def _dp_path(cost: torch.Tensor, steps: int) -> list[int]:
+    """Least summed cost path 0 -> M of exactly ``steps`` edges i -> j (i < j); cost (M+1, M+1), inf = forbidden."""
+    M = cost.shape[0] - 1
+    inf = math.inf
+    D = torch.full((steps + 1, M + 1), inf, dtype=F64)
+    arg = torch.full((steps + 1, M + 1), -1, dtype=torch.long)
+    D[0, 0] = 0.0
+    for m in range(1, steps + 1):
+        # D[m, j] = min_i D[m-1, i] + cost[i, j]
+        tot = D[m - 1][:, None] + cost
+        best, idx = tot.min(0)
+        D[m], arg[m] = best, idx
+    if not math.isfinite(float(D[steps, M])):
+        raise RuntimeError("no finite DP path: every candidate step failed")
+    path = [M]
+    for m in range(steps, 0, -1):
+        path.append(int(arg[m, path[-1]]))
+    return path[::-1]
+
+
+def _dp_costs(
+    stepper: Stepper, coord: _Coord, u_cand: torch.Tensor, states: torch.Tensor, dtype: torch.dtype, max_span: int
+) -> torch.Tensor:
+    """cost[i, j]: RMS error of one solver step from the reference state at candidate i to candidate j."""
+    times = coord.times(u_cand)
+    M = times.numel() - 1
+    cost = torch.full((M + 1, M + 1), math.inf, dtype=F64)
+    for i in range(M):
+        x = states[i].to(dtype)
+        for j in range(i + 1, min(M, i + max_span) + 1):
+            try:
+                y = solve(stepper, x, times[[i, j]]).x
+            except SolverError:
+                continue
+            cost[i, j] = _rms(y, states[j])
+    return cost
+
+
+# ------------------------------------------------------------------------------------------------ the fit
+def _reference(
+    den: Denoiser, x_T: torch.Tensor, coord: _Coord, steps: int, check: bool
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Fine DPM-Solver++(3M) solve on a grid uniform in the coordinate (no lower-order final steps): the states at
+    every grid time (steps + 1, *x_T.shape) and an error estimate (difference to the half-resolution solve / 7)."""
+    ref_stepper = make_stepper(den, "dpm_solver++", order=3, lower_order_final=False)
+    u = torch.linspace(0.0, 1.0, steps + 1, dtype=F64)
+    traj = solve(ref_stepper, x_T, coord.times(u), return_trajectory=True).trajectory
+    assert traj is not None
+    est = math.nan
+    if check:
+        half = solve(ref_stepper, x_T, coord.times(u[::2])).x
+        est = _rms(half, traj[-1]) / 7.0  # third order: e_h/2 ~ (e_h - e_h/2)/(2^3 - 1)
+    return traj, u, est
+
+
+def _check_solver(stepper: Stepper, nfe: int) -> int:
+    """Refuse what a fitted fixed grid cannot serve; return the number of grid steps for the budget."""
+    mode = getattr(stepper, "mode", "fixed")  # TODO(contract)
+    if mode != "fixed":
+        raise ValueError(
+            f"solver {stepper.name!r} is not a fixed-grid solver (mode {mode!r}): optimize_grid fits the grid of a "
+            "fixed-grid deterministic solver (e.g. 'dpm_solver++', 'unipc', 'dpm_solver', 'heun', 'euler', 'ddim')"
+        )
+    if stepper.stochastic or stepper.noise_draws:
+        raise ValueError(
+            f"solver {stepper.name!r} with options {stepper.opts} is stochastic: a fitted grid needs a deterministic "
+            "solver (its end error against the probability-flow reference must be a function of the grid)"
+        )
+    if not isinstance(nfe, int) or isinstance(nfe, bool) or nfe < 1:
+        raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
+    return stepper.num_steps(nfe)
+
+
+def fit_grid(
+    den: Denoiser,
+    solver: str | Stepper = "dpm_solver++",
+    nfe: int = 10,
+    x_T: torch.Tensor | None = None,
+    shape: Sequence[int] | None = None,
+    n: int = 256,
+    method: str = "dp",
+    generator: torch.Generator | None = None,
+    t_end: float | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    reference_steps: int = 480,
+    reference_dtype: torch.dtype = torch.float64,
+    check_reference: bool = True,
+    candidates: int = 48,
+    dp_samples: int = 64,
+    refine: bool = True,
+    sweeps: int = 3,
+    golden_iters: int = 8,
+    tol: float = 1e-3,
+    **solver_options: Any,
+) -> GridFit:
+    """Fit the time grid of ``solver`` at budget ``nfe`` to the model ``den`` (module docstring).
+
+    Args:
+        den: the model.
+        solver: a fixed-grid deterministic solver: a name in ``sdeflow.solvers.SOLVERS`` or a Stepper instance.
+        nfe: the budget of net calls the grid is fitted for; the solver must spend exactly this many.
+        x_T: the fitting noises (batch, *data_shape); when None, ``n`` are drawn from the prior with ``generator``.
+        shape: the data shape of ONE sample (without the batch axis), needed when ``x_T`` is None.
+        n: number of fitting noises drawn when ``x_T`` is None (a few hundred generalise; see the tests).
+        method: ``"dp"`` (global: dynamic programming on the reference trajectories, then coordinate descent on
+            the true end error) or ``"local"`` (cheap: golden-section search of a two-parameter grid family).
+        generator: draws the fitting noises (default: a generator seeded with 0, so fits are reproducible).
+        t_end: the final time (default ``sde.eps``).
+        dtype: the dtype the solver runs in while fitting (the dtype you will sample in).
+        reference_steps: steps of the DPM-Solver++(3M) reference solve (rounded up to a multiple of
+            ``candidates``); reference_dtype: its dtype (float32 for a net that only takes float32).
+        check_reference: also solve at half resolution and report the reference's estimated error.
+        candidates: number of candidate intervals of the DP (``"dp"``).
+        dp_samples: noises used for the DP's one-step costs (the refinement uses all of them).
+        refine: run the coordinate descent on the true end error after the DP.
+        sweeps, golden_iters, tol: coordinate-descent sweeps, golden-section evaluations per knot, and the
+            relative improvement per sweep below which it stops.
+        **solver_options: the solver's options (e.g. ``order=3``).
+
+    Returns:
+        a :class:`GridFit`; ``.grid`` is the float64 grid to pass as ``sf.sample(..., grid=fit.grid)``.
+
+    Raises:
+        ValueError: a stochastic or non-fixed-grid solver, a budget the solver cannot spend exactly, bad arguments.
+    """
+    t_start = time.perf_counter()
+    nfe0 = den.nfe
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not supported; allowed values: {', '.join(map(repr, METHODS))}")
+    stepper = make_stepper(den, solver, **solver_options)
+    steps = _check_solver(stepper, nfe)
+    sde = den.sde
+    T = float(sde.T)
+    t_end = float(sde.eps if t_end is None else t_end)
+    if not 0.0 <= t_end < T:
+        raise ValueError(f"t_end must lie in [0, T) = [0, {T}), got t_end={t_end}")
+    for name, v in (("n", n), ("reference_steps", reference_steps), ("candidates", candidates)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if candidates < steps:
+        raise ValueError(f"candidates={candidates} must be >= the number of steps {steps}")
+    if x_T is None:
+        if shape is None:
+            raise ValueError("pass either x_T or shape (the data shape of one sample)")
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        x_T = sde.prior_std() * torch.randn((n, *tuple(shape)), generator=gen, dtype=F64)
+    else:
+        if x_T.ndim < 2:
+            raise ValueError(f"x_T must have shape (batch, *data_shape), got {tuple(x_T.shape)}")
+        if shape is not None and tuple(shape) != tuple(x_T.shape[1:]):
+            raise ValueError(f"x_T has data shape {tuple(x_T.shape[1:])}, but shape={tuple(shape)} was given")
+        if not bool(torch.isfinite(x_T).all()):
+            raise ValueError("x_T must be finite")
+    coord = _Coord(sde, T, t_end)
+
+    # the default grid, and the budget check: the solver must spend exactly nfe on it
+    default = time_grid(sde, steps, stepper.default_grid, t_end=t_end)
+    probe = x_T[:1].to(dtype)
+    before = den.nfe
+    stepper.num_steps(nfe)
+    solve(stepper, probe, default)
+    spent = den.nfe - before
+    if spent != nfe:
+        raise ValueError(
+            f"nfe={nfe} cannot be split by solver {stepper.name!r} ({stepper.nfe_per_step} NFE per step): a grid of "
+            f"{steps} steps spends {spent}; pick a budget it spends exactly (a multiple of {stepper.nfe_per_step})"
+        )
+
+    # the reference: a fine solve whose grid holds the DP candidates
+    sub = -(-reference_steps // candidates)
+    ref_before = den.nfe
+    traj, u_fine, ref_err = _reference(den, x_T.to(reference_dtype), coord, sub * candidates, check_reference)
+    reference_nfe = den.nfe - ref_before
+    ref = traj[-1]
+    x_fit = x_T.to(dtype)
+    obj = _Objective(stepper, x_fit, ref, nfe, coord)
+
+    default_error = obj.grid_error(default)
+    for kind in GRIDS:  # every built-in grid is a starting candidate
+        if kind == stepper.default_grid:
+            continue
+        try:
+            g = time_grid(sde, steps, kind, t_end=t_end)
+        except ValueError:
+            continue
+        obj.grid_error(g)
+
+    if steps >= 2:
+        if method == "local":
+            q, p = _fit_family(obj, steps, golden_iters)
+        else:
+            u_cand = u_fine[::sub]
+            states = traj[::sub][:, :dp_samples]
+            cost = _dp_costs(stepper, coord, u_cand, states, dtype, max_span=candidates)
+            path = _dp_path(cost, steps)
+            obj.u_error(u_cand[path])
+            if refine:
+                assert obj.best_grid is not None
+                _coordinate_descent(obj, coord.u_of(obj.best_grid), sweeps, golden_iters, tol)
+
+    assert obj.best_grid is not None
+    best, err = obj.best_grid, obj.best_err
+    if not err <= default_error:  # cannot happen (the default was evaluated), kept as the contract's guard
+        best, err = default, default_error
+    opts = {k: v for k, v in stepper.opts.items()}
+    return GridFit(
+        grid=best,
+        error=err,
+        default_error=default_error,
+        default_grid=default,
+        solver=stepper.name,
+        options=opts,
+        nfe=nfe,
+        method=method,
+        n=int(x_T.shape[0]),
+        reference_nfe=reference_nfe,
+        reference_error=ref_err,
+        fit_nfe=den.nfe - nfe0,
+        evaluations=obj.evaluations,
+        seconds=time.perf_counter() - t_start,
+        history=obj.history,
+    )
+
+
+def optimize_grid(
+    den: Denoiser,
+    solver: str | Stepper = "dpm_solver++",
+    nfe: int = 10,
+    x_T: torch.Tensor | None = None,
+    shape: Sequence[int] | None = None,
+    n: int = 256,
+    method: str = "dp",
+    generator: torch.Generator | None = None,
+    t_end: float | None = None,
+    **options: Any,
+) -> torch.Tensor:
+    """The fitted float64 grid of :func:`fit_grid` (same arguments; fit settings and solver options as keywords):
+    ``sf.sample(den, solver, nfe=nfe, grid=optimize_grid(den, solver, nfe, shape=(d,)), ...)``."""
+    return fit_grid(den, solver, nfe, x_T, shape, n, method, generator, t_end, **options).grid
+
+
+# ------------------------------------------------------------------------------------------------ cache and JSON
+def model_fingerprint(den: Denoiser, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> str:
+    """A hash of what the solver sees of the model: the SDE's description and log-SNR at 17 times, the prediction
+    type, and the model's outputs on a fixed probe batch (4 samples of data ``shape``) at 3 times (3 net calls)."""
+    sde = den.sde
+    h = hashlib.sha256()
+    h.update(repr(sde).encode())
+    h.update(den.prediction.encode())
+    ts = sde.eps + (sde.T - sde.eps) * torch.linspace(0.0, 1.0, 17, dtype=F64)
+    h.update(sde.log_snr(ts).to(F64).numpy().tobytes())
+    probe = torch.randn((4, *tuple(shape)), generator=torch.Generator().manual_seed(1234), dtype=F64).to(dtype)
+    with torch.no_grad():
+        for t in (0.9, 0.5, 0.1):
+            tt = torch.tensor(sde.eps + t * (sde.T - sde.eps), dtype=F64)
+            out = den.raw(probe, tt).detach().to("cpu", torch.float32)
+            h.update(out.numpy().round(5).tobytes())
+    return h.hexdigest()[:24]
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    return repr(v)
+
+
+class GridCache:
+    """Fitted grids memoised per (model fingerprint, solver, options, NFE, fit settings), so a sweep fits once.
+
+    Args:
+        directory: when given, fits are also stored there as JSON (one file per key) and read back across runs.
+
+    ``cache.get(den, solver, nfe, shape=..., **fit_kwargs)`` returns the grid, fitting it on a miss; ``cache.fits``
+    holds the :class:`GridFit` of the fits made in this process.
+    """
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.directory = Path(directory) if directory is not None else None
+        self.grids: dict[str, torch.Tensor] = {}
+        self.fits: dict[str, GridFit] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def key(
+        self,
+        den: Denoiser,
+        solver: str | Stepper,
+        nfe: int,
+        data_shape: Sequence[int],
+        dtype: torch.dtype = torch.float32,
+        **fit_kwargs: Any,
+    ) -> str:
+        """The cache key: a hash of the model fingerprint, the solver and its options, the budget and the fit's
+        settings (method, n, t_end, generator seed state excluded: pass x_T for custom noises)."""
+        name = solver if isinstance(solver, str) else solver.name
+        opts = dict(solver.opts) if isinstance(solver, Stepper) else {}
+        payload = {
+            "model": model_fingerprint(den, data_shape, dtype),
+            "solver": name,
+            "options": _jsonable(opts),
+            "nfe": nfe,
+            "dtype": str(dtype),
+            "fit": _jsonable({k: v for k, v in sorted(fit_kwargs.items()) if k != "x_T"}),
+        }
+        if "x_T" in fit_kwargs and fit_kwargs["x_T"] is not None:
+            payload["x_T"] = hashlib.sha256(fit_kwargs["x_T"].detach().cpu().to(F64).numpy().tobytes()).hexdigest()
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+    def get(
+        self,
+        den: Denoiser,
+        solver: str | Stepper,
+        nfe: int,
+        shape: Sequence[int] | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        **fit_kwargs: Any,
+    ) -> torch.Tensor:
+        """The fitted grid for this model, solver (with options in ``fit_kwargs``) and budget; fits on a miss."""
+        x_T = fit_kwargs.get("x_T")
+        if shape is None:
+            if x_T is None:
+                raise ValueError("pass shape (the data shape of one sample) or x_T")
+            shape = tuple(x_T.shape[1:])
+        key = self.key(den, solver, nfe, shape, dtype, **fit_kwargs)
+        if key in self.grids:
+            self.hits += 1
+            return self.grids[key]
+        path = self.directory / f"{key}.json" if self.directory is not None else None
+        if path is not None and path.exists():
+            self.hits += 1
+            grid = load_grid(path, den.sde)
+            self.grids[key] = grid
+            return grid
+        self.misses += 1
+        fit = fit_grid(den, solver, nfe, shape=None if x_T is not None else shape, dtype=dtype, **fit_kwargs)
+        self.grids[key], self.fits[key] = fit.grid, fit
+        if path is not None:
+            save_grid(path, fit.grid, den.sde, fit)
+        return fit.grid
+
+
+def save_grid(path: str | Path, grid: torch.Tensor, sde: Any, fit: GridFit | None = None) -> None:
+    """Write ``grid`` as JSON with the SDE's description (``repr(sde)``) and, when given, the fit's summary. Times are
+    written as shortest round-trip decimal floats, so :func:`load_grid` returns the same float64 values."""
+    check_grid(grid.to(F64), sde)
+    doc: dict[str, Any] = {
+        "format": _FORMAT,
+        "sde": repr(sde),
+        "times": [float(t) for t in grid.detach().cpu().to(F64).tolist()],
+    }
+    if fit is not None:
+        doc["fit"] = {
+            "solver": fit.solver,
+            "options": _jsonable(fit.options),
+            "nfe": fit.nfe,
+            "method": fit.method,
+            "n": fit.n,
+            "error": fit.error,
+            "default_error": fit.default_error,
+            "reference_nfe": fit.reference_nfe,
+            "reference_error": fit.reference_error,
+            "fit_nfe": fit.fit_nfe,
+            "seconds": fit.seconds,
+        }
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(doc, indent=1))
+
+
+def load_grid(path: str | Path, sde: Any | None = None) -> torch.Tensor:
+    """Read a grid written by :func:`save_grid`; with ``sde``, refuse a grid saved for another SDE description."""
+    doc = json.loads(Path(path).read_text())
+    if not isinstance(doc, dict) or doc.get("format") != _FORMAT or "times" not in doc:
+        raise ValueError(f"{path} is not a sdeflow grid file (format {_FORMAT!r})")
+    grid = torch.tensor(doc["times"], dtype=F64)
+    if sde is not None:
+        if doc.get("sde") != repr(sde):
+            raise ValueError(f"{path} holds a grid for sde {doc.get('sde')!r}, not for {sde!r}")
+        check_grid(grid, sde)
+    return grid
