@@ -27,7 +27,7 @@ import torch
 
 from ._utils import TimeLike, append_dims, as_time, check_choice, check_positive, check_time, log1mexp
 
-__all__ = ["GaussianSDE", "VPSDE", "SubVPSDE", "VESDE", "DiscreteVPSDE", "GaussianPath"]
+__all__ = ["GaussianSDE", "VPSDE", "SubVPSDE", "VESDE", "DiscreteVPSDE", "GaussianPath", "FlowMatchingPath"]
 
 
 def _softplus(x: torch.Tensor) -> torch.Tensor:
@@ -122,6 +122,21 @@ class GaussianSDE:
         """g(t): the forward SDE is dx = f(t) x dt + g(t) dW."""
         return torch.sqrt(self.g2(t))
 
+    def d_alpha(self, t: TimeLike) -> torch.Tensor:
+        r""":math:`a'(t) = f(t)\,a(t)` (paths with a closed form override :meth:`_d_alpha`)."""
+        return self._d_alpha(self._t(t))
+
+    def d_sigma(self, t: TimeLike) -> torch.Tensor:
+        r""":math:`s'(t) = (g^2 + 2 f s^2) / (2 s)`, from :math:`g^2 = \mathrm{d}s^2/\mathrm{d}t - 2 f s^2`."""
+        return self._d_sigma(self._t(t))
+
+    def _d_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return self._f(t) * torch.exp(self._log_alpha(t))
+
+    def _d_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        s = torch.exp(self._log_sigma(t))
+        return (self._g2(t) + 2 * self._f(t) * s * s) / (2 * s)
+
     def drift(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
         """Forward drift f(t) x, for x of shape (batch, *data_shape) and t scalar or (batch,)."""
         return self._coef(self.f(t), x) * x
@@ -210,6 +225,16 @@ class _VPBase(GaussianSDE):
     def beta(self, t: TimeLike) -> torch.Tensor:
         r""":math:`\beta(t) = g(t)^2`."""
         return self.g2(t)
+
+    def _d_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        la = self._log_alpha(t)  # a = 0 (zero terminal SNR) has a' = 0 there, not f * a = -inf * 0
+        return torch.where(la > -math.inf, self._f(t) * torch.exp(la), torch.zeros_like(la))
+
+    def _d_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        # s^2 = 1 - a^2  =>  s' = -a a' / s = -f a^2 / s
+        la = self._log_alpha(t)
+        ds = -self._f(t) * torch.exp(2 * la - self._log_sigma(t))
+        return torch.where(la > -math.inf, ds, torch.zeros_like(la))
 
 
 class VPSDE(_VPBase):
@@ -440,8 +465,11 @@ class DiscreteVPSDE(_VPBase):
         betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
         if betas.numel() < 1:
             raise ValueError("betas must hold at least one value")
-        if not bool(((betas > 0) & (betas < 1)).all()):
-            raise ValueError("betas must lie in (0, 1)")
+        if not (bool(((betas[:-1] > 0) & (betas[:-1] < 1)).all()) and 0 < float(betas[-1]) <= 1):
+            raise ValueError("betas must lie in (0, 1) (the last one in (0, 1]: 1 is a zero-terminal-SNR schedule)")
+        #: the last beta is 1: a(T) = 0, log-SNR(T) = -inf (Lin et al. 2024, "Common Diffusion Noise Schedules and
+        #: Sample Steps are Flawed"); on the last segment a = 0, f = -inf, g^2 = inf, never NaN
+        self.zero_terminal_snr = float(betas[-1]) == 1.0
         self.betas = betas
         self.N = int(betas.numel())
         la = 0.5 * torch.cumsum(torch.log1p(-betas), 0)
@@ -487,6 +515,8 @@ class DiscreteVPSDE(_VPBase):
 
     def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
         w, lo, hi = self._segment(t)
+        if self.zero_terminal_snr:  # hi = -inf on the last segment: 0 * inf at its left end
+            return torch.where(w > 0, lo + w * (hi - lo), lo)
         return lo + w * (hi - lo)
 
     def _f(self, t: torch.Tensor) -> torch.Tensor:
@@ -501,6 +531,8 @@ class DiscreteVPSDE(_VPBase):
         idx = idx.clamp(0, self.N - 1)
         lo, hi = tab[idx], tab[idx + 1]
         w = (target - lo) / (hi - lo)
+        if self.zero_terminal_snr:  # last segment: only lambda = -inf is reached (at its interior, taken as T)
+            w = torch.where(hi > -math.inf, w, (target == -math.inf).to(w.dtype))
         return (idx.to(lam.dtype) + w) / self.N
 
     def __repr__(self) -> str:
@@ -546,3 +578,64 @@ class GaussianPath(GaussianSDE):
 
     def _dsigma2(self, t: torch.Tensor) -> torch.Tensor:
         return 2 * torch.exp(2 * self._ls_fn(t)) * self._deriv(self._ls_fn, t)
+
+
+class FlowMatchingPath(GaussianSDE):
+    r"""The flow-matching / rectified-flow path :math:`a = 1 - \sigma`, :math:`s = \sigma` (Lipman et al. 2023,
+    "Flow Matching for Generative Modeling"; Liu et al. 2023, "Flow Straight and Fast"; the lecture notes' "Flow
+    Matching" section), optionally with Stable Diffusion 3's time shift (Esser et al. 2024, eq. 23):
+
+    .. math:: \sigma(t) = \frac{k\,t}{1 + (k - 1)\,t}, \qquad k = \text{shift},
+
+    so shift = 1 is the straight path :math:`x_t = (1-t) x_0 + t\varepsilon` and a uniform grid in t is diffusers'
+    ``FlowMatchEulerDiscreteScheduler(shift=k)`` schedule. It reaches ``T = 1`` exactly: :math:`a(1) = 0`,
+    :math:`\lambda(1) = -\infty`, :math:`f(1) = -\infty`, :math:`g(1)^2 = \infty` (never NaN); the velocity
+    :math:`u = a'x_0 + s'\varepsilon` (``Denoiser(prediction="flow")``) stays finite there. Closed forms:
+    :math:`f = -\tfrac{1}{1-t} - \tfrac{k-1}{1+(k-1)t}`, :math:`s' = -a' = \sigma'(t) = k/(1+(k-1)t)^2`,
+    :math:`g^2 = 2 s s' - 2 f s^2`, log-SNR inverse :math:`\sigma = \mathrm{sigmoid}(-\lambda)`,
+    :math:`t = \sigma / (k - (k-1)\sigma)`.
+    """
+
+    def __init__(self, shift: float = 1.0, *, eps: float = 1e-3) -> None:
+        check_positive("shift", shift)
+        check_positive("eps", eps)
+        if not eps < 1.0:
+            raise ValueError(f"eps must be < T = 1, got {eps}")
+        self.shift = float(shift)
+        self.T, self.eps = 1.0, float(eps)
+
+    def shifted(self, t: torch.Tensor) -> torch.Tensor:
+        r"""The noise level :math:`\sigma(t) = k t / (1 + (k-1) t)` (= s(t))."""
+        return self.shift * t / (1 + (self.shift - 1) * t)
+
+    def unshifted(self, sigma: torch.Tensor) -> torch.Tensor:
+        r"""The inverse of :meth:`shifted`: :math:`t = \sigma / (k - (k - 1)\sigma)`."""
+        return sigma / (self.shift - (self.shift - 1) * sigma)
+
+    def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.log1p(-t) - torch.log1p((self.shift - 1) * t)
+
+    def _log_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return math.log(self.shift) + torch.log(t) - torch.log1p((self.shift - 1) * t)
+
+    def _f(self, t: torch.Tensor) -> torch.Tensor:
+        return -1 / (1 - t) - (self.shift - 1) / (1 + (self.shift - 1) * t)
+
+    def _dshift(self, t: torch.Tensor) -> torch.Tensor:
+        return self.shift / (1 + (self.shift - 1) * t) ** 2
+
+    def _d_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return -self._dshift(t)
+
+    def _d_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return self._dshift(t)
+
+    def _g2(self, t: torch.Tensor) -> torch.Tensor:
+        s = self.shifted(t)
+        return 2 * s * self._dshift(t) - 2 * self._f(t) * s * s
+
+    def _t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
+        return self.unshifted(torch.sigmoid(-lam))
+
+    def __repr__(self) -> str:
+        return f"FlowMatchingPath(shift={self.shift})"
