@@ -1,0 +1,378 @@
+r"""Divergence estimators for a vector field :math:`f: \mathbb R^d \to \mathbb R^d`, batched over samples.
+
+The instantaneous change of variables (Chen et al. 2018, "Neural ODEs"; Song et al. 2021, Sec. 4.3) needs, at every
+ODE evaluation, both :math:`f(x)` and :math:`\nabla\!\cdot f(x) = \mathrm{tr}\,J_f(x)` for each sample of a batch
+(B, *shape) (``f`` must act on the samples independently: no batch coupling such as BatchNorm in train mode).
+:func:`divergence` returns both from one forward call of ``f``:
+
+* ``"exact"``: :math:`\sum_i e_i^\top J e_i` over the d basis vectors, by reverse mode (vector-Jacobian products
+  :math:`e_i^\top J` through the graph of the one forward call, ``chunk`` basis vectors per backward pass, vectorized
+  with ``is_grads_batched``) or forward mode (Jacobian-vector products :math:`J e_i` by ``torch.func.jvp`` under
+  ``torch.func.vmap`` over ``chunk`` basis vectors). One basis vector serves all B samples at once, so the cost is d
+  products of batch B, where ``vmap(jacrev(f))`` builds every per-sample Jacobian in one vectorized pass of size
+  d x B x d. ``mode="auto"`` picks reverse mode on CPU (it was faster at every shape measured, see
+  ``benchmarks/likelihood.py``) and, on accelerators, the faster of the two by a one-off timing per (shape, dtype,
+  device), cached in this module.
+* ``"hutchinson"``: :math:`\frac1n\sum_j \varepsilon_j^\top J\varepsilon_j` with n probes, :math:`E[\varepsilon
+  \varepsilon^\top] = I` (Hutchinson 1990; Skilling 1989), all probes in ONE batched backward pass. The per-sample
+  variance of one probe's estimate is estimated from the n probes (n >= 2) and reported with the standard error
+  :math:`\sqrt{\hat v/n}`, so the number of probes for a target standard error :math:`\tau` is :math:`\hat v/\tau^2`.
+  Rademacher probes have variance :math:`2(\lVert J_s\rVert_F^2 - \sum_i J_{ii}^2)`, Gaussian probes
+  :math:`2\lVert J_s\rVert_F^2` (:math:`J_s` the symmetric part; Avron & Toledo 2011).
+* ``"hutch++"``: Hutch++ (Meyer, Musco, Musco & Woodruff 2021, Alg. 1) per sample with
+  :math:`A = J^\top` (:math:`\mathrm{tr}A = \mathrm{tr}J`): :math:`k` sketch products :math:`Y = AS`,
+  :math:`Q = \mathrm{qr}(Y)`, then :math:`\mathrm{tr}(Q^\top AQ) + \frac1{m}\sum_j g_j^\top(I-QQ^\top)A(I-QQ^\top)g_j`
+  with m residual probes: n = 2k + m products in two batched backward passes, unbiased, and with variance
+  :math:`O(1/n^2)` instead of :math:`O(1/n)` when J is dominated by a few large singular values. The reported
+  standard error is that of the residual term given Q (the low-rank part is exact given Q), which is what a user
+  reading it needs: the spread of the estimate at this Q.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ._utils import check_choice
+
+__all__ = [
+    "divergence",
+    "DivergenceResult",
+    "exact_chunk",
+    "hutchinson_probes",
+    "clear_autotune_cache",
+    "DIVERGENCE_METHODS",
+    "EXACT_MODES",
+    "PROBE_KINDS",
+]
+
+DIVERGENCE_METHODS = ("exact", "hutchinson", "hutch++")
+EXACT_MODES = ("auto", "reverse", "forward")
+PROBE_KINDS = ("rademacher", "gaussian")
+# basis vectors per vectorized pass: chunk * batch * d stays below this many elements by default. On CPU a plain loop
+# of single products (chunk 1 at batch 256) measured fastest: vmap's batched backward pays only while the cotangents
+# stay in cache; on accelerators vectorizing pays.
+_CHUNK_ELEMENTS_CPU = 1 << 12
+_CHUNK_ELEMENTS_ACCEL = 1 << 22
+# (device type, dtype, shape) -> "reverse" | "forward", filled by mode="auto" on accelerators
+_AUTOTUNE: dict[tuple[str, torch.dtype, tuple[int, ...]], str] = {}
+
+
+@dataclass
+class DivergenceResult:
+    r"""Output of :func:`divergence`. Per-sample tensors have shape (B,).
+
+    Attributes:
+        value: the divergence :math:`\mathrm{tr}\,J_f(x)` (exact) or its unbiased estimate.
+        f_x: :math:`f(x)`, shape (B, *shape), from the same forward call.
+        std_error: standard error of ``value``: zeros for ``"exact"``; for the stochastic methods
+            :math:`\sqrt{\hat v/n}` with :math:`\hat v` = ``probe_variance`` and n the probes it was estimated from
+            (Hutch++: the residual probes, given Q). None when a single (residual) probe leaves no spread to measure.
+        probe_variance: the unbiased per-sample variance :math:`\hat v` of ONE probe's estimate (None as above):
+            ``probe_variance / target_se**2`` probes reach a target standard error.
+        matvecs: Jacobian products per sample (d for exact, n_probes otherwise).
+        method: ``"exact"``, ``"hutchinson"`` or ``"hutch++"``.
+        mode: ``"reverse"`` or ``"forward"`` (exact), ``"reverse"`` (stochastic).
+        chunk: vectors per vectorized pass.
+    """
+
+    value: torch.Tensor
+    f_x: torch.Tensor
+    std_error: torch.Tensor | None
+    probe_variance: torch.Tensor | None
+    matvecs: int
+    method: str
+    mode: str
+    chunk: int
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def exact_chunk(x: torch.Tensor, chunk: int | None = None) -> int:
+    """Basis vectors per vectorized pass for x of shape (B, *shape): ``chunk`` clipped to [1, d], or by default the
+    largest count keeping ``chunk * B * d`` under 2^12 elements on CPU and 2^22 on accelerators."""
+    d = x[0].numel()
+    if chunk is not None:
+        return max(1, min(int(chunk), d))
+    budget = _CHUNK_ELEMENTS_CPU if x.device.type == "cpu" else _CHUNK_ELEMENTS_ACCEL
+    return max(1, min(d, budget // max(1, x.numel())))
+
+
+def hutchinson_probes(
+    kind: str,
+    n: int,
+    x: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """n probes like x, shape (n, *x.shape), with :math:`E[\\varepsilon\\varepsilon^\\top] = I`: Rademacher (+-1)
+    or standard Gaussian, drawn from ``generator`` (on its device) in x's dtype and moved to x's device."""
+    check_choice("probe", kind, PROBE_KINDS)
+    if not (isinstance(n, int) and n >= 1):
+        raise ValueError(f"n_probes must be an integer >= 1, got {n!r}")
+    gdev = generator.device if generator is not None else x.device
+    shape = (n, *x.shape)
+    if kind == "gaussian":
+        z = torch.randn(shape, generator=generator, dtype=x.dtype, device=gdev)
+    else:
+        z = torch.randint(0, 2, shape, generator=generator, device=gdev).to(x.dtype) * 2 - 1
+    return z.to(x.device)
+
+
+def clear_autotune_cache() -> None:
+    """Forget the choices made by ``mode="auto"`` (e.g. after changing the network at a fixed shape)."""
+    _AUTOTUNE.clear()
+
+
+def _call(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    out = f(z)
+    if not isinstance(out, torch.Tensor) or out.shape != z.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"f must map x of shape {tuple(z.shape)} to a tensor of the same shape, got {got}")
+    return out
+
+
+def _vjp(v: torch.Tensor, z: torch.Tensor, cot: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    """cot[j]^T dv/dz for a leading batch of n cotangents (n, *v.shape), one backward pass (vectorized if n > 1)."""
+    n = cot.shape[0]
+    (rows,) = torch.autograd.grad(
+        v,
+        z,
+        cot if n > 1 else cot[0],
+        retain_graph=True,
+        create_graph=create_graph,
+        allow_unused=True,
+        is_grads_batched=n > 1,
+    )
+    if rows is None:  # f does not depend on x
+        return torch.zeros_like(cot)
+    return rows if n > 1 else rows[None]
+
+
+def _basis(x: torch.Tensor, i0: int, n: int) -> torch.Tensor:
+    """Basis vectors e_{i0}..e_{i0+n-1}, each broadcast over the batch: shape (n, *x.shape)."""
+    B, d = x.shape[0], x[0].numel()
+    e = torch.zeros(n, d, dtype=x.dtype, device=x.device)
+    e[torch.arange(n, device=x.device), torch.arange(i0, i0 + n, device=x.device)] = 1
+    return e[:, None, :].expand(n, B, d).reshape(n, *x.shape)
+
+
+def _diag_part(rows: torch.Tensor, i0: int, B: int, d: int) -> torch.Tensor:
+    """sum_j (rows_j)_{i0 + j} per sample, rows of shape (n, B, *shape)."""
+    n = rows.shape[0]
+    r = rows.reshape(n, B, d)[:, :, i0 : i0 + n]
+    return torch.diagonal(r, dim1=0, dim2=2).sum(dim=1)
+
+
+def _input(x: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    return x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
+
+
+# ---------------------------------------------------------------------------------------------------- exact
+def _exact_reverse(f, x, chunk, create_graph):
+    B, d = x.shape[0], x[0].numel()
+    with torch.enable_grad():
+        z = _input(x, create_graph)
+        v = _call(f, z)
+        div = torch.zeros(B, dtype=v.dtype, device=v.device)
+        for i0 in range(0, d, chunk):
+            n = min(d, i0 + chunk) - i0
+            rows = _vjp(v, z, _basis(v, i0, n), create_graph)
+            div = div + _diag_part(rows, i0, B, d)
+    return v, div
+
+
+def _exact_forward(f, x, chunk, create_graph):
+    B, d = x.shape[0], x[0].numel()
+    z = x if create_graph else x.detach()
+    v: torch.Tensor | None = None
+    div = torch.zeros(B, dtype=x.dtype, device=x.device)
+
+    def jvp(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.func.jvp(f, (z,), (u,))
+
+    with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+        for i0 in range(0, d, chunk):
+            n = min(d, i0 + chunk) - i0
+            tangents = _basis(x, i0, n)
+            if n == 1:
+                out, jv = jvp(tangents[0])
+                out, jv = out[None], jv[None]
+            else:
+                out, jv = torch.func.vmap(jvp)(tangents)
+            if v is None:
+                v = out[0]
+                if v.shape != x.shape:
+                    raise ValueError(f"f must map x of shape {tuple(x.shape)} to the same shape, got {tuple(v.shape)}")
+            div = div + _diag_part(jv, i0, B, d)
+    assert v is not None
+    return v, div
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _exact(f, x, mode, chunk, create_graph) -> tuple[torch.Tensor, torch.Tensor, str]:
+    if mode == "reverse":
+        return (*_exact_reverse(f, x, chunk, create_graph), "reverse")
+    if mode == "forward":
+        return (*_exact_forward(f, x, chunk, create_graph), "forward")
+    if x.device.type == "cpu":
+        return (*_exact_reverse(f, x, chunk, create_graph), "reverse")
+    key = (x.device.type, x.dtype, tuple(x.shape))
+    choice = _AUTOTUNE.get(key)
+    if choice is not None:
+        return (*_exact(f, x, choice, chunk, create_graph)[:2], choice)
+    # one-off timing: each mode once as a warm-up, then timed
+    seconds: dict[str, float] = {}
+    for m in ("reverse", "forward"):
+        try:
+            _exact(f, x, m, chunk, create_graph)
+            _sync(x.device)
+            t0 = time.perf_counter()
+            _exact(f, x, m, chunk, create_graph)
+            _sync(x.device)
+            seconds[m] = time.perf_counter() - t0
+        except (RuntimeError, NotImplementedError):  # e.g. an op without a forward-mode formula
+            seconds[m] = math.inf
+    choice = min(seconds, key=lambda m: seconds[m])
+    _AUTOTUNE[key] = choice
+    return _exact(f, x, choice, chunk, create_graph)
+
+
+# ---------------------------------------------------------------------------------------------------- stochastic
+def _quadratic_forms(vectors: torch.Tensor, products: torch.Tensor, B: int) -> torch.Tensor:
+    """<vectors_j, products_j> per probe and sample: shape (n, B)."""
+    n = vectors.shape[0]
+    return (vectors.reshape(n, B, -1) * products.reshape(n, B, -1)).sum(dim=2)
+
+
+def _products(v, z, vectors, chunk, create_graph) -> torch.Tensor:
+    parts = [_vjp(v, z, vectors[i : i + chunk], create_graph) for i in range(0, vectors.shape[0], chunk)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _spread(est: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Mean over probes (dim 0), unbiased per-probe variance and the standard error of the mean (None if n = 1)."""
+    n = est.shape[0]
+    mean = est.mean(dim=0)
+    if n < 2:
+        return mean, None, None
+    var = est.var(dim=0, unbiased=True)
+    return mean, var, torch.sqrt(var / n)
+
+
+def _hutchinson(f, x, probes, chunk, create_graph):
+    B = x.shape[0]
+    with torch.enable_grad():
+        z = _input(x, create_graph)
+        v = _call(f, z)
+        rows = _products(v, z, probes.to(v.dtype), chunk, create_graph)
+        est = _quadratic_forms(probes.to(v.dtype), rows, B)
+    return (v, *_spread(est))
+
+
+def _hutchpp(f, x, probes, chunk, create_graph):
+    B, d = x.shape[0], x[0].numel()
+    n = probes.shape[0]
+    k = min(n // 3, d)
+    with torch.enable_grad():
+        z = _input(x, create_graph)
+        v = _call(f, z)
+        p = probes.to(v.dtype)
+        S, G = p[:k], p[k : n - k]  # k sketch vectors, n - 2k residual probes (k more products go to Q)
+        Y = _products(v, z, S, chunk, create_graph).reshape(k, B, d).permute(1, 2, 0)  # (B, d, k): A S, A = J^T
+        Q = torch.linalg.qr(Y, mode="reduced").Q  # (B, d, k)
+        Gf = G.reshape(G.shape[0], B, d).permute(1, 2, 0)  # (B, d, m)
+        Gp = Gf - Q @ (Q.transpose(1, 2) @ Gf)  # (I - QQ^T) G
+        vectors = torch.cat([Q, Gp], dim=2).permute(2, 0, 1)  # (k + m, B, d)
+        rows = _products(v, z, vectors.reshape(-1, *x.shape), chunk, create_graph)
+        forms = _quadratic_forms(vectors, rows, B)  # (k + m, B)
+        low_rank = forms[:k].sum(dim=0)
+        resid, var, se = _spread(forms[k:])
+    return v, low_rank + resid, var, se
+
+
+# ---------------------------------------------------------------------------------------------------- entry point
+def divergence(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    method: str = "exact",
+    *,
+    n_probes: int = 1,
+    probe: str = "rademacher",
+    probes: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    mode: str = "auto",
+    chunk: int | None = None,
+    create_graph: bool = False,
+) -> DivergenceResult:
+    r"""f(x) and the per-sample divergence :math:`\nabla\!\cdot f(x) = \mathrm{tr}\,\partial f/\partial x`.
+
+    Args:
+        f: (B, *shape) -> (B, *shape), acting on each sample independently.
+        x: (B, *shape) with B >= 1.
+        method: ``"exact"``, ``"hutchinson"`` or ``"hutch++"`` (module docstring).
+        n_probes: products per sample for the stochastic methods (>= 1; Hutch++: >= 3, split into n // 3 sketch
+            vectors, as many for the projection and the rest as residual probes).
+        probe: ``"rademacher"`` or ``"gaussian"`` probe distribution.
+        probes: fixed probes of shape (n, *x.shape) instead of drawing ``n_probes`` from ``generator`` (a likelihood
+            ODE keeps one set per solve).
+        generator: source of the probes.
+        mode: exact method only: ``"reverse"`` (vector-Jacobian products), ``"forward"`` (``torch.func.jvp``; f must
+            be a ``torch.func``-compatible function) or ``"auto"`` (reverse on CPU, a cached one-off timing of both
+            on accelerators).
+        chunk: vectors per vectorized pass (memory ~ chunk x the activations of one batch); default
+            :func:`exact_chunk` for the exact method, all probes at once for the stochastic ones.
+        create_graph: keep the outputs differentiable with respect to x and to what f closes over (second-order
+            autograd, for training through a likelihood); otherwise both come back detached.
+
+    Returns:
+        :class:`DivergenceResult` (value, f_x, std_error, probe_variance, ...).
+    """
+    check_choice("method", method, DIVERGENCE_METHODS)
+    check_choice("mode", mode, EXACT_MODES)
+    check_choice("probe", probe, PROBE_KINDS)
+    if not callable(f):
+        raise ValueError(f"f must be callable f(x) -> tensor like x, got {type(f).__name__}")
+    if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.shape[0] < 1 or x[0].numel() < 1:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a tensor of shape (batch, *shape) with batch >= 1 and data, got {got}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must have a floating-point dtype, got {x.dtype}")
+    if chunk is not None and not (isinstance(chunk, int) and chunk >= 1):
+        raise ValueError(f"chunk must be None or an integer >= 1, got {chunk!r}")
+    B, d = x.shape[0], x[0].numel()
+
+    if method == "exact":
+        c = exact_chunk(x, chunk)
+        v, div, used = _exact(f, x, mode, c, create_graph)
+        if not create_graph:
+            v, div = v.detach(), div.detach()
+        return DivergenceResult(div, v, torch.zeros_like(div), None, d, method, used, c)
+
+    if probes is None:
+        probes = hutchinson_probes(probe, n_probes, x, generator)
+    elif (
+        not (isinstance(probes, torch.Tensor) and probes.ndim == x.ndim + 1 and probes.shape[1:] == x.shape)
+        or probes.shape[0] < 1
+    ):
+        got = tuple(probes.shape) if isinstance(probes, torch.Tensor) else type(probes).__name__
+        raise ValueError(f"probes must have shape (n_probes, *{tuple(x.shape)}), got {got}")
+    n = probes.shape[0]
+    if method == "hutch++" and n < 3:
+        raise ValueError(f"method='hutch++' needs n_probes >= 3 (sketch, projection, residual), got {n}")
+    c = n if chunk is None else min(chunk, n)
+    if method == "hutchinson":
+        v, div, var, se = _hutchinson(f, x, probes, c, create_graph)
+    else:
+        v, div, var, se = _hutchpp(f, x, probes, c, create_graph)
+    if not create_graph:
+        v, div = v.detach(), div.detach()
+        var = var.detach() if var is not None else None
+        se = se.detach() if se is not None else None
+    return DivergenceResult(div, v, se, var, n, method, "reverse", c)
