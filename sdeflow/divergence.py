@@ -346,7 +346,7 @@ def divergence(
         raise ValueError(f"x must have a floating-point dtype, got {x.dtype}")
     if chunk is not None and not (isinstance(chunk, int) and chunk >= 1):
         raise ValueError(f"chunk must be None or an integer >= 1, got {chunk!r}")
-    B, d = x.shape[0], x[0].numel()
+    d = x[0].numel()
 
     if method == "exact":
         c = exact_chunk(x, chunk)
