@@ -191,7 +191,8 @@ def _exact_forward(f, x, chunk, create_graph):
     div = torch.zeros(B, dtype=x.dtype, device=x.device)
 
     def jvp(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.func.jvp(f, (z,), (u,))
+        out, tangent = torch.func.jvp(f, (z,), (u,))[:2]
+        return out, tangent
 
     with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
         for i0 in range(0, d, chunk):
