@@ -6,7 +6,7 @@
 2. **digits** (8x8 images, scikit-learn): a small U-Net (32 channels, multipliers 1, 2, 2, one residual block per
    level, attention at 4x4; 1.1 M parameters) trained for 3000 steps; every solver at NFE 5 ... 100 (``--digits-nfe``);
    1000 samples per cell scored by FD_digits, the Frechet distance in the feature space of the hash-verified digits
-   CNN (:mod:`sdeflow.extractors`), against the statistics of all 1797 digits.
+   CNN (:mod:`sdeflow.evaluation.extractors`), against the statistics of all 1797 digits.
 
 Checkpoints are reused when present (``runs/bench/<name>/ckpt.pt``), resumed when shorter than asked, trained
 otherwise. Each part writes ``results.json``, ``table.md`` and ``nfe_vs_quality.png`` under ``runs/bench/<name>/``
@@ -32,38 +32,29 @@ from pathlib import Path
 
 import torch
 
-from sdeflow import bench
-from sdeflow.training import load_run
+from sdeflow.evaluation import report, sweep
+from sdeflow.training import ensure_trained, load_run
 
 PARTS = {
     "checkerboard": {
-        "train": ["--data", "checkerboard", "--net", "mlp", "--hidden", "128", "--depth", "3", "--save-every", "1000"],
+        "train": {"data": "checkerboard", "net": "mlp", "hidden": 128, "depth": 3, "save_every": 1000},
         "steps": 10000,
         "n": 2000,
-        "nfes": list(bench.DEFAULT_NFES),
-        "tolerances": list(bench.DEFAULT_TOLERANCES),
+        "nfes": list(sweep.DEFAULT_NFES),
+        "tolerances": list(sweep.DEFAULT_TOLERANCES),
     },
     "digits": {
-        "train": [
-            "--data",
-            "digits",
-            "--net",
-            "unet",
-            "--channels",
-            "32",
-            "--channel-mult",
-            "1,2,2",
-            "--num-res-blocks",
-            "1",
-            "--attention-levels",
-            "1",
-            "--batch-size",
-            "128",
-            "--lr",
-            "5e-4",
-            "--save-every",
-            "500",
-        ],
+        "train": {
+            "data": "digits",
+            "net": "unet",
+            "channels": 32,
+            "channel_mult": [1, 2, 2],
+            "num_res_blocks": 1,
+            "attention_levels": [1],
+            "batch_size": 128,
+            "lr": 5e-4,
+            "save_every": 500,
+        },
         "steps": 3000,
         "n": 1000,
         "nfes": [5, 10, 20, 50, 100],
@@ -72,30 +63,30 @@ PARTS = {
 }
 QUICK = {"steps": 20, "n": 64, "nfes": [2, 4], "tolerances": [0.1], "solvers": ["euler", "dpm_solver++", "rk45"]}
 QUICK_TRAIN = {
-    "checkerboard": ["--hidden", "16", "--depth", "1"],
-    "digits": ["--channels", "8", "--channel-mult", "1", "--attention-levels", "", "--batch-size", "16"],
+    "checkerboard": {"hidden": 16, "depth": 1},
+    "digits": {"channels": 8, "channel_mult": [1], "attention_levels": [], "batch_size": 16},
 }
 
 
 def run_part(name: str, out: Path, args: argparse.Namespace) -> str:
     """Train or reuse, sweep, write the outputs; returns the part's markdown section for the summary."""
     part = dict(PARTS[name])
-    train = list(part["train"])
+    train = dict(part["train"])
     if args.quick:
         part.update(QUICK)
-        train += QUICK_TRAIN[name]
+        train.update(QUICK_TRAIN[name])
     if name == "digits" and args.digits_nfe:
         part["nfes"] = args.digits_nfe
     run_dir = out / name
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    action = bench.ensure_trained(run_dir, [*train, "--device", device], part["steps"], progress=not args.no_progress)
+    action = ensure_trained(run_dir, train, part["steps"], device=device, progress=not args.no_progress)
     t_train = time.perf_counter() - t0
     print(f"[bench] {name}: {action} ({t_train:.0f} s)", flush=True)
     den, config, ckpt = load_run(run_dir / "ckpt.pt", device=device)
     t1 = time.perf_counter()
-    scorer = bench.make_scorer(config, part["n"], seed=args.ref_seed, cache_dir=args.cache_dir, device=device)
-    result = bench.run_sweep(
+    scorer = sweep.make_scorer(config, part["n"], seed=args.ref_seed, cache_dir=args.cache_dir, device=device)
+    result = sweep.run_sweep(
         den,
         scorer,
         config["data"]["data_shape"],
@@ -115,7 +106,7 @@ def run_part(name: str, out: Path, args: argparse.Namespace) -> str:
         f"{ckpt['step']} training steps. {action}; training {t_train:.0f} s this session, sweep {t_sweep:.0f} s "
         f"on {device} with {torch.get_num_threads()} torch thread(s)."
     )
-    protocol = bench.base_protocol(
+    protocol = report.base_protocol(
         n=part["n"],
         seed=args.seed,
         scorer=scorer,
@@ -128,12 +119,12 @@ def run_part(name: str, out: Path, args: argparse.Namespace) -> str:
         training_steps=ckpt["step"],
         seconds={"train": t_train, "sweep": t_sweep},
     )
-    paths = bench.write_outputs(result, run_dir, protocol, title=f"NFE versus quality: {name}", extra_markdown=note)
-    grid = bench.markdown_grid(result)
+    paths = report.write_outputs(result, run_dir, protocol, title=f"NFE versus quality: {name}", extra_markdown=note)
+    grid = report.markdown_grid(result)
     print(grid, flush=True)
     print(f"[bench] {name}: sweep {t_sweep:.0f} s -> {paths['markdown']}, {paths['plot']}", flush=True)
     section = [f"## {name}", "", note, "", f"{result.metrics[0]}, lower is better:", "", grid, ""]
-    adaptive = bench.markdown_adaptive(result)
+    adaptive = report.markdown_adaptive(result)
     if adaptive:
         section += [adaptive, ""]
     section += [f"Details: `{paths['markdown']}`, plot: `{paths['plot']}`.", ""]

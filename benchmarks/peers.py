@@ -272,7 +272,7 @@ def overhead(shapes: dict[str, tuple[int, ...]], nfe: int, reps: int) -> dict[st
 
 def adaptive_sde_anchor(dim: int, components: int, n: int, seed: int, quick: bool) -> dict[str, Any]:
     """Frechet distance to exact p_{t_end} samples: adaptive_sde (rtol sweep, atol = 0.0078) vs euler_maruyama."""
-    from sdeflow.metrics import frechet_distance
+    from sdeflow.evaluation.metrics import frechet_distance
 
     sde = sf.VPSDE()
     prob = make_problem(dim, components, 1, seed)

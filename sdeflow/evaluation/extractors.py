@@ -1,6 +1,6 @@
 r"""Offline feature extractors with verified weights: a digits CNN trained in seconds, and SHA-256 file checks.
 
-FID needs a feature network. The standard one (Inception-v3, :mod:`sdeflow.inception`) only fits natural images
+FID needs a feature network. The standard one (Inception-v3, :mod:`sdeflow.evaluation.inception`) only fits natural images
 and its weights must be supplied by the user; for scikit-learn's 8x8 digits, which ship with scikit-learn and need no
 download, :func:`train_digits_extractor` trains a small CNN classifier deterministically in a few seconds on a CPU and
 its penultimate layer gives the features ("FD_digits", the analogue of FID with a LeNet on MNIST). Weight files are
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .training.data import load_digits
+from ..training.data import load_digits
 
 __all__ = [
     "sha256_file",

@@ -13,8 +13,8 @@ r"""Sample-quality metrics: Frechet distance / FID, KID, MMD and sliced Wasserst
 * **Statistics** are accumulated in streaming batches (Chan, Golub & LeVeque 1979 pairwise update of the mean and the
   centred scatter matrix, float64, on the data's device), so millions of samples never sit in memory together.
 * **FID** = Frechet distance of the features of a pluggable :class:`FeatureExtractor`: the TF-compatible Inception-v3
-  pool3 features (:mod:`sdeflow.inception`, user-supplied weights) or the offline digits CNN
-  (:mod:`sdeflow.extractors`).
+  pool3 features (:mod:`sdeflow.evaluation.inception`, user-supplied weights) or the offline digits CNN
+  (:mod:`sdeflow.evaluation.extractors`).
 * **KID** (Binkowski et al. 2018): the unbiased MMD^2 with the cubic kernel :math:`k(x,y) = (x^\top y/d + 1)^3`,
   averaged over random subsets.
 * **MMD^2** with a Gaussian kernel (Gretton et al. 2012, unbiased U-statistic) and the **sliced Wasserstein**
@@ -380,8 +380,8 @@ def fid(
 
     ``x`` and ``y`` are samples (a tensor or an iterable of batches, streamed through ``extractor``) or precomputed
     :class:`GaussianStats` of the same extractor's features (e.g. reference statistics saved with
-    ``GaussianStats.save``). With :func:`sdeflow.inception.load_fid_inception` and pytorch-fid's weights this is the
-    standard FID; with :func:`sdeflow.extractors.digits_extractor` it is the offline digits FD.
+    ``GaussianStats.save``). With :func:`sdeflow.evaluation.inception.load_fid_inception` and pytorch-fid's weights this is the
+    standard FID; with :func:`sdeflow.evaluation.extractors.digits_extractor` it is the offline digits FD.
     """
     px = x if isinstance(x, GaussianStats) else feature_stats(x, extractor, batch_size=batch_size, device=device)
     py = y if isinstance(y, GaussianStats) else feature_stats(y, extractor, batch_size=batch_size, device=device)
@@ -420,14 +420,23 @@ def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return d.clamp_(min=0)
 
 
-def _two_samples(x: torch.Tensor, y: torch.Tensor, min_n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def _two_samples(
+    x: torch.Tensor, y: torch.Tensor, min_n: int = 2, names: tuple[str, str] = ("x", "y")
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sample sets flattened to (N, D) float64 on x's device; raises ValueError (naming the argument) for
+    non-tensors, unequal dimensions, too few samples, or NaN / inf entries (a metric of them would be NaN)."""
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise ValueError("x and y must be tensors of samples (N, *shape)")
+        raise ValueError(f"{names[0]} and {names[1]} must be tensors of samples (N, *shape)")
     x, y = _flatten(x).to(torch.float64), _flatten(y).to(torch.float64)
     if x.shape[1] != y.shape[1]:
-        raise ValueError(f"x and y must have the same dimension, got {x.shape[1]} and {y.shape[1]}")
+        raise ValueError(f"{names[0]} and {names[1]} must have the same dimension, got {x.shape[1]} and {y.shape[1]}")
     if x.shape[0] < min_n or y.shape[0] < min_n:
-        raise ValueError(f"x and y need at least {min_n} samples each, got {x.shape[0]} and {y.shape[0]}")
+        raise ValueError(
+            f"{names[0]} and {names[1]} need at least {min_n} samples each, got {x.shape[0]} and {y.shape[0]}"
+        )
+    for name, z in zip(names, (x, y)):
+        if not bool(torch.isfinite(z).all()):
+            raise ValueError(f"{name} must be finite: it holds NaN or inf")
     return x, y.to(x.device)
 
 
@@ -528,7 +537,7 @@ def kid(
         raise ValueError(f"subsets must be a positive int, got {subsets!r}")
     fx = extract_features(x, extractor, batch_size=batch_size, device=device)
     fy = extract_features(y, extractor, batch_size=batch_size, device=device)
-    fx, fy = _two_samples(fx, fy)
+    fx, fy = _two_samples(fx, fy, names=("x", "y") if extractor is None else ("x's features", "y's features"))
     nx, ny, d = fx.shape[0], fy.shape[0], fx.shape[1]
     m = min(1000, nx, ny) if subset_size is None else subset_size
     if not (isinstance(m, int) and 2 <= m <= min(nx, ny)):

@@ -23,37 +23,37 @@ and the wall time.
   random disjoint halves for finite data sets), mean and standard deviation over 5 draws: what an exact sampler
   would score from sampling noise alone. Differences between cells smaller than that spread are noise.
 
-Metrics (:mod:`sdeflow.metrics`): low-dimensional data (D <= 16) gets the sliced 2-Wasserstein distance ``sw2``,
-the unbiased multi-scale Gaussian-kernel ``mmd2`` and the Frechet distance ``fd`` of the raw coordinates; images get the Frechet
-distance of features: ``fd_digits`` (the digits CNN), ``fid`` (Inception-v3, user-supplied weights) or ``fd_raw``.
+Metrics (:mod:`sdeflow.evaluation.metrics`): low-dimensional data (D <= 16) gets the sliced 2-Wasserstein distance
+``sw2``, the unbiased multi-scale Gaussian-kernel ``mmd2`` and the Frechet distance ``fd`` of the raw coordinates;
+images get the Frechet distance of features: ``fd_digits`` (the digits CNN), ``fid`` (Inception-v3, user-supplied
+weights) or ``fd_raw``. Tables, plots and output files: :mod:`sdeflow.evaluation.report`.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
-import json
 import math
-import platform
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from .denoiser import Denoiser
-from .integrate import make_stepper, sample
+from .. import sample  # the public sdeflow.sample (sdeflow/__init__ never imports this package)
+from ..denoiser import Denoiser
+from ..solvers import available
+from ..solvers.base import SolverError, Stepper
 from .metrics import GaussianStats, feature_stats, frechet_distance, gaussian_stats, mmd2, sliced_wasserstein
-from .solvers import available
-from .solvers.base import SolverError, Stepper
 
 __all__ = [
     "DEFAULT_NFES",
     "DEFAULT_TOLERANCES",
     "EXCLUDED_BY_DEFAULT",
     "FLOOR_DRAWS",
+    "MMD_SCALES",
+    "LOW_DIM",
     "SolverSpec",
     "parse_solver",
     "default_solvers",
@@ -61,18 +61,11 @@ __all__ = [
     "LowDimScorer",
     "FeatureScorer",
     "make_scorer",
-    "ensure_trained",
     "Cell",
     "SweepResult",
     "run_sweep",
     "budget_driven",
     "model_device_dtype",
-    "markdown_grid",
-    "markdown_adaptive",
-    "markdown_cells",
-    "plot_sweep",
-    "write_outputs",
-    "base_protocol",
 ]
 
 DEFAULT_NFES: tuple[int, ...] = (5, 10, 20, 50, 100, 200, 500, 1000)
@@ -89,6 +82,15 @@ MMD_SCALES = 4
 FLOOR_DRAWS = 5
 #: data up to this many dimensions is scored on its raw coordinates (sliced Wasserstein, MMD, Frechet)
 LOW_DIM = 16
+
+
+def _make_stepper(den: Denoiser, solver: str, **options: Any) -> Stepper:
+    # TODO(contract): make_stepper moves from sdeflow.integrate to sdeflow.sampling; drop the fallback once it has
+    try:
+        from ..sampling import make_stepper
+    except ImportError:
+        from ..integrate import make_stepper
+    return make_stepper(den, solver, **options)
 
 
 # ---------------------------------------------------------------------------------------------- solver specs
@@ -142,7 +144,7 @@ def budget_driven(stepper: Stepper) -> bool:
     """Whether a stepper's cost follows the NFE budget (a fixed grid of ``nfe // nfe_per_step`` steps), as opposed
     to an adaptive solver whose cost follows its tolerances. Decided from the stepper's own declarations: its
     ``mode`` and whether ``num_steps`` grows with the budget."""
-    if stepper.mode == "adaptive":
+    if stepper.mode == "adaptive":  # TODO(contract)
         return False
     try:
         return stepper.num_steps(1000) > stepper.num_steps(100)
@@ -315,7 +317,7 @@ def make_scorer(
       ``"auto"`` (digits CNN for ``digits``, Inception when ``inception_weights`` is given, else raw pixels),
       ``"digits"``, ``"inception"`` or ``"raw"``.
     """
-    from .training.data import SampledData, make_data
+    from ..training.data import SampledData, make_data
 
     extractors = ("auto", "digits", "inception", "raw")
     if extractor not in extractors:
@@ -363,7 +365,7 @@ def make_scorer(
             pairs,
             name="fd_digits",
             device=device,
-            info={"name": "digits CNN (sdeflow.extractors)", "accuracy": net.accuracy},
+            info={"name": "digits CNN (sdeflow.evaluation.extractors)", "accuracy": net.accuracy},
         )
     if kind == "inception":
         if not inception_weights:
@@ -381,42 +383,6 @@ def make_scorer(
             info={"name": "FID Inception-v3 pool3", "weights": str(inception_weights)},
         )
     return FeatureScorer(None, reference, pairs, name="fd_raw", device=device, info={"name": "raw pixels"})
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-def ensure_trained(run_dir: str | Path, train_argv: Sequence[str], steps: int, *, progress: bool = True) -> str:
-    """Make sure ``run_dir/ckpt.pt`` holds a model trained for ``steps`` steps, through ``sdeflow train``.
-
-    A checkpoint with at least ``steps`` steps is reused; one with fewer (an interrupted run) is resumed; with none,
-    ``sdeflow train <train_argv> --steps <steps> --out <run_dir>`` trains one. A checkpoint trained on other data
-    than ``--data`` in ``train_argv`` raises a ValueError. Returns a sentence saying which of the three happened.
-    """
-    from .training import cli as train_cli
-    from .training import load_checkpoint
-
-    run_dir = Path(run_dir)
-    ckpt = run_dir / "ckpt.pt"
-    argv = list(train_argv)
-    data = argv[argv.index("--data") + 1] if "--data" in argv else None
-    common = [] if progress else ["--no-progress"]
-    if ckpt.exists():
-        state = load_checkpoint(ckpt)
-        spec = state.get("config", {}).get("data", {}).get("spec")
-        if data is not None and spec != data:
-            raise ValueError(f"{ckpt} was trained on data={spec!r}, not {data!r}: delete it or choose another folder")
-        if state["step"] >= steps:
-            return f"reused {ckpt} (step {state['step']})"
-        argv = ["--out", str(run_dir), "--resume", "--steps", str(steps), *common]
-        action = f"resumed {ckpt} from step {state['step']} to {steps}"
-    else:
-        argv = [*argv, "--steps", str(steps), "--out", str(run_dir), *common]
-        action = f"trained {ckpt} ({steps} steps)"
-    parser = argparse.ArgumentParser(prog="sdeflow train")
-    train_cli.configure(parser)
-    rc = train_cli.run(parser.parse_args(argv))
-    if rc != 0:
-        raise RuntimeError(f"sdeflow train {' '.join(argv)} failed with status {rc}")
-    return action
 
 
 # ---------------------------------------------------------------------------------------------- the sweep
@@ -583,7 +549,7 @@ def run_sweep(
     kinds: dict[str, str | Exception] = {}
     for spec in specs:
         try:
-            stepper = make_stepper(den, spec.name, **spec.kwargs)
+            stepper = _make_stepper(den, spec.name, **spec.kwargs)
         except (ValueError, TypeError) as err:
             kinds[spec.label] = err
             plan.append((spec, None, None))
@@ -653,257 +619,3 @@ def run_sweep(
         samples,
         dict(getattr(scorer, "floor_std", {})),
     )
-
-
-# ---------------------------------------------------------------------------------------------- outputs
-def _fmt(v: float | None, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "nan" if isinstance(v, float) else "-"
-    return f"{v:.{digits}g}"
-
-
-def _status_word(cell: Cell) -> str:
-    return cell.status.split(":")[0]
-
-
-def _floor_text(result: SweepResult, metric: str) -> str:
-    std = result.floor_std.get(metric)
-    text = _fmt(result.floor[metric])
-    return text + (f" +- {_fmt(std, 2)} (mean +- std over draws)" if std is not None and math.isfinite(std) else "")
-
-
-def markdown_grid(result: SweepResult, metric: str | None = None) -> str:
-    """Solver x NFE table of one metric (default the primary one) for the budget-driven solvers, with the best
-    solver per column; a cell whose spent NFE differs from the budget shows it in brackets."""
-    metric = metric or result.metrics[0]
-    rows = {s: cs for s, cs in result.by_solver().items() if any(c.budget is not None for c in cs)}
-    head = "| solver | " + " | ".join(f"NFE {b}" for b in result.nfes) + " |"
-    lines = [head, "|---" * (len(result.nfes) + 1) + "|"]
-    best: dict[int, tuple[float, str]] = {}
-    for solver, cs in rows.items():
-        at = {c.budget: c for c in cs}
-        cells = []
-        for b in result.nfes:
-            c = at.get(b)
-            if c is None:
-                cells.append("-")
-            elif not c.ok:
-                cells.append(_status_word(c))
-            else:
-                v = c.metrics[metric]
-                text = _fmt(v)
-                if c.nfe is not None and abs(c.nfe - b) > 1e-9:
-                    text += f" ({c.nfe:g})"
-                cells.append(text)
-                if math.isfinite(v) and (b not in best or v < best[b][0]):
-                    best[b] = (v, solver)
-        lines.append(f"| {solver} | " + " | ".join(cells) + " |")
-    lines.append("| **best** | " + " | ".join(best[b][1] if b in best else "-" for b in result.nfes) + " |")
-    if metric in result.floor:
-        lines.append(f"\nData floor (real data scored by the same protocol): {metric} = {_floor_text(result, metric)}.")
-    return "\n".join(lines)
-
-
-def markdown_adaptive(result: SweepResult) -> str:
-    """The tolerance-driven cells: tolerance, NFE spent, every metric, seconds ('' when there are none)."""
-    cells = [c for c in result.cells if c.tol is not None]
-    if not cells:
-        return ""
-    lines = [
-        "| solver | rtol = atol | NFE spent | " + " | ".join(result.metrics) + " | seconds |",
-        "|---" * (len(result.metrics) + 4) + "|",
-    ]
-    for c in cells:
-        vals = [_fmt(c.metrics.get(m)) for m in result.metrics] if c.ok else [_status_word(c)] * len(result.metrics)
-        lines.append(f"| {c.solver} | {c.tol:g} | {_fmt(c.nfe, 4)} | " + " | ".join(vals) + f" | {_fmt(c.seconds)} |")
-    return "\n".join(lines)
-
-
-def markdown_cells(result: SweepResult) -> str:
-    """Every cell: solver, budget or tolerance, NFE spent, every metric, seconds, status."""
-    lines = [
-        "| solver | budget | NFE spent | " + " | ".join(result.metrics) + " | seconds | status |",
-        "|---" * (len(result.metrics) + 5) + "|",
-    ]
-    for c in result.cells:
-        budget = str(c.budget) if c.budget is not None else (f"tol {c.tol:g}" if c.tol is not None else "-")
-        vals = [_fmt(c.metrics.get(m)) for m in result.metrics]
-        status = c.status if len(c.status) <= 60 else c.status[:57] + "..."
-        lines.append(
-            f"| {c.solver} | {budget} | {_fmt(c.nfe, 4)} | "
-            + " | ".join(vals)
-            + f" | {_fmt(c.seconds)} | {status.replace('|', '/')} |"
-        )
-    return "\n".join(lines)
-
-
-def plot_sweep(result: SweepResult, path: str | Path, title: str = "") -> None:
-    """One panel per metric: metric against the NFE actually spent (log x; log y when every value is positive),
-    one line per solver (dashed with open markers for tolerance-driven solvers), the data floor dashed grey."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = result.by_solver()
-    k = len(result.metrics)
-    fig, axes = plt.subplots(1, k, figsize=(4.2 * k + 2.2, 4.0), squeeze=False)
-    cmap = plt.get_cmap("tab20")
-    markers = "os^vD<>ph*Xd"
-    for j, metric in enumerate(result.metrics):
-        ax = axes[0, j]
-        values = []
-        for i, (solver, cs) in enumerate(groups.items()):
-            pts = sorted(
-                (c.nfe, c.metrics[metric])
-                for c in cs
-                if c.ok and c.nfe is not None and math.isfinite(c.metrics.get(metric, float("nan")))
-            )
-            if not pts:
-                continue
-            adaptive = any(c.tol is not None for c in cs)
-            xs, ys = zip(*pts)
-            values += ys
-            color = cmap((2 * i) % 20 + (2 * i // 20) % 2)  # the ten dark shades first, then the light ones
-            ax.plot(
-                xs,
-                ys,
-                ls="--" if adaptive else "-",
-                marker=markers[i % len(markers)],
-                ms=4,
-                color=color,
-                mfc="none" if adaptive else color,
-                lw=1.2,
-                label=solver + (" (tol)" if adaptive else ""),
-            )
-        floor, std = result.floor.get(metric, float("nan")), result.floor_std.get(metric, float("nan"))
-        if math.isfinite(floor):
-            values.append(floor)
-        log_y = bool(values) and min(values) > 0
-        if math.isfinite(floor):
-            ax.axhline(floor, color="0.5", ls=":", lw=1.2, label="real data (mean, +- std band)")
-            if math.isfinite(std) and std > 0:
-                lo = max(floor - std, 0.1 * floor) if log_y else floor - std
-                ax.axhspan(lo, floor + std, color="0.5", alpha=0.15, lw=0)
-        ax.set_xscale("log")
-        if log_y:
-            ax.set_yscale("log")
-        elif values:  # values <= 0 (unbiased MMD^2): linear within the floor's spread, logarithmic beyond
-            scale = std if math.isfinite(std) and std > 0 else 1e-3 * max(abs(v) for v in values)
-            thresh = 10.0 ** math.ceil(math.log10(max(scale, 1e-12)))
-            ax.set_yscale("symlog", linthresh=thresh, linscale=0.5)
-            ax.set_ylim(bottom=-thresh)
-        ax.set_xlabel("NFE spent (res.nfe)")
-        ax.set_ylabel(metric)
-        ax.grid(True, which="both", alpha=0.25)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1 - 2.0 / (4.2 * k + 2.2), 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def base_protocol(
-    *,
-    n: int,
-    seed: int,
-    scorer: Scorer,
-    device: torch.device | str,
-    dtype: torch.dtype,
-    batch_size: int | None = None,
-    checkpoint: str | Path | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    """The protocol block of a benchmark's outputs: sample count, seeds, reference statistics, extractor hash,
-    checkpoint hash, software and hardware."""
-    import sdeflow
-
-    proto: dict[str, Any] = {
-        "n_samples": n,
-        "batch_size": batch_size or n,
-        "sampling_seed": seed,
-        "same_x_T_for_every_cell": True,
-        "reference": scorer.describe(),
-        "data_floor": dict(scorer.floor),
-        "data_floor_std": dict(getattr(scorer, "floor_std", {})),
-        "nfe": "net calls counted by the Denoiser (res.nfe), per batch",
-        "seconds": "wall time of sampling only (time.perf_counter, CUDA synchronised), scoring excluded",
-        "excluded_by_default": EXCLUDED_BY_DEFAULT,
-        "device": str(device),
-        "dtype": str(dtype).replace("torch.", ""),
-        "torch_threads": torch.get_num_threads(),
-        "sdeflow": sdeflow.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-    }
-    if torch.device(device).type == "cuda":
-        proto["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    if checkpoint is not None:
-        from .extractors import sha256_file
-
-        proto["checkpoint"] = {"path": str(checkpoint), "sha256": sha256_file(checkpoint)}
-    proto.update(extra)
-    return proto
-
-
-def write_outputs(
-    result: SweepResult,
-    out_dir: str | Path,
-    protocol: dict[str, Any],
-    *,
-    title: str = "NFE versus quality",
-    extra_markdown: str = "",
-    plot_name: str = "nfe_vs_quality.png",
-) -> dict[str, Path]:
-    """Write ``results.json`` (protocol + every cell), ``table.md`` (protocol, the grids, every cell) and the plot.
-
-    Returns the paths by kind (``json``, ``markdown``, ``plot``).
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "protocol": {**protocol, "nfes": list(result.nfes), "tolerances": list(result.tolerances)},
-        "metrics": list(result.metrics),
-        "floor": result.floor,
-        "floor_std": result.floor_std,
-        "cells": [asdict(c) for c in result.cells],
-    }
-    paths = {"json": out / "results.json", "markdown": out / "table.md", "plot": out / plot_name}
-    paths["json"].write_text(json.dumps(_json_safe(payload), indent=2) + "\n")
-    plot_sweep(result, paths["plot"], title)
-    md = [f"# {title}", ""]
-    if extra_markdown:
-        md += [extra_markdown, ""]
-    for metric in result.metrics:
-        md += [f"## {metric} by solver and NFE budget (lower is better)", "", markdown_grid(result, metric), ""]
-    adaptive = markdown_adaptive(result)
-    if adaptive:
-        md += ["## Tolerance-driven solvers", "", adaptive, ""]
-    md += [
-        "## Every cell",
-        "",
-        markdown_cells(result),
-        "",
-        "## Protocol",
-        "",
-        "```json",
-        json.dumps(_json_safe(payload["protocol"]), indent=2),
-        "```",
-        "",
-    ]
-    paths["markdown"].write_text("\n".join(md))
-    return paths

@@ -15,6 +15,7 @@ from .data import (
     toy_2d,
 )
 from .losses import TIME_SAMPLINGS, WEIGHTINGS, DenoisingScoreMatching, DSMDraw
+from .run import ensure_trained, prepare_run, run_config, train
 from .trainer import FitResult, Trainer
 
 __all__ = [
@@ -44,4 +45,8 @@ __all__ = [
     "load_npy",
     "load_image_folder",
     "make_data",
+    "run_config",
+    "prepare_run",
+    "train",
+    "ensure_trained",
 ]

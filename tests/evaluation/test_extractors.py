@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from sdeflow.extractors import (
+from sdeflow.evaluation.extractors import (
     DigitsCNN,
     digits_extractor,
     load_digits_extractor,
@@ -16,7 +16,7 @@ from sdeflow.extractors import (
     train_digits_extractor,
     verify_sha256,
 )
-from sdeflow.metrics import FeatureExtractor, feature_stats, frechet_distance
+from sdeflow.evaluation.metrics import FeatureExtractor, feature_stats, frechet_distance
 from sdeflow.training.data import load_digits
 
 pytest.importorskip("sklearn")
@@ -90,7 +90,7 @@ def test_cache_trains_once_then_loads(saved, tmp_path, monkeypatch) -> None:
     def no_training(*args, **kwargs):
         raise AssertionError("a cached, verified extractor must not be retrained")
 
-    monkeypatch.setattr("sdeflow.extractors.train_digits_extractor", no_training)
+    monkeypatch.setattr("sdeflow.evaluation.extractors.train_digits_extractor", no_training)
     assert digits_extractor(cache).sha256 == digest
     target.write_bytes(target.read_bytes()[:-10])  # truncated: refused, not silently replaced
     with pytest.raises(ValueError, match="SHA-256"):

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from sdeflow.extractors import sha256_file
-from sdeflow.inception import FIDInceptionV3, load_fid_inception
-from sdeflow.metrics import FeatureExtractor, feature_stats
+from sdeflow.evaluation.extractors import sha256_file
+from sdeflow.evaluation.inception import FIDInceptionV3, load_fid_inception
+from sdeflow.evaluation.metrics import FeatureExtractor, feature_stats
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import scipy.linalg
 import scipy.stats
 import torch
 
-from sdeflow.metrics import (
+from sdeflow.evaluation.metrics import (
     GaussianStats,
     StatsAccumulator,
     extract_features,
@@ -325,6 +325,34 @@ def test_sliced_wasserstein_reproducible_and_validated() -> None:
     for bad in ({"n_projections": 0}, {"p": 0.5}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             sliced_wasserstein(x, y, **bad)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("which", ["x", "y"])
+@pytest.mark.parametrize("metric", ["mmd2", "sliced_wasserstein", "kid", "frechet_distance"])
+def test_metrics_reject_non_finite_samples(metric: str, which: str, bad: float) -> None:
+    """A NaN or inf sample raises a ValueError naming the argument (never a NaN or inf score)."""
+    g = torch.Generator().manual_seed(17)
+    data = {"x": torch.randn(20, 3, generator=g, dtype=torch.float64), "y": torch.randn(30, 3, generator=g)}
+    data[which][4, 1] = bad
+    call = {
+        "mmd2": lambda: mmd2(data["x"], data["y"]),
+        "sliced_wasserstein": lambda: sliced_wasserstein(data["x"], data["y"]),
+        "kid": lambda: kid(data["x"], data["y"], subsets=2, subset_size=10),
+        # frechet_distance names the covariance fitted to p (= x) or q (= y)
+        "frechet_distance": lambda: frechet_distance(data["x"], data["y"]),
+    }[metric]
+    name = {"x": "p", "y": "q"}[which] if metric == "frechet_distance" else which
+    with pytest.raises(ValueError, match=rf"{name}\b.*finite|{name}'s covariance must be finite"):
+        call()
+
+
+def test_kid_with_extractor_names_the_features() -> None:
+    g = torch.Generator().manual_seed(18)
+    x, y = torch.randn(10, 3, generator=g), torch.randn(10, 3, generator=g)
+    blow_up = lambda z: torch.where(z > 0, z, torch.full_like(z, float("nan")))  # an extractor that emits NaN
+    with pytest.raises(ValueError, match="x's features must be finite"):
+        kid(x, y, blow_up, subsets=2, subset_size=5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
