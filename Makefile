@@ -26,7 +26,7 @@ test-all: setup
 	$(PY) -m pytest -m ''
 
 demo: setup
-	$(PY) -m sdeflow.demo
+	$(PY) -m sdeflow.cli.demo
 
 bench: setup
 	$(PY) benchmarks/solver_accuracy.py

@@ -12,7 +12,7 @@ For every solver (``name`` or ``name:key=value,...``; default: every solver in `
 (2-D data: sliced Wasserstein, MMD^2 and Frechet distance of the coordinates against held-out draws; images: Frechet
 distance of features). Tolerance-driven solvers run at each ``--tolerances`` value and report the NFE they spent.
 Writes ``OUT/results.json`` (protocol and every cell), ``OUT/table.md`` and ``OUT/nfe_vs_quality.png``, and prints
-the summary table. See :mod:`sdeflow.bench` for the protocol.
+the summary table. See :mod:`sdeflow.evaluation.sweep` for the protocol.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import bench
+from ..evaluation import report, sweep
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -39,12 +39,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help="solver specs, e.g. ddim 'ddim:eta=1.0' 'dpm_solver:order=3' (default: all but parallel)",
     )
-    parser.add_argument("--nfe", type=int, nargs="+", default=list(bench.DEFAULT_NFES), help="NFE budgets")
+    parser.add_argument("--nfe", type=int, nargs="+", default=list(sweep.DEFAULT_NFES), help="NFE budgets")
     parser.add_argument(
         "--tolerances",
         type=float,
         nargs="+",
-        default=list(bench.DEFAULT_TOLERANCES),
+        default=list(sweep.DEFAULT_TOLERANCES),
         help="rtol = atol values of the tolerance-driven solvers",
     )
     parser.add_argument(
@@ -75,7 +75,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the sweep and write the outputs; returns the exit status (2 on bad arguments)."""
-    from .training import CheckpointError, load_run
+    from ..training import CheckpointError, load_run
 
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
@@ -83,9 +83,9 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.float64 if args.float64 else torch.float32
     start = time.perf_counter()
     try:
-        specs = [bench.parse_solver(s) for s in args.solvers] if args.solvers else None
+        specs = [sweep.parse_solver(s) for s in args.solvers] if args.solvers else None
         den, config, ckpt = load_run(args.ckpt, ema=not args.no_ema, device=device, dtype=dtype)
-        scorer = bench.make_scorer(
+        scorer = sweep.make_scorer(
             config,
             args.n,
             seed=args.ref_seed,
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir,
             device=device,
         )
-        result = bench.run_sweep(
+        result = sweep.run_sweep(
             den,
             scorer,
             config["data"]["data_shape"],
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, CheckpointError, ValueError) as err:
         print(f"sdeflow bench: error: {err}", file=sys.stderr)
         return 2
-    protocol = bench.base_protocol(
+    protocol = report.base_protocol(
         n=args.n,
         seed=args.seed,
         scorer=scorer,
@@ -126,11 +126,11 @@ def run(args: argparse.Namespace) -> int:
         ema=not args.no_ema,
     )
     name = Path(args.ckpt).parent.name or "checkpoint"
-    paths = bench.write_outputs(
+    paths = report.write_outputs(
         result, args.out, protocol, title=f"NFE versus quality: {name} ({config['data'].get('spec')})"
     )
-    print(bench.markdown_grid(result))
-    adaptive = bench.markdown_adaptive(result)
+    print(report.markdown_grid(result))
+    adaptive = report.markdown_adaptive(result)
     if adaptive:
         print("\n" + adaptive)
     print(

@@ -2,18 +2,21 @@
 
 Steps (about 3 to 5 minutes on 2 CPU cores; ``--quick`` is a seconds-long smoke run):
 
-1. train an MLP score net on a 2-D toy (default: checkerboard, 4000 steps) with ``sdeflow train``, or reuse
+1. train an MLP score net on a 2-D toy (default: checkerboard, 4000 steps) with
+   :func:`sdeflow.training.ensure_trained`, or reuse
    ``OUT/ckpt.pt`` (an interrupted run is resumed to ``--steps``);
 2. sample 2000 points with every solver in ``sdeflow.solvers.available()`` (but ``parallel``) at NFE 5, 10, 20, 50,
    and the tolerance-driven ones at rtol = atol = 0.1, 0.01, 0.001, all from the same x_T;
-3. score each set against held-out data (sliced Wasserstein, MMD^2, Frechet distance; :mod:`sdeflow.bench`) and
+3. score each set against held-out data (sliced Wasserstein, MMD^2, Frechet distance;
+   :mod:`sdeflow.evaluation.sweep`) and
    against the data floor (real vs real);
 4. compute the test NLL with :func:`sdeflow.log_likelihood` (exact divergence) on 500 held-out points and compare it
    with the data's exact entropy where it is known (checkerboard: log 6 nats);
 5. print the tables and write ``OUT/table.md``, ``OUT/results.json``, ``OUT/nfe_vs_quality.png`` and
    ``OUT/samples.png``.
 
-Usage: ``python -m sdeflow.demo [--out runs/demo] [--data checkerboard] [--steps 4000] [--quick]``.
+Usage: ``python -m sdeflow.cli.demo [--out runs/demo] [--data checkerboard] [--steps 4000] [--quick]`` (or
+``sdeflow demo ...``).
 """
 
 from __future__ import annotations
@@ -45,10 +48,10 @@ QUICK = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m sdeflow.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def configure(p: argparse.ArgumentParser) -> None:
+    """Add the demo's options to ``p``."""
+    p.description = __doc__
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--out", default="runs/demo", help="run folder (ckpt.pt is reused when present)")
     p.add_argument(
         "--data",
@@ -70,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads (small nets run fastest on one; default 1)")
     p.add_argument("--quick", action="store_true", help="a tiny configuration that runs in seconds (tests)")
     p.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m sdeflow.cli.demo``."""
+    p = argparse.ArgumentParser(prog="python -m sdeflow.cli.demo")
+    configure(p)
     return p
 
 
@@ -78,8 +87,8 @@ def test_nll(den: Any, spec: str, n: int, seed: int, tol: float = 1e-5) -> dict[
     exact divergence and rtol = atol = ``tol``; ``stderr`` is the standard error of the mean."""
     import sdeflow as sf
 
-    from .bench import model_device_dtype
-    from .training import make_data
+    from ..evaluation.sweep import model_device_dtype
+    from ..training import make_data
 
     device, dtype = model_device_dtype(den)
     x = make_data(spec).sample(n, torch.Generator().manual_seed(seed))[0].to(device, dtype)
@@ -150,34 +159,31 @@ def plot_samples_grid(result: Any, reference: torch.Tensor, path: str | Path, ti
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """``python -m sdeflow.cli.demo``: parse ``argv`` and :func:`run`."""
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train or reuse, sweep, NLL, write the outputs; returns the exit status (2 on bad arguments)."""
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
     torch.set_num_threads(max(1, args.threads))
-    from . import bench
-    from .training import load_run, make_data
+    from ..evaluation import report, sweep
+    from ..training import ensure_trained, load_run, make_data
 
     t0 = time.perf_counter()
     out = Path(args.out)
     try:
-        argv = [
-            "--data",
-            args.data,
-            "--net",
-            "mlp",
-            "--hidden",
-            str(args.hidden),
-            "--depth",
-            str(args.depth),
-            "--seed",
-            str(args.seed),
-            "--save-every",
-            "1000",
-            "--device",
-            "cpu",
-        ]
-        action = bench.ensure_trained(out, argv, args.steps, progress=not args.no_progress)
+        options = {
+            "data": args.data,
+            "net": "mlp",
+            "hidden": args.hidden,
+            "depth": args.depth,
+            "seed": args.seed,
+            "save_every": 1000,
+        }
+        action = ensure_trained(out, options, args.steps, device="cpu", progress=not args.no_progress)
         den, config, ckpt = load_run(out / "ckpt.pt")
     except (ValueError, RuntimeError) as err:
         print(f"sdeflow demo: error: {err}", file=sys.stderr)
@@ -186,9 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"[demo] {action}: {t_train:.1f} s", flush=True)
 
     ref_seed = 10_000 + args.seed  # held-out draws: a seed the training stream never uses
-    scorer = bench.make_scorer(config, args.n, seed=ref_seed)
+    scorer = sweep.make_scorer(config, args.n, seed=ref_seed)
     t1 = time.perf_counter()
-    result = bench.run_sweep(
+    result = sweep.run_sweep(
         den,
         scorer,
         config["data"]["data_shape"],
@@ -225,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{config['sde']['name']} SDE, {config['loss']['prediction']}-prediction, {ckpt['step']} training "
         f"steps on `{args.data}`. Samples per cell: {args.n}; every cell starts from the same x_T."
     )
-    protocol = bench.base_protocol(
+    protocol = report.base_protocol(
         n=args.n,
         seed=args.seed,
         scorer=scorer,
@@ -239,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds={"train": t_train, "sweep": t_sweep},
     )
     title = f"sdeflow demo: {args.data}, NFE versus quality"
-    paths = bench.write_outputs(result, out, protocol, title=title, extra_markdown=train_md + "\n\n" + nll_md)
+    paths = report.write_outputs(result, out, protocol, title=title, extra_markdown=train_md + "\n\n" + nll_md)
     reference = make_data(args.data).sample(1000, torch.Generator().manual_seed(ref_seed))[0]
     samples_png = out / "samples.png"
     plot_samples_grid(result, reference, samples_png, title=f"{args.data}: samples by solver and NFE")
@@ -249,10 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{result.metrics[0]} (sliced 2-Wasserstein to held-out data, lower is better; NFE spent in brackets when "
         "it differs from the budget):"
     )
-    print(bench.markdown_grid(result))
+    print(report.markdown_grid(result))
     print("\nmmd2 (multi-scale Gaussian-kernel MMD^2 to held-out data; more sensitive to fine structure):")
-    print(bench.markdown_grid(result, "mmd2"))
-    adaptive = bench.markdown_adaptive(result)
+    print(report.markdown_grid(result, "mmd2"))
+    adaptive = report.markdown_adaptive(result)
     if adaptive:
         print("\nTolerance-driven solvers:")
         print(adaptive)

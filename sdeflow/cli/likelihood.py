@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from .distributed import DistributedContext, map_chunks, run_cli
-from .likelihood import DIVERGENCES, METHODS, PROBES, UniformDequantization, log_likelihood
+from ..distributed import DistributedContext, map_chunks, run_cli
+from ..likelihood import DIVERGENCES, METHODS, PROBES, UniformDequantization, log_likelihood
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, ctx: DistributedContext) -> int:
-    from .training import load_denoiser
+    from ..training import load_denoiser
 
     dtype = _DTYPES[args.dtype]
     device = ctx.device if ctx.distributed else torch.device(args.device)

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 
 from ..distributed import DistributedContext, run_cli, sample_sharded
-from .checkpoint import CheckpointError
-from .config import load_run
+from ..training.checkpoint import CheckpointError
+from ..training.config import load_run
+from ..training.data import to_unit_range
 
 DEFAULT_BATCH = 1024  # samples per solver call unless --batch-size says otherwise (independent of the world size)
-from .data import to_unit_range
 
 
 def _option(text: str) -> tuple[str, Any]:

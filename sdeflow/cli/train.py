@@ -18,22 +18,20 @@ resumes with any number of processes (docs/distributed.md).
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._utils import check_choice
 from ..denoiser import PREDICTIONS
 from ..distributed import DistributedContext, run_cli
 from ..nets.embeddings import EMBEDDINGS
-from .checkpoint import CheckpointError, load_checkpoint, previous_path
-from .config import NET_NAMES, SDE_NAMES, build_trainer
-from .data import DataSource, make_data
-from .losses import TIME_SAMPLINGS, WEIGHTINGS
+from ..training.checkpoint import CheckpointError, previous_path
+from ..training.config import NET_NAMES, SDE_NAMES
+from ..training.data import DataSource
+from ..training.losses import TIME_SAMPLINGS, WEIGHTINGS
+from ..training.run import VP_SCHEDULES, prepare_run, run_config
 
 
 def _ints(text: str) -> list[int]:
@@ -63,7 +61,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     g = parser.add_argument_group("SDE")
     g.add_argument("--sde", default="vp", choices=SDE_NAMES)
-    g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "sigmoid"], help="VP schedule")
+    g.add_argument("--schedule", default="linear", choices=VP_SCHEDULES, help="VP schedule")
     g.add_argument("--beta-min", type=float, default=0.1)
     g.add_argument("--beta-max", type=float, default=20.0)
     g.add_argument("--sigma-min", type=float, default=0.01)
@@ -114,79 +112,49 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true")
 
 
-def config_from_args(args: argparse.Namespace, data: DataSource) -> dict[str, Any]:
-    """The run config (plain primitives) for parsed `train` arguments and the data source they name."""
-    shape = list(data.data_shape)
-    is_image = len(shape) == 3
-    if args.sde == "vp":
-        sde = {"name": "vp", "beta_min": args.beta_min, "beta_max": args.beta_max, "schedule": args.schedule}
-    elif args.sde == "subvp":
-        sde = {"name": "subvp", "beta_min": args.beta_min, "beta_max": args.beta_max}
-    else:
-        sigma_max = args.sigma_max if args.sigma_max is not None else (10.0 if shape == [2] else 50.0)
-        sde = {"name": "ve", "sigma_min": args.sigma_min, "sigma_max": sigma_max}
-    num_classes = data.num_classes if args.conditional else None
-    if args.conditional and num_classes is None:
-        raise ValueError(f"--conditional needs labelled data; data={args.data!r} has no labels")
-    if args.net == "mlp":
-        net: dict[str, Any] = {
-            "name": "mlp",
-            "dim": math.prod(shape),
-            "hidden": args.hidden,
-            "depth": args.depth,
-            "time_dim": 128,
-            "embedding": args.embedding,
-            "num_classes": num_classes,
-            "dropout": args.dropout,
-        }
-    else:
-        if not is_image:
-            raise ValueError(f"--net unet needs image data of shape (C, H, W), got data_shape {tuple(shape)}")
-        net = {
-            "name": "unet",
-            "in_channels": shape[0],
-            "channels": args.channels,
-            "channel_mult": args.channel_mult,
-            "num_res_blocks": args.num_res_blocks,
-            "attention_levels": args.attention_levels,
-            "num_heads": 4,
-            "dropout": args.dropout,
-            "num_classes": num_classes,
-            "embedding": args.embedding,
-        }
-    net["input_scaling"] = not args.no_input_scaling
-    net["sigma_data"] = args.sigma_data if args.sigma_data is not None else (0.5 if is_image else 1.0)
-    p_uncond = args.p_uncond if args.p_uncond is not None else (0.1 if args.conditional else 0.0)
-    time_sampling = args.time_sampling or ("importance" if args.weighting == "likelihood" else "uniform")
-    loss = {
-        "prediction": args.prediction,
-        "weighting": args.weighting,
-        "time_sampling": time_sampling,
-        "stratified": args.stratified,
-        "min_snr_gamma": args.min_snr_gamma,
-        "p_uncond": p_uncond,
-    }
-    mlp = args.net == "mlp"
-    train = {
-        "steps": args.steps if args.steps is not None else 5000,
-        "batch_size": args.batch_size or (256 if mlp else 64),
-        "lr": args.lr or (1e-3 if mlp else 2e-4),
-        "weight_decay": args.weight_decay,
-        "warmup": args.warmup,
-        "grad_clip": args.grad_clip,
-        "ema_decay": args.ema_decay,
-        "seed": args.seed,
-        "amp": args.amp,
-        "conditional": args.conditional,
-        "save_every": args.save_every,
-        "log_every": args.log_every,
-    }
-    data_cfg = {"spec": args.data, **data.config()}
-    if args.image_size is not None:
-        data_cfg["size"] = args.image_size
-    import sdeflow
-
-    return {"sde": sde, "net": net, "loss": loss, "data": data_cfg, "train": train, "sdeflow": sdeflow.__version__}
+def config_from_args(args: argparse.Namespace, data: DataSource | None = None) -> dict[str, Any]:
+    """The run config (plain primitives) for parsed `train` arguments: :func:`sdeflow.training.run_config` with the
+    flags as keywords (``data``: the source ``--data`` names, when already built)."""
+    return run_config(
+        args.data,
+        data_source=data,
+        image_size=args.image_size,
+        conditional=args.conditional,
+        p_uncond=args.p_uncond,
+        sde=args.sde,
+        schedule=args.schedule,
+        beta_min=args.beta_min,
+        beta_max=args.beta_max,
+        sigma_min=args.sigma_min,
+        sigma_max=args.sigma_max,
+        net=args.net,
+        prediction=args.prediction,
+        embedding=args.embedding,
+        hidden=args.hidden,
+        depth=args.depth,
+        channels=args.channels,
+        channel_mult=args.channel_mult,
+        num_res_blocks=args.num_res_blocks,
+        attention_levels=args.attention_levels,
+        dropout=args.dropout,
+        input_scaling=not args.no_input_scaling,
+        sigma_data=args.sigma_data,
+        weighting=args.weighting,
+        time_sampling=args.time_sampling,
+        stratified=args.stratified,
+        min_snr_gamma=args.min_snr_gamma,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup=args.warmup,
+        grad_clip=args.grad_clip,
+        ema_decay=args.ema_decay,
+        seed=args.seed,
+        amp=args.amp,
+        save_every=args.save_every,
+        log_every=args.log_every,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -201,35 +169,24 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> int:
     ckpt_path = out / "ckpt.pt"
     main = ctx.is_main
     device = str(ctx.device) if ctx.distributed else (args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    progress = not args.no_progress
     try:
         if args.resume:
             if not ckpt_path.exists() and not previous_path(ckpt_path).exists():
                 raise FileNotFoundError(f"--resume: no checkpoint in {out}")
-            state = load_checkpoint(ckpt_path)
-            config = state["config"]
-            if args.steps is not None:
-                config["train"]["steps"] = args.steps
-            if args.amp:
-                config["train"]["amp"] = True
+            trainer, config, steps = prepare_run(
+                None, out, resume=True, steps=args.steps, device=device, progress=progress, amp=args.amp
+            )
         else:
             if ckpt_path.exists():
                 raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it or choose another --out")
             if not args.data:
                 raise ValueError("--data is required for a new run")
-            check_choice("device", torch.device(device).type, ["cpu", "cuda", "mps"])
-            config = config_from_args(args, make_data(args.data, size=args.image_size))
-            state = None
-        trainer = build_trainer(config, out_dir=out, progress=not args.no_progress, device=device)
+            trainer, config, steps = prepare_run(config_from_args(args), out, device=device, progress=progress)
     except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, ImportError) as err:
         if main:
             print(f"sdeflow train: error: {err}", file=sys.stderr)
         return 2
-    if state is not None:
-        trainer.load_state_dict(state)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    steps = int(config["train"]["steps"])
     n_params = sum(p.numel() for p in trainer.net.parameters())
     where = f"{ctx.world_size} processes ({ctx.backend}, {ctx.device.type})" if ctx.distributed else device
     if main:

@@ -85,6 +85,7 @@ def test_sigint_in_process_writes_checkpoint(tmp_path):
     assert signal.getsignal(signal.SIGINT) is before
 
 
+@pytest.mark.slow  # a subprocess that imports torch and trains until the signal: about 10 s on 2 cores
 def test_sigterm_subprocess_writes_checkpoint(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(sf.__file__).parents[1])}
