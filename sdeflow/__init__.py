@@ -19,7 +19,9 @@ __all__ = [
 ]
 
 from . import solvers
-from .integrate import SampleResult, sample, solve, solve_adaptive
+from .integrate import solve, solve_adaptive
+from .sampling import sample
+from .solvers.record import SampleResult
 
 __all__ += ["solvers", "sample", "solve", "solve_adaptive", "SampleResult"]
 

@@ -25,9 +25,10 @@ from scipy.integrate import solve_ivp
 
 import sdeflow as sf
 from sdeflow.grids import time_grid
-from sdeflow.integrate import make_stepper, solve
+from sdeflow.integrate import solve
 from sdeflow.noise import BrownianNoise, TensorNoise
-from sdeflow.solvers import SOLVERS, available
+from sdeflow.sampling import make_stepper
+from sdeflow.solvers import SOLVERS, Integrator, available
 
 #: option variants of deterministic solvers (default options when a solver is absent); stochastic ones are skipped.
 DETERMINISTIC_VARIANTS: dict[str, list[dict]] = {
@@ -90,7 +91,7 @@ def _cases(variants: dict[str, list[dict]], stochastic: bool) -> list:
             st = SOLVERS[name](den, **opts)
             if bool(st.stochastic) != stochastic or (stochastic and name in EXTERNAL_NOISE):
                 continue
-            if stochastic and name not in variants and st.mode != "fixed":
+            if stochastic and name not in variants and (st.integrator() is not None or st.tolerances is not None):
                 continue
             tag = ",".join(f"{k}={v}" for k, v in opts.items())
             out.append(pytest.param(name, opts, id=f"{name}[{tag}]" if tag else name))
@@ -165,7 +166,7 @@ def test_deterministic_order(name, opts, sde_name, data):
     errs = []
     for n in STEP_COUNTS:
         grid = time_grid(sde, n, st.default_grid, t_end=t_end)
-        x = solve(st, x_T, grid).x
+        x = st.integrate(x_T, grid).x if isinstance(st, Integrator) else solve(st, x_T, grid).x
         errs.append(float((x - exact).pow(2).mean().sqrt()))
         if errs[-1] < floor:
             break

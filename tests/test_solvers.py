@@ -11,9 +11,10 @@ import torch
 
 import sdeflow as sf
 from sdeflow.grids import time_grid
-from sdeflow.integrate import make_stepper, solve
+from sdeflow.integrate import solve
 from sdeflow.noise import BrownianNoise, IIDNoise, PerSampleGenerator, TensorNoise
-from sdeflow.solvers import SOLVERS, SolverError, available
+from sdeflow.sampling import make_stepper
+from sdeflow.solvers import SOLVERS, SolverError, Stepper, available
 
 MIX = dict(means=[[1.0, 0.5], [-1.0, -0.5], [0.3, -1.2]], stds=[0.5, 0.6, 0.45], weights=[0.3, 0.4, 0.3])
 
@@ -43,11 +44,18 @@ def _setup(d: int = 2, sde=None, nan_below=None):
 def _adaptive(name: str, opts: dict | None = None) -> bool:
     """Solvers whose cost is set by tolerances, not by nfe."""
     st = SOLVERS[name](_setup()[3], **(opts or {}))
-    return st.mode == "adaptive" or name == "rk45" or bool(st.opts.get("adaptive", False))
+    return st.tolerances is not None
 
 
 ALL = available()
-STOCHASTIC_FIXED = [n for n in ALL if SOLVERS[n](_setup()[3]).stochastic and SOLVERS[n](_setup()[3]).mode == "fixed"]
+
+
+def _stochastic_fixed(name: str) -> bool:
+    st = SOLVERS[name](_setup()[3])
+    return st.stochastic and isinstance(st, Stepper) and st.tolerances is None
+
+
+STOCHASTIC_FIXED = [n for n in ALL if _stochastic_fixed(n)]
 STOCHASTIC_FIXED += ["heun_churn"]
 
 
@@ -283,9 +291,9 @@ def test_heun_last_step_is_ddim():
     ddim, heun = make_stepper(den, "ddim"), make_stepper(den, "heun")
     torch.testing.assert_close(solve(heun, x_T, grid[:2]).x, solve(ddim, x_T, grid[:2]).x, rtol=1e-12, atol=1e-12)
     state = x_T
-    for i in range(5):  # five full Heun steps (stateless calls are full Heun steps)
-        state = heun.step(grid[i], grid[i + 1], state, None, None).x
-    last = ddim.step(grid[5], grid[6], state, None, None).x
+    for i in range(5):  # five full Heun steps (single_step is a full Heun step)
+        state = heun.single_step(grid[i], grid[i + 1], state, None).x
+    last = ddim.single_step(grid[5], grid[6], state, None).x
     torch.testing.assert_close(solve(heun, x_T, grid).x, last, rtol=1e-12, atol=1e-12)
 
 

@@ -1,20 +1,62 @@
-"""Solvers: one name -> class table. A new solver is one module plus one line here."""
+"""Solvers: the capability types (:mod:`.base`), one module per method, and the one name -> constructor table.
+
+A new solver is one module plus one line in ``SOLVERS``. The table maps a name to a class, or to a small factory
+where one name covers several configurations (``rk45``'s backends, ``parallel``'s base solver). This package imports
+nothing above itself: the drivers (:mod:`sdeflow.integrate`) and the sampling layer (:mod:`sdeflow.sampling`) import
+it, never the reverse.
+"""
 
 from __future__ import annotations
 
-from ..parallel import Parallel
+from collections.abc import Callable
+from typing import Any
+
+from ..denoiser import Denoiser
 from .adaptive_sde import AdaptiveSDE
-from .base import SolverError, Stepper, StepResult
+from .base import (
+    EmbeddedStepper,
+    Integrator,
+    MultistepStepper,
+    SingleStepper,
+    Solver,
+    SolverError,
+    Stepper,
+    StepResult,
+)
+from .bridges import TorchSDE
+from .control import PIController, Tolerances, error_norm
 from .ddim import DDIM, DDPM
 from .dpm_solver import DPMSolver, DPMSolverPP
 from .euler import Euler, EulerMaruyama
-from .external import TorchSDE
 from .heun import Heun
 from .pc import PredictorCorrector
+from .picard import Parallel
+from .record import SampleResult
 from .rk import RK45
 from .unipc import UniPC
 
-SOLVERS: dict[str, type[Stepper]] = {
+
+def parallel(denoiser: Denoiser, base: str | Stepper = "ddim", **options: Any) -> Parallel:
+    """``parallel``: the Picard driver around a base stepper given by name (its options among ``options``) or as
+    an instance on the same denoiser."""
+    own = {k: options.pop(k) for k in list(options) if k in Parallel.options}
+    if isinstance(base, Stepper):
+        if options:
+            raise ValueError("pass base options to the base stepper's constructor, not with a stepper instance")
+        stepper = base
+    else:
+        names = [n for n in STEPPERS if n not in ("parallel", "torchsde")]
+        if not isinstance(base, str) or base not in names:
+            raise ValueError(f"base={base!r} is not supported; allowed values: {', '.join(map(repr, sorted(names)))}")
+        made = SOLVERS[base](denoiser, **options)
+        if not isinstance(made, Stepper):
+            raise ValueError(f"base={base!r} is not a fixed-grid stepper; parallel needs one")
+        stepper = made
+    return Parallel(denoiser, base=stepper, **own)
+
+
+#: name -> the stepper class of every sdeflow-stepped method
+STEPPERS: dict[str, type[Solver]] = {
     "euler": Euler,
     "ddim": DDIM,
     "ddpm": DDPM,
@@ -27,8 +69,10 @@ SOLVERS: dict[str, type[Stepper]] = {
     "heun": Heun,
     "rk45": RK45,
     "torchsde": TorchSDE,
-    "parallel": Parallel,
 }
+
+#: every name accepted by ``sdeflow.sample(solver=...)`` -> a constructor ``(denoiser, **options) -> Solver``
+SOLVERS: dict[str, Callable[..., Solver]] = {**STEPPERS, "parallel": parallel}
 
 
 def available() -> list[str]:
@@ -36,4 +80,21 @@ def available() -> list[str]:
     return sorted(SOLVERS)
 
 
-__all__ = ["SOLVERS", "available", "Stepper", "StepResult", "SolverError"]
+__all__ = [
+    "SOLVERS",
+    "STEPPERS",
+    "EmbeddedStepper",
+    "Integrator",
+    "MultistepStepper",
+    "PIController",
+    "SampleResult",
+    "SingleStepper",
+    "Solver",
+    "SolverError",
+    "StepResult",
+    "Stepper",
+    "Tolerances",
+    "available",
+    "error_norm",
+    "parallel",
+]

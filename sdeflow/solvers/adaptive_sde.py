@@ -25,14 +25,13 @@ Defaults ``rtol=0.05, atol=0.0078`` are the paper's for data in [-1, 1]; scale `
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from .base import Stepper, StepResult
+from .base import EmbeddedStepper, StepResult
+from .control import PIController, Tolerances
 
 
-class AdaptiveSDE(Stepper):
+class AdaptiveSDE(EmbeddedStepper):
     r"""Jolicoeur-Martineau et al. 2021, Algorithm 1: EM / improved-Euler pair on the reverse SDE, adaptive per sample.
 
     Update rule, error norm and controller in the module docstring. 2 NFE per step, weak order 1.
@@ -49,7 +48,6 @@ class AdaptiveSDE(Stepper):
     strong_order = 1.0
     stochastic = True
     nfe_per_step = 2
-    mode = "adaptive"
     requires = frozenset({"reverse_sde"})
     error_order = 1.0  # the driver divides beta1 by error_order + 1 = 2, so beta1 = 2r gives the paper's E^{-r}
     options = {"rtol": 0.05, "atol": 0.0078, "h0": 0.01, "safety": 0.9, "exponent": 0.9}
@@ -63,19 +61,20 @@ class AdaptiveSDE(Stepper):
             raise ValueError(f"safety must lie in (0, 1], got {self.opts['safety']}")
 
     @property
-    def controller(self) -> Any:
-        r""":math:`h \leftarrow \theta h E^{-r}` as a :class:`~sdeflow.integrate.PIController` (integral part only;
-        the driver's exponent is beta1/(error_order + 1), error_order = 1)."""
-        from ..integrate import PIController  # the driver imports the solver table: import at use
+    def tolerances(self) -> Tolerances:
+        return Tolerances(float(self.opts["rtol"]), float(self.opts["atol"]), float(self.opts["h0"]))
 
+    @property
+    def controller(self) -> PIController:
+        r""":math:`h \leftarrow \theta h E^{-r}` as a :class:`~sdeflow.solvers.control.PIController` (integral part
+        only; the driver's exponent is beta1/(error_order + 1), error_order = 1)."""
         r = float(self.opts["exponent"])
         return PIController(
             safety=float(self.opts["safety"]), beta1=2.0 * r, beta2=0.0, factor_min=1e-3, factor_max=1e3
         )
 
-    @staticmethod
     def error_norm(
-        err: torch.Tensor, x_old: torch.Tensor, x_new: torch.Tensor, rtol: float, atol: float
+        self, err: torch.Tensor, x_old: torch.Tensor, x_new: torch.Tensor, rtol: float, atol: float
     ) -> torch.Tensor:
         r"""The paper's norm, per sample: :math:`\lVert \mathrm{err}/\delta\rVert_2/\sqrt n` with
         :math:`\delta = \max(\epsilon_{abs}, \epsilon_{rel}\max(|x'|, |x|))`, :math:`x' = x'' + \mathrm{err}`.
@@ -85,16 +84,23 @@ class AdaptiveSDE(Stepper):
         r = (err / delta).reshape(err.shape[0], -1).pow(2).mean(1).sqrt()
         return torch.where(torch.isfinite(r), r, torch.full_like(r, float("inf"))).to(torch.float64)
 
-    def step(self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, state: Any, noise: Any) -> StepResult:
-        if noise is None:
-            raise ValueError(f"solver {self.name!r} is stochastic: the driver must pass noise")
-        z = noise[0]
+    def single_step(
+        self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None
+    ) -> StepResult:
+        """The improved-Euler step (the extrapolated x'')."""
+        res = self.step_with_error(t0, t1, x, noise)
+        res.error = None
+        return res
+
+    def step_with_error(
+        self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None
+    ) -> StepResult:
+        z = self.require_noise(noise)[0]
         dt = self.coef(t1 - t0, x)
         sqrt_h = torch.sqrt((t0 - t1).abs())
         F0, pred = self.reverse_sde_drift(x, t0)
         x_em = x + dt * F0 + self.coef(self.sde.diffusion(t0) * sqrt_h, x) * z
         F1, _ = self.reverse_sde_drift(x_em, t1)
         g_mean = 0.5 * (self.sde.diffusion(t0) + self.sde.diffusion(t1)) * sqrt_h
-        mean = x + dt * (0.5 * (F0 + F1))
-        x_ie = mean + self.coef(g_mean, x) * z  # = (x' + x~)/2
-        return StepResult(x=x_ie, x_mean=mean, error=x_em - x_ie, state=state, x0=pred.x0)
+        x_ie = x + dt * (0.5 * (F0 + F1)) + self.coef(g_mean, x) * z  # = (x' + x~)/2
+        return StepResult(x=x_ie, error=x_em - x_ie, x0=pred.x0)

@@ -1,176 +1,187 @@
 r"""Bridges to other integrators: torchdiffeq and scipy for the probability-flow ODE, torchsde for the reverse SDE.
 
-Each bridge runs the whole solve in one call (Stepper ``mode = "external"``; :func:`sdeflow.sample` calls
-``stepper.integrate``) and returns a :class:`sdeflow.integrate.SampleResult` whose ``nfe`` is what the Denoiser counted.
-A non-finite model output raises :class:`~sdeflow.solvers.base.SolverError` naming the time, as the native loop does.
+Each bridge runs a whole span in one call (an :class:`~sdeflow.solvers.base.Integrator`) and returns a
+:class:`~sdeflow.solvers.record.SampleResult` whose ``nfe`` is what the Denoiser counted, with the shared bookkeeping
+(:class:`~sdeflow.solvers.record.Recorder`). A non-finite model output raises
+:class:`~sdeflow.solvers.base.SolverError` naming the time, as the native loop does. :func:`odeint` is the one
+torchdiffeq entry point of the package: sampling (:func:`integrate_torchdiffeq`) and likelihood
+(:func:`sdeflow.log_likelihood`) both go through it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from .._utils import check_choice
+from ..denoiser import Denoiser
 from ..noise import BrownianNoise, IIDNoise, NoiseSource, PerSampleGenerator
-from .base import SolverError, Stepper, StepResult
+from .base import Integrator, SolverError, probability_flow_velocity, reverse_sde_drift
+from .record import Callback, Recorder, SampleResult, check_finite
 
-__all__ = ["integrate_torchdiffeq", "integrate_scipy", "TorchSDE"]
+__all__ = ["ODE_BACKENDS", "TORCHSDE_METHODS", "TorchSDE", "integrate_scipy", "integrate_torchdiffeq", "odeint"]
 
-
-def _check_finite(v: torch.Tensor, t: float, what: str) -> None:
-    if not bool(torch.isfinite(v).all()):
-        raise SolverError(
-            f"non-finite values (NaN/inf) in the {what} at t = {t:.6g}: the model output or the state diverged; check "
-            "the model, the dtype and the end time"
-        )
+#: the whole-span ODE backends: torchdiffeq's dopri5 (batched, on the device) and scipy's DOP853 (float64, host)
+ODE_BACKENDS = ("torchdiffeq", "scipy")
 
 
-def _result(x, nfe, times, traj, accepted, rejected, **extra):
-    from ..integrate import SampleResult  # lazy: integrate imports the solver table
+class _StepCounter:
+    """torchdiffeq's step callbacks: count accepted / rejected steps, report accepted ones to a Recorder."""
 
-    stats = {"nfe": nfe, "steps": accepted, "accepted": accepted, "rejected": rejected, "rounds": nfe, **extra}
-    return SampleResult(x, nfe, times, traj, stats)
-
-
-def _bar(progress: bool, desc: str):
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(desc=desc, leave=False)
-
-
-class _PFODE:
-    """torchdiffeq's ``func(t, y)``: the probability-flow velocity, and step callbacks counting accepted/rejected."""
-
-    def __init__(self, stepper: Stepper, callback: Callable | None, bar) -> None:
-        self.stepper, self.callback, self.bar = stepper, callback, bar
+    def __init__(self, func: Callable, rec: Recorder | None) -> None:
+        self.func, self.rec = func, rec
         self.accepted = self.rejected = 0
 
     def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        t64 = t.detach().to(torch.float64)
-        v, _ = self.stepper.ode_velocity(y, t64)
-        _check_finite(v, float(t64), "probability-flow velocity")
-        return v
+        return self.func(t, y)
 
     def callback_accept_step(self, t0: torch.Tensor, y0: torch.Tensor, dt: torch.Tensor) -> None:
         # the state at the start of accepted step k is the result of step k - 1
-        if self.callback is not None and self.accepted > 0:
-            self.callback({"i": self.accepted - 1, "t": t0.detach().to(torch.float64), "x": y0, "x0": None})
+        if self.rec is not None and self.accepted > 0:
+            self.rec.record(self.accepted - 1, t0.detach().to(torch.float64), y0, None, keep=False)
         self.accepted += 1
-        if self.bar is not None:
-            self.bar.update(1)
 
     def callback_reject_step(self, t0: torch.Tensor, y0: torch.Tensor, dt: torch.Tensor) -> None:
         self.rejected += 1
 
 
+def odeint(
+    func: Callable[[torch.Tensor, Any], Any],
+    y0: Any,
+    times: torch.Tensor,
+    rtol: float,
+    atol: float,
+    method: str = "dopri5",
+    h0: float | None = None,
+    adjoint: bool = False,
+    adjoint_params: tuple[torch.Tensor, ...] | None = None,
+    rec: Recorder | None = None,
+) -> tuple[Any, int, int]:
+    """``torchdiffeq.odeint`` (or ``odeint_adjoint``) of ``dy/dt = func(t, y)`` with outputs at the float64 ``times``.
+
+    The times are also passed as ``step_t`` so that no step overshoots them (torchdiffeq otherwise steps past the end
+    time and interpolates, which would evaluate the model outside [t_end, T]); the first step is ``h0`` (default 5% of
+    the span) instead of torchdiffeq's probe, which may also leave the interval. ``y0`` may be a tensor or a tuple of
+    tensors (an augmented state). Returns (states at ``times``, accepted steps, rejected steps); torchdiffeq's
+    step-size underflow becomes a SolverError.
+    """
+    import torchdiffeq
+
+    counter = _StepCounter(func, rec)
+    span = abs(float(times[-1]) - float(times[0]))
+    options = {"step_t": times[1:], "first_step": float(h0) if h0 is not None else 0.05 * span}
+    kw: dict[str, Any] = {"rtol": rtol, "atol": atol, "method": method, "options": options}
+    try:
+        if adjoint:
+            ys = torchdiffeq.odeint_adjoint(
+                counter, y0, times, adjoint_params=adjoint_params, adjoint_options=dict(options), **kw
+            )
+        else:
+            ys = torchdiffeq.odeint(counter, y0, times, **kw)
+    except AssertionError as e:  # torchdiffeq asserts on step-size underflow
+        raise SolverError(f"torchdiffeq {method} failed: {e}") from e
+    return ys, counter.accepted, counter.rejected
+
+
 def integrate_torchdiffeq(
-    stepper: Stepper,
+    den: Denoiser,
     x: torch.Tensor,
     grid: torch.Tensor,
     rtol: float,
     atol: float,
     method: str = "dopri5",
     h0: float | None = None,
-    callback: Callable | None = None,
+    callback: Callback | None = None,
     return_trajectory: bool = False,
     progress: bool = False,
-):
-    """The probability-flow ODE through ``torchdiffeq.odeint`` (adaptive, one step size for the batch) with outputs at
-    the float64 times ``grid`` (decreasing). Returns a SampleResult with nfe, accepted and rejected steps.
+    name: str = "rk45",
+) -> SampleResult:
+    """The probability-flow ODE of ``den`` through :func:`odeint` (adaptive, one step size for the batch) with
+    outputs at the float64 times ``grid`` (decreasing). Returns a SampleResult with nfe, accepted and rejected steps."""
+    rec = Recorder(den, name, None, callback, False, progress)
 
-    The grid times are passed as ``step_t`` so that no step overshoots them (torchdiffeq otherwise steps past the end
-    time and interpolates, which would evaluate the model outside [t_end, T]); the first step is ``h0`` (default
-    5% of the span) instead of torchdiffeq's probe, which may also leave the interval.
-    """
-    import torchdiffeq
+    def velocity(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        t64 = t.detach().to(torch.float64)
+        v, _ = probability_flow_velocity(den, y, t64)
+        check_finite(v, float(t64), "probability-flow velocity")
+        return v
 
-    den = stepper.den
-    nfe0 = den.nfe
-    bar = _bar(progress, stepper.name)
-    func = _PFODE(stepper, callback, bar)
-    span = abs(float(grid[-1]) - float(grid[0]))
     g = grid.to(device=x.device, dtype=torch.float64)
-    options = {"step_t": g[1:], "first_step": float(h0) if h0 is not None else 0.05 * span}
     try:
-        ys = torchdiffeq.odeint(func, x, g, rtol=rtol, atol=atol, method=method, options=options)
-    except AssertionError as e:  # torchdiffeq asserts on step-size underflow
-        raise SolverError(f"torchdiffeq {method} failed: {e}") from e
+        ys, accepted, rejected = odeint(velocity, x, g, rtol, atol, method, h0, rec=rec)
     finally:
-        if bar is not None:
-            bar.close()
+        rec.close()
     xT = ys[-1]
-    _check_finite(xT, float(grid[-1]), "final state")
-    if callback is not None:
-        callback({"i": func.accepted - 1, "t": grid[-1], "x": xT, "x0": None})
-    return _result(xT, den.nfe - nfe0, grid, ys if return_trajectory else None, func.accepted, func.rejected)
+    check_finite(xT, float(grid[-1]), "final state")
+    rec.record(accepted - 1, grid[-1], xT, None, keep=False)
+    traj = ys if return_trajectory else None
+    return rec.result(xT, grid, accepted, accepted, rejected, accepted + rejected, trajectory=traj)
 
 
 def integrate_scipy(
-    stepper: Stepper,
+    den: Denoiser,
     x: torch.Tensor,
     grid: torch.Tensor,
     rtol: float,
     atol: float,
     method: str = "DOP853",
     h0: float | None = None,
-    callback: Callable | None = None,
+    callback: Callback | None = None,
     return_trajectory: bool = False,
     progress: bool = False,
-):
-    """The probability-flow ODE through scipy's ``DOP853`` (or ``RK45``) in float64 on the flattened batch; the model
-    runs in x's dtype and device. Outputs at ``grid`` (interior times from the dense output). Accepted steps are
-    scipy's steps; rejected = attempts - accepted, an attempt costing ``n_stages`` evaluations."""
+    name: str = "rk45",
+) -> SampleResult:
+    """The probability-flow ODE of ``den`` through scipy's ``DOP853`` (or ``RK45``) in float64 on the flattened batch;
+    the model runs in x's dtype and device. Outputs at ``grid`` (interior times from the dense output). Accepted steps
+    are scipy's steps; rejected = attempts - accepted, an attempt costing ``n_stages`` evaluations."""
     import numpy as np
     from scipy import integrate as si
 
     check_choice("method", method, ["DOP853", "RK45"])
-    den = stepper.den
-    nfe0 = den.nfe
     shape, dtype, device = x.shape, x.dtype, x.device
     evals = [0]
 
     def fun(t: float, y: np.ndarray) -> np.ndarray:
         evals[0] += 1
         xt = torch.from_numpy(y).reshape(shape).to(device=device, dtype=dtype)
-        v, _ = stepper.ode_velocity(xt, torch.tensor(t, dtype=torch.float64))
-        _check_finite(v, t, "probability-flow velocity")
+        v, _ = probability_flow_velocity(den, xt, torch.tensor(t, dtype=torch.float64))
+        check_finite(v, t, "probability-flow velocity")
         return v.detach().to(torch.float64).cpu().numpy().ravel()
 
+    rec = Recorder(den, name, None, callback, False, progress)
     times = grid.detach().cpu().to(torch.float64).tolist()
     y0 = x.detach().to(torch.float64).cpu().numpy().ravel()
     first = {"first_step": float(h0)} if h0 is not None else {}
     solver = getattr(si, method)(fun, times[0], y0, t_bound=times[-1], rtol=rtol, atol=atol, **first)
     outs = [y0]
     k, accepted, rejected = 1, 0, 0
-    bar = _bar(progress, stepper.name)
-    while solver.status == "running":
-        e0 = evals[0]
-        msg = solver.step()
-        if solver.status == "failed":
-            raise SolverError(f"scipy {method} failed at t = {solver.t:.6g}: {msg}")
-        accepted += 1
-        rejected += (evals[0] - e0) // solver.n_stages - 1
-        dense = None
-        while k < len(times) - 1 and times[k] >= solver.t:
-            dense = dense or solver.dense_output()
-            outs.append(dense(times[k]))
-            k += 1
-        if callback is not None:
-            xs = torch.from_numpy(solver.y.copy()).reshape(shape).to(device=device, dtype=dtype)
-            callback({"i": accepted - 1, "t": torch.tensor(solver.t, dtype=torch.float64), "x": xs, "x0": None})
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+
+    def to_x(y: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(y)).reshape(shape).to(device=device, dtype=dtype)
+
+    try:
+        while solver.status == "running":
+            e0 = evals[0]
+            msg = solver.step()
+            if solver.status == "failed":
+                raise SolverError(f"scipy {method} failed at t = {solver.t:.6g}: {msg}")
+            accepted += 1
+            rejected += (evals[0] - e0) // solver.n_stages - 1
+            dense = None
+            while k < len(times) - 1 and times[k] >= solver.t:
+                dense = dense or solver.dense_output()
+                outs.append(dense(times[k]))
+                k += 1
+            rec.record(accepted - 1, torch.tensor(solver.t, dtype=torch.float64), to_x(solver.y.copy()), keep=False)
+    finally:
+        rec.close()
     outs.append(solver.y)
-    to_x = lambda y: torch.from_numpy(np.ascontiguousarray(y)).reshape(shape).to(device=device, dtype=dtype)
     xT = to_x(outs[-1])
     traj = torch.stack([to_x(y) for y in outs]) if return_trajectory else None
-    return _result(xT, den.nfe - nfe0, grid, traj, accepted, rejected)
+    return rec.result(xT, grid, accepted, accepted, rejected, accepted + rejected, trajectory=traj)
 
 
 # ----------------------------------------------------------------------------------------------------- torchsde
@@ -194,9 +205,9 @@ class _ReverseSDE(torch.nn.Module):
     torchsde's repeated evaluation at the same (tau, y) (SRA1's stage reuse) costs no extra NFE.
     """
 
-    def __init__(self, stepper: Stepper, shape: torch.Size, sde_type: str, noise_type: str) -> None:
+    def __init__(self, den: Denoiser, shape: torch.Size, sde_type: str, noise_type: str) -> None:
         super().__init__()
-        self.stepper, self.shape = stepper, shape
+        self.den, self.shape = den, shape
         self.sde_type, self.noise_type = sde_type, noise_type
         self._memo: tuple | None = None
 
@@ -206,15 +217,15 @@ class _ReverseSDE(torch.nn.Module):
             return self._memo[2]
         t = -torch.as_tensor(tau, dtype=torch.float64)
         x = y.reshape(self.shape)
-        drift, _ = self.stepper.reverse_sde_drift(x, t)
-        _check_finite(drift, float(t), "reverse-SDE drift")
+        drift, _ = reverse_sde_drift(self.den, x, t)
+        check_finite(drift, float(t), "reverse-SDE drift")
         out = -drift.reshape(y.shape)
         self._memo = (key, y, out)
         return out
 
     def _g(self, tau: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t = -torch.as_tensor(tau, dtype=torch.float64)
-        return torch.sqrt(self.stepper.sde.g2(t)).to(dtype=y.dtype, device=y.device)
+        return torch.sqrt(self.den.sde.g2(t)).to(dtype=y.dtype, device=y.device)
 
     def g_prod(self, tau: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self._g(tau, y) * v
@@ -249,7 +260,7 @@ class _ReversedBrownian:
         return f"_ReversedBrownian({self.noise!r})"
 
 
-class TorchSDE(Stepper):
+class TorchSDE(Integrator):
     r"""The reverse SDE through torchsde (Li et al. 2020): Euler-Maruyama, Milstein, SRK (Roessler 2010's SRA1).
 
     torchsde integrates forward in time on 2-D states, so the bridge integrates in :math:`\tau = -t` on (B, D)
@@ -270,7 +281,6 @@ class TorchSDE(Stepper):
 
     name = "torchsde"
     stochastic = True
-    mode = "external"
     options = {"method": "euler", "adaptive": False, "rtol": 1e-3, "atol": 1e-3, "dt_min": 1e-5}
 
     def validate(self) -> None:
@@ -282,25 +292,13 @@ class TorchSDE(Stepper):
     def _spec(self) -> tuple:
         return TORCHSDE_METHODS[self.opts["method"]]
 
-    @property
-    def order(self) -> float:  # type: ignore[override]
-        return self._spec[3]
-
-    @property
-    def strong_order(self) -> float:  # type: ignore[override]
-        return self._spec[4]
-
-    @property
-    def nfe_per_step(self) -> int:  # type: ignore[override]
-        return self._spec[2]
+    def configure(self) -> None:
+        self.nfe_per_step, self.order, self.strong_order = self._spec[2:5]
 
     def num_steps(self, nfe: int) -> int:
         if self.opts["adaptive"]:
             return 1
         return super().num_steps(nfe)
-
-    def step(self, t0, t1, x, state, noise) -> StepResult:
-        raise NotImplementedError("the torchsde bridge integrates whole spans: use sample() or integrate()")
 
     def _brownian(self, noise: NoiseSource | None, B: int, D: int, grid: torch.Tensor, x: torch.Tensor):
         import torchsde
@@ -334,21 +332,30 @@ class TorchSDE(Stepper):
             levy_area_approximation=levy,
         )
 
-    def integrate(self, x, grid, noise=None, callback=None, return_trajectory=False, progress=False):
+    def integrate(
+        self,
+        x: torch.Tensor,
+        grid: torch.Tensor,
+        noise: NoiseSource | None = None,
+        callback: Callback | None = None,
+        return_trajectory: bool = False,
+        progress: bool = False,
+    ) -> SampleResult:
         """Integrate the reverse SDE over the decreasing float64 ``grid`` (see the class docstring)."""
         import torchsde
         from torchsde._core.base_sde import ForwardSDE
         from torchsde._core.methods import select
 
         den = self.den
-        nfe0 = den.nfe
         sde_type, noise_type = self._spec[:2]
         B, D = x.shape[0], x[0].numel()
-        sde = _ReverseSDE(self, x.shape, sde_type, noise_type)
+        sde = _ReverseSDE(den, x.shape, sde_type, noise_type)
         bm = self._brownian(noise, B, D, grid, x)
         taus = -grid.to(torch.float64)
         y = x.reshape(B, D)
         method = self.opts["method"]
+        rec = Recorder(den, self.name, len(taus) - 1, callback, return_trajectory, progress)
+        rec.start(x)
         if self.opts["adaptive"]:
             span = float(taus[-1] - taus[0])
             ys = torchsde.sdeint(
@@ -364,28 +371,20 @@ class TorchSDE(Stepper):
                 dt_min=float(self.opts["dt_min"]),
             )
             xs = ys.reshape(len(taus), *x.shape)
-            _check_finite(xs[-1], float(grid[-1]), "final state")
-            if callback is not None:
-                callback({"i": 0, "t": grid[-1], "x": xs[-1], "x0": None})
-            return _result(xs[-1], den.nfe - nfe0, grid, xs if return_trajectory else None, None, None)
+            rec.close()
+            check_finite(xs[-1], float(grid[-1]), "final state")
+            rec.record(0, grid[-1], xs[-1], keep=False)
+            # torchsde does not expose its step counts: None = not reported
+            return rec.result(xs[-1], grid, None, None, None, None, trajectory=xs if return_trajectory else None)
         solver = select(method=method, sde_type=sde_type)(
             sde=ForwardSDE(sde), bm=bm, dt=1.0, adaptive=False, rtol=0.0, atol=0.0, dt_min=0.0, options={}
         )
         extra = solver.init_extra_solver_state(taus[0], y)
-        traj = [x] if return_trajectory else None
-        bar = _bar(progress, self.name)
         for i in range(len(taus) - 1):
             y, extra = solver.step(taus[i], taus[i + 1], y, extra)
-            xi = y.reshape(x.shape)
-            if traj is not None:
-                traj.append(xi)
-            if callback is not None:
-                callback({"i": i, "t": grid[i + 1], "x": xi, "x0": None})
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+            rec.record(i, grid[i + 1], y.reshape(x.shape))
+        rec.close()
         xT = y.reshape(x.shape)
-        _check_finite(xT, float(grid[-1]), "final state")
+        check_finite(xT, float(grid[-1]), "final state")
         steps = len(taus) - 1
-        return _result(xT, den.nfe - nfe0, grid, torch.stack(traj) if traj is not None else None, steps, 0)
+        return rec.result(xT, grid, steps, steps, 0, steps)

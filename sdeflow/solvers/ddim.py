@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Stepper, StepResult, check_unit_interval
+from .base import SingleStepper, StepResult, check_unit_interval
 
 
 def posterior_std(sde, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
@@ -28,7 +28,7 @@ def posterior_std(sde, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
     return sde.sigma(t1) * torch.sqrt(-torch.expm1(2 * (sde.log_snr(t0) - sde.log_snr(t1))))
 
 
-class DDIM(Stepper):
+class DDIM(SingleStepper):
     r"""DDIM, Song, Meng & Ermon 2021 (eq. 12), generalized to any Gaussian path (VE included).
 
     :math:`x_{t_1} = a_1\hat x_0 + \sqrt{s_1^2 - c^2}\,\hat\varepsilon + c z`, :math:`c = \eta\tilde\sigma`.
@@ -44,29 +44,26 @@ class DDIM(Stepper):
     def validate(self) -> None:
         check_unit_interval("eta", float(self.opts["eta"]))
 
-    @property
-    def stochastic(self) -> bool:  # type: ignore[override]
-        return float(self.opts["eta"]) > 0
-
-    @property
-    def strong_order(self) -> float | None:  # type: ignore[override]
-        return 0.5 if self.stochastic else None
+    def configure(self) -> None:
+        self.stochastic = float(self.opts["eta"]) > 0
+        self.strong_order = 0.5 if self.stochastic else None
 
     def noise_scales(self, t0: torch.Tensor, t1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(c, sigma): the eps-direction reduction and the injected noise std, float64."""
         c = float(self.opts["eta"]) * posterior_std(self.sde, t0, t1)
         return c, c
 
-    def step(self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, state, noise) -> StepResult:
+    def single_step(
+        self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None
+    ) -> StepResult:
         pred = self.den.predict(x, t0)
         a1, s1 = self.sde.alpha(t1), self.sde.sigma(t1)
         if not self.stochastic:
-            x1 = self.coef(a1, x) * pred.x0 + self.coef(s1, x) * pred.eps
-            return StepResult(x=x1, x_mean=x1, state=state, x0=pred.x0)
+            return StepResult(x=self.coef(a1, x) * pred.x0 + self.coef(s1, x) * pred.eps, x0=pred.x0)
+        z = self.require_noise(noise)[0]
         c, sig = self.noise_scales(t0, t1)
         mean = self.coef(a1, x) * pred.x0 + self.coef(torch.sqrt(s1**2 - c**2), x) * pred.eps
-        x1 = mean + self.coef(sig, x) * noise[0]
-        return StepResult(x=x1, x_mean=mean, state=state, x0=pred.x0)
+        return StepResult(x=mean + self.coef(sig, x) * z, x0=pred.x0)
 
 
 class DDPM(DDIM):
@@ -86,8 +83,8 @@ class DDPM(DDIM):
                 f"variance={self.opts['variance']!r} is not supported; allowed values: 'beta_tilde', 'beta'"
             )
 
-    stochastic = True  # type: ignore[assignment]
-    strong_order = 0.5  # type: ignore[assignment]
+    def configure(self) -> None:
+        self.stochastic, self.strong_order = True, 0.5
 
     def noise_scales(self, t0: torch.Tensor, t1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = posterior_std(self.sde, t0, t1)

@@ -32,8 +32,10 @@ from typing import Any
 
 import torch
 
-from .base import StepResult
+from .base import EmbeddedStepper, MultistepStepper, StepResult
+from .control import Tolerances
 from .exponential import FORMS, THRESHOLD_OPTIONS, ExponentialStepper, Form, History, Point, multistep_orders
+from .window import MultistepEvaluator, OverRanks, WindowEvaluator
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ class SinglestepState:
     plan: list[int]
 
 
-class DPMSolver(ExponentialStepper):
+class DPMSolver(ExponentialStepper, EmbeddedStepper):
     r"""DPM-Solver-1/2/3, Lu et al. 2022: singlestep exponential integrator in log-SNR (fixed grid or adaptive).
 
     Update rules in the module docstring. Order k = ``order``, k NFE per step; ``adaptive=True`` runs DPM-Solver-12
@@ -136,22 +138,17 @@ class DPMSolver(ExponentialStepper):
         self._check_threshold()
 
     # ---------------------------------------------------------------- declared properties
-    @property
-    def order(self) -> float:  # type: ignore[override]
-        return float(self.opts["order"])
+    def configure(self) -> None:
+        """Order k with k NFE per step; the embedded lower solution of the adaptive pairs (DPM-Solver-12: 1, -23: 2)
+        sets the controller's exponent 1/(error_order + 1)."""
+        self.order = float(self.opts["order"])
+        self.nfe_per_step = int(self.opts["order"])
+        self.error_order = self.order - 1.0
 
     @property
-    def nfe_per_step(self) -> int:  # type: ignore[override]
-        return int(self.opts["order"])
-
-    @property
-    def mode(self) -> str:  # type: ignore[override]
-        return "adaptive" if self.opts["adaptive"] else "fixed"
-
-    @property
-    def error_order(self) -> float | None:  # type: ignore[override]
-        """Order of the embedded lower solution (DPM-Solver-12: 1, -23: 2): the controller's exponent is 1/order."""
-        return float(self.opts["order"]) - 1.0 if self.opts["adaptive"] else None
+    def tolerances(self) -> Tolerances | None:
+        o = self.opts
+        return Tolerances(float(o["rtol"]), float(o["atol"]), o["h0"]) if o["adaptive"] else None
 
     # ---------------------------------------------------------------- step plan
     def num_steps(self, nfe: int) -> int:
@@ -197,18 +194,35 @@ class DPMSolver(ExponentialStepper):
         return finals, pred
 
     def step(self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, state: Any, noise: Any) -> StepResult:
+        """A grid step at the order of the NFE plan of :meth:`init` (``order`` at every step without it)."""
+        if not isinstance(state, SinglestepState):
+            return self.single_step(t0, t1, x, noise)
+        res = self._run(t0, t1, x, self._plan(state.plan[state.i]))
+        res.state = SinglestepState(state.i + 1, state.plan)
+        return res
+
+    def single_step(
+        self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None
+    ) -> StepResult:
+        return self._run(t0, t1, x, _PLANS[(int(self.opts["order"]), self.opts["solver_type"])])
+
+    def step_with_error(
+        self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None
+    ) -> StepResult:
+        """DPM-Solver-12 / -23 (Alg. 4/5): the high-order result and its difference to the embedded lower one."""
+        order = int(self.opts["order"])
+        if order not in _ADAPTIVE:
+            raise ValueError("order=1 has no embedded pair: step_with_error needs order 2 or 3")
         p0, p1 = self.view.point(t0), self.view.point(t1)
-        if self.opts["adaptive"]:
-            (high, low), pred = self.run_plan(x, p0, p1, _ADAPTIVE[int(self.opts["order"])])
-            return StepResult(x=high, x_mean=high, error=high - low, state=state, x0=pred.x0)
-        k = state.plan[state.i] if isinstance(state, SinglestepState) else int(self.opts["order"])
-        (x1,), pred = self.run_plan(x, p0, p1, self._plan(k))
-        if isinstance(state, SinglestepState):
-            state = SinglestepState(state.i + 1, state.plan)
-        return StepResult(x=x1, x_mean=x1, state=state, x0=pred.x0)
+        (high, low), pred = self.run_plan(x, p0, p1, _ADAPTIVE[order])
+        return StepResult(x=high, error=high - low, x0=pred.x0)
+
+    def _run(self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, plan: Plan) -> StepResult:
+        (x1,), pred = self.run_plan(x, self.view.point(t0), self.view.point(t1), plan)
+        return StepResult(x=x1, x0=pred.x0)
 
 
-class DPMSolverPP(ExponentialStepper):
+class DPMSolverPP(ExponentialStepper, MultistepStepper):
     r"""Multistep DPM-Solver++(2M)/(3M), Lu et al. 2022b ("DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
     Probabilistic Models"), in data prediction; SDE-DPM-Solver++(2M) with ``sde=True``.
 
@@ -236,6 +250,7 @@ class DPMSolverPP(ExponentialStepper):
 
     name = "dpm_solver++"
     nfe_per_step = 1
+    state_type = History
     options = {
         "order": 2,
         "solver_type": "midpoint",
@@ -257,18 +272,12 @@ class DPMSolverPP(ExponentialStepper):
     def form(self) -> Form:
         return FORMS["x0_sde" if self.opts["sde"] else "x0"]
 
-    @property
-    def order(self) -> float:  # type: ignore[override]
-        """k; with sde=True the weak order (k as well: exact moments on Gaussian data show it, see the tests)."""
-        return float(self.opts["order"])
-
-    @property
-    def stochastic(self) -> bool:  # type: ignore[override]
-        return bool(self.opts["sde"])
-
-    @property
-    def strong_order(self) -> float | None:  # type: ignore[override]
-        return 1.0 if self.opts["sde"] else None
+    def configure(self) -> None:
+        """Order k; with sde=True the weak order (k as well: exact moments on Gaussian data show it, see the tests)
+        and strong order 1."""
+        self.order = float(self.opts["order"])
+        self.stochastic = bool(self.opts["sde"])
+        self.strong_order = 1.0 if self.stochastic else None
 
     @property
     def rule(self) -> str:
@@ -279,14 +288,17 @@ class DPMSolverPP(ExponentialStepper):
         order = int(self.opts["order"])
         return History(0, multistep_orders(grid.numel() - 1, order, bool(self.opts["lower_order_final"])), [])
 
+    def window_evaluator(self, x: torch.Tensor, grid: torch.Tensor, over_ranks: OverRanks = None) -> WindowEvaluator:
+        """One net call for the window's model outputs, step j's older nodes from the same round (Picard)."""
+        return MultistepEvaluator(self, grid, over_ranks, self.init(x, grid))
+
     def step(self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, state: Any, noise: Any) -> StepResult:
-        hist = state if isinstance(state, History) else History(0, None, [])
+        hist = self.check_state(state)
         p0, p1 = self.view.point(t0), self.view.point(t1)
         f0, pred = self.evaluate(x, p0)
-        nodes = [(p0, f0)] + hist.nodes
-        k = min(hist.plan[hist.i], len(nodes)) if hist.plan is not None else 1
-        x1, mean = self.update(x, p0, p1, nodes[:k], self.rule, None if noise is None else noise[0])
-        if hist.plan is None:  # per-sample / parallel-in-time use: no history across calls
-            return StepResult(x=x1, x_mean=mean, state=state, x0=pred.x0)
+        nodes = [(p0, f0), *hist.nodes]
+        k = min(hist.plan[hist.i], len(nodes))
+        z = self.require_noise(noise)[0] if self.stochastic else None
+        x1, _ = self.update(x, p0, p1, nodes[:k], self.rule, z)
         new = History(hist.i + 1, hist.plan, nodes[: int(self.opts["order"]) - 1])
-        return StepResult(x=x1, x_mean=mean, state=new, x0=pred.x0)
+        return StepResult(x=x1, state=new, x0=pred.x0)

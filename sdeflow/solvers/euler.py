@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from ..denoiser import Prediction
-from .base import Stepper, StepResult
+from .base import SingleStepper, Solver, StepResult
 
 
-class Euler(Stepper):
+class Euler(SingleStepper):
     r"""Euler's method on the probability-flow ODE (Song et al. 2021, eq. 13).
 
     .. math:: x_{t_1} = x_{t_0} + (t_1 - t_0)\,[f(t_0) x_{t_0} - \tfrac12 g(t_0)^2 \nabla\log p_{t_0}(x_{t_0})]
@@ -20,14 +20,15 @@ class Euler(Stepper):
     order = 1.0
     nfe_per_step = 1
 
-    def step(self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, state, noise) -> StepResult:
+    def single_step(
+        self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None
+    ) -> StepResult:
         v, pred = self.ode_velocity(x, t0)
-        x1 = x + self.coef(t1 - t0, x) * v
-        return StepResult(x=x1, x_mean=x1, state=state, x0=pred.x0)
+        return StepResult(x=x + self.coef(t1 - t0, x) * v, x0=pred.x0)
 
 
 def euler_maruyama_update(
-    stepper: Stepper, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, z: torch.Tensor
+    stepper: Solver, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, z: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, Prediction]:
     r"""One Euler-Maruyama step of the reverse SDE from t0 down to t1 < t0 (one net call).
 
@@ -44,7 +45,7 @@ def euler_maruyama_update(
     return x1, mean, pred
 
 
-class EulerMaruyama(Stepper):
+class EulerMaruyama(SingleStepper):
     r"""Euler-Maruyama on the reverse-time SDE (Song et al. 2021, eq. 6; Anderson 1982).
 
     .. math:: x_{t_1} = x_{t_0} + (t_1 - t_0)\,[f(t_0) x_{t_0} - g(t_0)^2 \nabla\log p_{t_0}(x_{t_0})]
@@ -62,6 +63,8 @@ class EulerMaruyama(Stepper):
     stochastic = True
     nfe_per_step = 1
 
-    def step(self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, state, noise) -> StepResult:
-        x1, mean, pred = euler_maruyama_update(self, t0, t1, x, noise[0])
-        return StepResult(x=x1, x_mean=mean, state=state, x0=pred.x0)
+    def single_step(
+        self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None
+    ) -> StepResult:
+        x1, _, pred = euler_maruyama_update(self, t0, t1, x, self.require_noise(noise)[0])
+        return StepResult(x=x1, x0=pred.x0)

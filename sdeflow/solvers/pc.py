@@ -32,14 +32,14 @@ from __future__ import annotations
 import torch
 
 from .._utils import append_dims, check_choice
-from .base import Stepper, StepResult
+from .base import SingleStepper, StepResult
 from .euler import euler_maruyama_update
 
 PREDICTORS = ("euler_maruyama", "reverse_diffusion", "none")
 CORRECTORS = ("langevin", "none")
 
 
-class PredictorCorrector(Stepper):
+class PredictorCorrector(SingleStepper):
     r"""Predictor-corrector sampler, Song et al. 2021 (Algorithms 2-3), on any Gaussian path (VP, sub-VP, VE, ...).
 
     See the module docstring for the update rules. Options: ``predictor`` in {"euler_maruyama",
@@ -69,25 +69,24 @@ class PredictorCorrector(Stepper):
         """Corrector steps per time step (0 without a corrector)."""
         return int(self.opts["n_corrector"]) if self.opts["corrector"] == "langevin" else 0
 
-    @property
-    def nfe_per_step(self) -> int:  # type: ignore[override]
-        return (self.opts["predictor"] != "none") + self.n_langevin
+    def configure(self) -> None:
+        """NFE per step: one predictor call (unless "none") plus the corrector steps; strong order 1 for a predictor
+        alone (additive noise), None with a corrector (it does not follow the Brownian path)."""
+        self.nfe_per_step = (self.opts["predictor"] != "none") + self.n_langevin
+        self.strong_order = 1.0 if self.n_langevin == 0 else None
 
     @property
     def noise_draws(self) -> int:
         return 1 + self.n_langevin
 
-    @property
-    def strong_order(self) -> float | None:  # type: ignore[override]
-        """1 for a predictor alone (additive noise); None with a corrector (it does not follow the Brownian path)."""
-        return 1.0 if self.n_langevin == 0 else None
-
-    def step(self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, state, noise) -> StepResult:
+    def single_step(
+        self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None
+    ) -> StepResult:
+        noise = self.require_noise(noise)
         predictor = self.opts["predictor"]
         x0 = None
-        mean = x
         if predictor == "euler_maruyama":
-            x, mean, pred = euler_maruyama_update(self, t0, t1, x, noise[0])
+            x, _, pred = euler_maruyama_update(self, t0, t1, x, noise[0])
             x0 = pred.x0
         elif predictor == "reverse_diffusion":
             pred = self.den.predict(x, t0)
@@ -107,10 +106,9 @@ class PredictorCorrector(Stepper):
                 z = noise[1 + j]
                 ratio = _norm(z) / _norm(score).clamp_min(torch.finfo(x.dtype).tiny)
                 eps = 2 * self.coef(alpha_c, x) * (r * ratio) ** 2
-                mean = x + eps * score
-                x = mean + torch.sqrt(2 * eps) * z
+                x = x + eps * score + torch.sqrt(2 * eps) * z
                 x0 = pred.x0
-        return StepResult(x=x, x_mean=mean, state=state, x0=x0)
+        return StepResult(x=x, x0=x0)
 
 
 def _norm(v: torch.Tensor) -> torch.Tensor:

@@ -45,14 +45,15 @@ from typing import Any
 
 import torch
 
-from .denoiser import Denoiser
-from .noise import NoiseSource
-from .sdes import GaussianSDE
-from .solvers.base import SolverError, Stepper
+from ..denoiser import Denoiser
+from ..noise import IIDNoise, NoiseSource
+from ..sdes import GaussianSDE
+from .base import Integrator, SolverError, Stepper
+from .ddim import posterior_std
+from .record import Callback, Recorder, SampleResult
+from .window import WindowEvaluator
 
 __all__ = ["Parallel", "picard_solve", "AutoWindow", "choose_window", "measure_call_costs", "step_noise_variance"]
-
-Callback = Callable[[dict[str, Any]], None]
 
 #: the windows ``window="auto"`` tries: powers of two up to this (and up to the number of steps)
 AUTO_MAX_WINDOW = 256
@@ -61,8 +62,6 @@ AUTO_MAX_WINDOW = 256
 def step_noise_variance(sde: GaussianSDE, grid: torch.Tensor) -> torch.Tensor:
     r"""Posterior variance :math:`\tilde\sigma_j^2 = s_{j+1}^2(1 - e^{2(\lambda_j - \lambda_{j+1})})` of every step
     of ``grid`` (float64, shape (N,)): ParaDiGMS's scale of the per-step error."""
-    from .solvers.ddim import posterior_std
-
     g = grid.to(torch.float64)
     return posterior_std(sde, g[:-1], g[1:]) ** 2
 
@@ -101,140 +100,11 @@ def _over_ranks(fn: Callable[..., tuple], group: Any, *args: torch.Tensor | None
     return tuple(gathered)
 
 
-def _flat(v: torch.Tensor) -> torch.Tensor:
-    """(w, B, *d) -> (w·B, *d)."""
-    return v.reshape(v.shape[0] * v.shape[1], *v.shape[2:])
-
-
-def _noise_flat(z: torch.Tensor | None) -> torch.Tensor | None:
-    """(w, draws, B, *d) -> (draws, w·B, *d), the layout ``Stepper.step`` takes."""
-    if z is None:
-        return None
-    return z.transpose(0, 1).reshape(z.shape[1], z.shape[0] * z.shape[2], *z.shape[3:])
-
-
-class StepEvaluator:
-    r"""Evaluates the maps :math:`\Phi_j` of a window of a single-step stepper: ``stepper.step`` on the W·B states at
-    once with per-element times, the same ``state`` for every step (None for stateless steppers).
-
-    Attributes:
-        parallel_steps: the steps [0, parallel_steps) that Picard may batch; the rest run one by one afterwards.
-    """
-
-    def __init__(self, stepper: Stepper, grid: torch.Tensor, group: Any = None, state: Any = None) -> None:
-        self.stepper, self.grid, self.group, self.state = stepper, grid, group, state
-        self.parallel_steps = grid.numel() - 1
-
-    def state_at(self, i: int) -> Any:
-        """The state step i receives when it runs on its own (the sequential tail)."""
-        return self.state
-
-    def __call__(
-        self, xs: torch.Tensor, begin: int, t0: torch.Tensor, t1: torch.Tensor, z: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """xs (w, B, *d) at steps begin..begin+w-1, t0/t1 (w,) float64, z (w, draws, B, *d) -> (Phi(xs), x0 or None)."""
-        if xs.shape[0] == 1:  # one step (every rank takes it itself): scalar host times, exactly the sequential call
-            i = begin
-            res = self.stepper.step(
-                self.grid[i], self.grid[i + 1], xs[0], self.state_at(i), None if z is None else z[0]
-            )
-            return res.x[None], None if res.x0 is None else res.x0[None]
-        return _over_ranks(self._batched, self.group, xs, t0, t1, z)
-
-    def _batched(self, xs, t0, t1, z):
-        B = xs.shape[1]
-        res = self.stepper.step(t0.repeat_interleave(B), t1.repeat_interleave(B), _flat(xs), self.state, _noise_flat(z))
-        y = res.x.reshape(xs.shape)
-        return y, None if res.x0 is None else res.x0.reshape(xs.shape)
-
-    def accept(self, count: int) -> None:
-        """The first ``count`` steps of the last evaluated window are final (multistep histories advance)."""
-
-
-class HeunEvaluator(StepEvaluator):
-    """EDM Heun (Algorithm 1/2): its state counts steps only (the last step is an Euler step, churn's gamma uses N), so
-    every step but the last is batched with the state of step 0 and the last runs on its own after the Picard phase."""
-
-    def __init__(self, stepper: Stepper, grid: torch.Tensor, group: Any = None, state: Any = None) -> None:
-        super().__init__(stepper, grid, group, state)
-        self.parallel_steps = grid.numel() - 2
-
-    def state_at(self, i: int) -> Any:
-        return {**self.state, "i": i}
-
-
-class MultistepEvaluator(StepEvaluator):
-    r"""DPM-Solver++(kM) (Lu et al. 2022b) in a Picard window: ONE net call gives the model outputs :math:`f_j` at
-    every state of the window; step j's update takes the nodes :math:`(\lambda_{j-m}, f_{j-m})`, m < k_j, from the
-    same round (or, before the window, from the accepted steps), with the stepper's own per-step order plan and
-    quadrature (:meth:`~sdeflow.solvers.exponential.ExponentialStepper.update`). At the fixed point this is exactly
-    the sequential recursion."""
-
-    def __init__(self, stepper: Stepper, grid: torch.Tensor, group: Any = None, state: Any = None) -> None:
-        super().__init__(stepper, grid, group, state)
-        self.keep = int(stepper.opts["order"]) - 1  # nodes carried from step to step
-        self.hist: list[tuple[int, torch.Tensor]] = []  # (step index, f) of accepted steps, oldest first
-        self.last: torch.Tensor | None = None  # f of the last evaluated window, (w, B, *d)
-
-    def _history(self, i: int):
-        from .solvers.exponential import History
-
-        view = self.stepper.view
-        nodes = [(view.point(self.grid[j]), f) for j, f in reversed(self.hist)]
-        return History(i, self.state.plan, nodes)
-
-    def __call__(self, xs, begin, t0, t1, z):
-        self.begin = begin
-        if xs.shape[0] == 1:  # the sequential step itself, with the accepted history
-            res = self.stepper.step(
-                self.grid[begin], self.grid[begin + 1], xs[0], self._history(begin), None if z is None else z[0]
-            )
-            self.last = res.state.nodes[0][1][None] if res.state.nodes else None
-            return res.x[None], res.x0[None]
-        f, x0 = _over_ranks(self._outputs, self.group, xs, t0)
-        self.last = f
-        w, B = xs.shape[:2]
-        view = self.stepper.view
-        tg = self.grid.to(device=xs.device, dtype=torch.float64)
-        H = len(self.hist)
-        F = torch.cat([torch.stack([h for _, h in self.hist]), f]) if H else f  # (H + w, B, *d)
-        T = torch.cat([tg[begin - H : begin], t0])  # times of F's rows
-        plan = self.state.plan
-        orders = [min(plan[begin + j], H + j + 1) for j in range(w)]
-        y = torch.empty_like(xs)
-        for k in sorted(set(orders)):
-            sel = torch.tensor([j for j in range(w) if orders[j] == k], device=xs.device)
-            nodes = [(view.point(T[H + sel - m].repeat_interleave(B)), _flat(F[H + sel - m])) for m in range(k)]
-            p1 = view.point(t1[sel].repeat_interleave(B))
-            zk = None if z is None else _noise_flat(z[sel])[0]
-            x1, _ = self.stepper.update(_flat(xs[sel]), nodes[0][0], p1, nodes, self.stepper.rule, zk)
-            y[sel] = x1.reshape(len(sel), B, *xs.shape[2:])
-        return y, x0
-
-    def _outputs(self, xs, t0):
-        B = xs.shape[1]
-        f, pred = self.stepper.evaluate(_flat(xs), self.stepper.view.point(t0.repeat_interleave(B)))
-        return f.reshape(xs.shape), pred.x0.reshape(xs.shape)
-
-    def accept(self, count: int) -> None:
-        if self.keep <= 0 or self.last is None:
-            return
-        self.hist = (self.hist + [(self.begin + j, self.last[j]) for j in range(count)])[-self.keep :]
-
-
-def window_evaluator(stepper: Stepper, x: torch.Tensor, grid: torch.Tensor, group: Any = None) -> StepEvaluator:
-    """The window evaluator for ``stepper`` (ValueError for a stepper whose carried state Picard cannot batch)."""
-    state = stepper.init(x, grid)
-    if state is None:
-        return StepEvaluator(stepper, grid, group)
-    if stepper.name == "heun":
-        return HeunEvaluator(stepper, grid, group, state)
-    if stepper.name == "dpm_solver++":
-        return MultistepEvaluator(stepper, grid, group, state)
-    raise ValueError(
-        f"base solver {stepper.name!r} carries a state across steps that the Picard window cannot batch; supported: "
-        "single-step solvers (init() returns None), 'heun' and 'dpm_solver++'"
-    )
+def window_evaluator(stepper: Stepper, x: torch.Tensor, grid: torch.Tensor, group: Any = None) -> WindowEvaluator:
+    """The stepper's own batched-over-time evaluator (:meth:`~sdeflow.solvers.base.Stepper.window_evaluator`), its
+    window split across the ranks of ``group`` (None: no split)."""
+    over = None if group is None else (lambda fn, *args: _over_ranks(fn, group, *args))
+    return stepper.window_evaluator(x, grid, over)
 
 
 # --------------------------------------------------------------------------------------------- the Picard loop
@@ -277,9 +147,6 @@ def picard_solve(
         calls, summed over rounds), window, converged, iterations (most sweeps any step received), steps,
         sequential_steps (steps run one by one: an auto fallback, Heun's last step).
     """
-    from .integrate import SampleResult
-    from .noise import IIDNoise
-
     policy = window if isinstance(window, AutoWindow) else None
     if policy is not None:
         window = policy.window
@@ -289,7 +156,6 @@ def picard_solve(
     _check_tol(tol)
     _check_max_iters(max_iters)
     den = stepper.den
-    nfe0 = den.nfe
     n = grid.numel() - 1
     if n < 1:
         raise ValueError(f"grid must hold at least 2 times, got {grid.numel()}")
@@ -301,26 +167,15 @@ def picard_solve(
         noise = IIDNoise(None)
     g = grid.to(device=x.device, dtype=torch.float64)
     thr = (tol**2) * step_noise_variance(stepper.sde, g)  # (N,) float64: e_j <= thr_j passes
-    x.shape[0]
 
     def draw(i: int) -> torch.Tensor | None:
         return noise(i, grid[i], grid[i + 1], x, draws) if draws else None
 
-    traj = [x] if return_trajectory else None
+    rec = Recorder(den, f"parallel({stepper.name})", n, callback, return_trajectory, progress)
+    rec.start(x)
     rounds = evaluations = 0
     converged = True
     most_sweeps = 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, desc=f"parallel({stepper.name})", leave=False)
-
-    def emit(i: int, xi: torch.Tensor, x0i: torch.Tensor | None) -> None:
-        if traj is not None:
-            traj.append(xi)
-        if callback is not None:
-            callback({"i": i, "t": g[i + 1], "x": xi, "x0": x0i})
 
     begin, end = 0, min(W, n_par)
     parallel = n_par > 0 and (policy is None or policy.window > 1)  # an explicit W = 1 runs the loop too
@@ -351,9 +206,7 @@ def picard_solve(
         most_sweeps = max(most_sweeps, max(sweeps[:stride]))
         ev.accept(stride)
         for j in range(stride):
-            emit(begin + j, new[j], None if x0 is None else x0[j])
-        if bar is not None:
-            bar.update(stride)
+            rec.record(begin + j, g[begin + j + 1], new[j], None if x0 is None else x0[j])
         # slide: keep the states from begin + stride on; the entering ones start at the window's last state
         new_begin, new_end = begin + stride, min(begin + stride + W, n_par)
         grow = new_end - end
@@ -379,29 +232,24 @@ def picard_solve(
         rounds += 1
         ev.accept(1)
         x_cur = y[0]
-        emit(i, x_cur, None if x0 is None else x0[0])
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        rec.record(i, g[i + 1], x_cur, None if x0 is None else x0[0])
+    rec.close()
     if seq_steps and not bool(torch.isfinite(x_cur).all()):
         _raise_nonfinite(n - 1, grid)
-    nfe = den.nfe - nfe0
-    stats = {
-        "nfe": nfe,
-        "steps": n,
-        "accepted": n,
-        "rejected": 0,
-        "rounds": rounds,
-        "evaluations": evaluations,
-        "window": W,
-        "converged": converged,
-        "iterations": most_sweeps,
-        "tol": float(tol),
-        "sequential_steps": seq_steps,
-    }
-    trajectory = torch.stack(traj) if traj is not None else None
-    return SampleResult(x_cur, nfe, grid, trajectory, stats)
+    return rec.result(
+        x_cur,
+        grid,
+        steps=n,
+        accepted=n,
+        rejected=0,
+        rounds=rounds,
+        evaluations=evaluations,
+        window=W,
+        converged=converged,
+        iterations=most_sweeps,
+        tol=float(tol),
+        sequential_steps=seq_steps,
+    )
 
 
 def _picard_update(buf: torch.Tensor, y: torch.Tensor, thr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -570,7 +418,7 @@ def _check_max_iters(max_iters: Any) -> None:
         raise ValueError(f"max_iters must be None or an integer >= 1, got {max_iters!r}")
 
 
-class Parallel(Stepper):
+class Parallel(Integrator):
     r"""Parallel-in-time sampling around any fixed-grid stepper: ParaDiGMS (Shih et al. 2023), sliding-window Picard.
 
     ``sample(den, solver="parallel", base="ddim", nfe=1000, window=64, tol=0.1, **base_options)``: ``nfe`` is the
@@ -590,29 +438,22 @@ class Parallel(Stepper):
     """
 
     name = "parallel"
-    mode = "external"
     requires = frozenset()
-    options = {"base": "ddim", "window": 64, "tol": 0.1, "max_iters": None, "group": None}
+    options = {"base": None, "window": 64, "tol": 0.1, "max_iters": None, "group": None}
 
     def __init__(self, denoiser: Denoiser, **options: Any) -> None:
-        own = {k: options.pop(k) for k in list(options) if k in self.options}
-        base = own.get("base", self.options["base"])
-        from .solvers import SOLVERS, available  # lazy: sdeflow.solvers imports this module
-
-        if isinstance(base, Stepper):
-            if options:
-                raise ValueError("pass base options to the base stepper's constructor, not with a stepper instance")
-            if base.den is not denoiser:
-                raise ValueError("the base stepper must wrap the same denoiser as the parallel solver")
-            self.base = base
-        else:
-            names = [s for s in available() if s != self.name]
-            if not isinstance(base, str) or base not in names:
-                raise ValueError(f"base={base!r} is not supported; allowed values: {', '.join(map(repr, names))}")
-            self.base = SOLVERS[base](denoiser, **options)
-        if self.base.mode != "fixed":
-            raise ValueError(f"base={self.base.name!r} has mode {self.base.mode!r}; parallel needs a fixed-grid solver")
-        super().__init__(denoiser, **own)
+        base = options.get("base")
+        if not isinstance(base, Stepper):
+            raise TypeError(
+                f"base must be a fixed-grid Stepper instance, got {type(base).__name__} (by name: "
+                "sf.sample(den, 'parallel', base='ddim', ...) or sdeflow.solvers.SOLVERS['parallel'](den, base='ddim'))"
+            )
+        if base.den is not denoiser:
+            raise ValueError("the base stepper must wrap the same denoiser as the parallel solver")
+        if base.tolerances is not None:
+            raise ValueError(f"base={base.name!r} is configured as an adaptive solver; parallel needs a fixed grid")
+        self.base = base
+        super().__init__(denoiser, **options)
 
     def validate(self) -> None:
         _check_window(self.opts["window"])
@@ -625,26 +466,11 @@ class Parallel(Stepper):
             if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
                 raise ValueError(f"group must be None, True or a torch.distributed ProcessGroup, got {group!r}")
 
-    # the wrapped solver's declarations
-    @property
-    def order(self) -> float:  # type: ignore[override]
-        return self.base.order
-
-    @property
-    def strong_order(self) -> float | None:  # type: ignore[override]
-        return self.base.strong_order
-
-    @property
-    def stochastic(self) -> bool:  # type: ignore[override]
-        return self.base.stochastic
-
-    @property
-    def nfe_per_step(self) -> int:  # type: ignore[override]
-        return self.base.nfe_per_step
-
-    @property
-    def default_grid(self) -> str:  # type: ignore[override]
-        return self.base.default_grid
+    def configure(self) -> None:
+        """The wrapped solver's declarations."""
+        self.order, self.strong_order = self.base.order, self.base.strong_order
+        self.stochastic, self.nfe_per_step = self.base.stochastic, self.base.nfe_per_step
+        self.default_grid = self.base.default_grid
 
     @property
     def noise_draws(self) -> int:
@@ -661,7 +487,7 @@ class Parallel(Stepper):
         callback: Callback | None = None,
         return_trajectory: bool = False,
         progress: bool = False,
-    ):
+    ) -> SampleResult:
         """Integrate along ``grid`` by sliding-window Picard iteration (or sequentially when ``window="auto"`` finds
         that no window pays). Returns a :class:`~sdeflow.integrate.SampleResult`."""
         window, extra = self.opts["window"], {}
@@ -684,10 +510,6 @@ class Parallel(Stepper):
         )
         res.stats.update(extra)
         return res
-
-    def step(self, t0, t1, x, state, noise):
-        """One step of the base solver (the parallel solver itself only integrates whole grids)."""
-        return self.base.step(t0, t1, x, state, noise)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.opts.items() if k != "base")

@@ -12,19 +12,26 @@ integrated from T down to t_end to a tolerance, as in the score-SDE reference co
 * ``"sdeflow"``: this module's Dormand-Prince step driven by :func:`sdeflow.integrate.solve_adaptive`, one step size
   *per sample* with the PI controller on the embedded 4th-order error estimate.
 
-On a fixed grid (:func:`sdeflow.integrate.solve`) the step is plain DOPRI5: order 5, 6 NFE per step (the 7th, FSAL
-stage only serves the error estimate and is skipped there).
+The stepper is an :class:`~sdeflow.solvers.base.EmbeddedStepper`: on a fixed grid (:func:`sdeflow.integrate.solve`)
+the step is plain DOPRI5, order 5, 6 NFE per step (the 7th, FSAL stage only serves the error estimate and is skipped
+there); :meth:`RK45.step_with_error` adds it. For the torchdiffeq and scipy backends :meth:`RK45.integrator` hands
+the sampling layer the whole-span bridge (:mod:`sdeflow.solvers.bridges`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction as Fr
+from typing import Any
 
 import torch
 
 from .._utils import check_choice
-from .base import Stepper, StepResult
+from ..noise import NoiseSource
+from .base import EmbeddedStepper, Integrator, StepResult
+from .bridges import ODE_BACKENDS, integrate_scipy, integrate_torchdiffeq
+from .control import Tolerances, check_tolerances
+from .record import Callback, SampleResult
 
 
 @dataclass(frozen=True)
@@ -79,16 +86,16 @@ DOPRI5 = ButcherTableau(
     error_order=4,
 )
 
-BACKENDS = ("torchdiffeq", "scipy", "sdeflow")
+BACKENDS = (*ODE_BACKENDS, "sdeflow")
 
 
-class RK45(Stepper):
+class RK45(EmbeddedStepper):
     r"""Adaptive Dormand-Prince (DOPRI5) on the probability-flow ODE (Dormand & Prince 1980; Song et al. 2021 use it
     as their black-box ODE sampler).
 
     Step (fixed grid): :math:`k_i = v(x + h\sum_{j<i} a_{ij}k_j,\ t_0 + c_i h)`, :math:`x_1 = x + h\sum_i b_i k_i`,
     h = t1 - t0 < 0, v the probability-flow velocity; order 5, 6 NFE per step. Called by the adaptive driver (no
-    state) it also returns the embedded error :math:`h\sum_i (b_i - \hat b_i) k_i` (7 NFE).
+    state, :meth:`step_with_error`) it also returns the embedded error :math:`h\sum_i (b_i - \hat b_i) k_i` (7 NFE).
 
     Options: ``backend`` in {"torchdiffeq", "scipy", "sdeflow"} (see the module docstring), ``rtol``, ``atol``
     (default 1e-5, the score-SDE code's), ``h0`` (first step, sdeflow backend). ``sample()`` ignores ``nfe`` for this
@@ -105,25 +112,51 @@ class RK45(Stepper):
 
     def validate(self) -> None:
         check_choice("backend", self.opts["backend"], BACKENDS)
-        for k in ("rtol", "atol"):
-            if not float(self.opts[k]) > 0:
-                raise ValueError(f"{k} must be > 0, got {self.opts[k]!r}")
+        check_tolerances(self.opts["rtol"], self.opts["atol"])
 
     @property
-    def mode(self) -> str:  # type: ignore[override]
-        return "adaptive" if self.opts["backend"] == "sdeflow" else "external"
+    def tolerances(self) -> Tolerances:
+        return Tolerances(float(self.opts["rtol"]), float(self.opts["atol"]), self.opts["h0"])
+
+    def integrator(self) -> Integrator | None:
+        """The torchdiffeq / scipy bridge for those backends; None for "sdeflow" (the adaptive driver steps it)."""
+        return None if self.opts["backend"] == "sdeflow" else ODEBridge(self)
+
+    def integrate(
+        self,
+        x: torch.Tensor,
+        grid: torch.Tensor,
+        noise: NoiseSource | None = None,
+        callback: Callback | None = None,
+        return_trajectory: bool = False,
+        progress: bool = False,
+    ) -> SampleResult:
+        """Whole-span solve through the torchdiffeq or scipy backend (outputs at ``grid``)."""
+        bridge = self.integrator()
+        if bridge is None:
+            raise ValueError('backend="sdeflow" is stepped by sdeflow.integrate.solve_adaptive, not integrated here')
+        return bridge.integrate(x, grid, noise, callback, return_trajectory, progress)
 
     def num_steps(self, nfe: int) -> int:
         """Adaptive: the budget is not used; the grid only holds the output times (T and t_end)."""
         return 1
 
-    def step(self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, state, noise) -> StepResult:
+    def single_step(
+        self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None
+    ) -> StepResult:
+        return self._dopri(t0, t1, x, with_error=False)
+
+    def step_with_error(
+        self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None
+    ) -> StepResult:
+        return self._dopri(t0, t1, x, with_error=True)
+
+    def _dopri(self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, with_error: bool) -> StepResult:
         tab = self.tableau
         h = t1 - t0
         hx = self.coef(h, x)
         ks: list[torch.Tensor] = []
         x0_pred = None
-        with_error = state is None
         n_stages = tab.stages if with_error else tab.stages - 1
         x1 = x
         for i in range(n_stages):
@@ -142,26 +175,48 @@ class RK45(Stepper):
             for bi, ki in zip(tab.b, ks):
                 if bi:
                     x1 = x1 + hx * (float(bi) * ki)
-            return StepResult(x=x1, x_mean=x1, state=state, x0=x0_pred)
+            return StepResult(x=x1, x0=x0_pred)
         err = torch.zeros_like(x)
         for bi, ei, ki in zip(tab.b, tab.b_err, ks):
             if bi != ei:
                 err = err + float(bi - ei) * ki
-        return StepResult(x=x1, x_mean=x1, error=hx * err, state=None, x0=x0_pred)
+        return StepResult(x=x1, error=hx * err, x0=x0_pred)
 
-    def integrate(self, x, grid, noise=None, callback=None, return_trajectory=False, progress=False):
-        """Integrate the probability-flow ODE over ``grid`` (output times) with the torchdiffeq or scipy backend."""
-        from .external import integrate_scipy, integrate_torchdiffeq
 
-        rtol, atol = float(self.opts["rtol"]), float(self.opts["atol"])
-        fn = integrate_scipy if self.opts["backend"] == "scipy" else integrate_torchdiffeq
+class ODEBridge(Integrator):
+    """The probability-flow ODE of an :class:`RK45` configuration through torchdiffeq's dopri5 or scipy's DOP853."""
+
+    name = "rk45"
+    requires = frozenset({"reverse_sde"})
+
+    def __init__(self, rk: RK45) -> None:
+        self.rk = rk
+        super().__init__(rk.den)
+        self.opts = dict(rk.opts)
+        self.order, self.nfe_per_step = rk.order, rk.nfe_per_step
+
+    def num_steps(self, nfe: int) -> int:
+        """Adaptive: the budget is not used; the grid only holds the output times (T and t_end)."""
+        return 1
+
+    def integrate(
+        self,
+        x: torch.Tensor,
+        grid: torch.Tensor,
+        noise: NoiseSource | None = None,
+        callback: Callback | None = None,
+        return_trajectory: bool = False,
+        progress: bool = False,
+    ) -> SampleResult:
+        o = self.opts
+        fn: Any = integrate_scipy if o["backend"] == "scipy" else integrate_torchdiffeq
         return fn(
-            self,
+            self.den,
             x,
             grid,
-            rtol,
-            atol,
-            h0=self.opts["h0"],
+            float(o["rtol"]),
+            float(o["atol"]),
+            h0=o["h0"],
             callback=callback,
             return_trajectory=return_trajectory,
             progress=progress,

@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from .base import StepResult
+from .base import MultistepStepper, StepResult
 from .exponential import THRESHOLD_OPTIONS, ExponentialStepper, History, multistep_orders
 
 
-class UniPC(ExponentialStepper):
+class UniPC(ExponentialStepper, MultistepStepper):
     r"""UniPC-p with UniC, Zhao et al. 2023 (predictor-corrector multistep, B(h) variants bh1/bh2).
 
     Order p + 1 with the corrector (p = ``order`` in 1..3), 1 NFE per step (the corrector reuses the next step's
@@ -48,6 +48,7 @@ class UniPC(ExponentialStepper):
 
     name = "unipc"
     nfe_per_step = 1
+    state_type = History
     options = {
         "order": 2,
         "variant": "bh2",
@@ -64,9 +65,9 @@ class UniPC(ExponentialStepper):
             self._check_bool(name)
         self._check_threshold()
 
-    @property
-    def order(self) -> float:  # type: ignore[override]
-        return float(self.opts["order"] + (1 if self.opts["corrector"] else 0))
+    def configure(self) -> None:
+        """Order p + 1 with the corrector, p without."""
+        self.order = float(self.opts["order"] + (1 if self.opts["corrector"] else 0))
 
     def init(self, x: torch.Tensor, grid: torch.Tensor) -> History:
         self.check_grid(grid)
@@ -74,7 +75,7 @@ class UniPC(ExponentialStepper):
         return History(0, multistep_orders(grid.numel() - 1, order, bool(self.opts["lower_order_final"])), [])
 
     def step(self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, state: Any, noise: Any) -> StepResult:
-        hist = state if isinstance(state, History) else History(0, None, [])
+        hist = self.check_state(state)
         rule = str(self.opts["variant"])
         p0, p1 = self.view.point(t0), self.view.point(t1)
         f0, pred = self.evaluate(x, p0)
@@ -82,9 +83,7 @@ class UniPC(ExponentialStepper):
             # UniC: redo the previous step from its corrected start with the new evaluation as the node r = 1
             x = self.update(hist.x_prev, hist.p_prev, p0, hist.nodes[: hist.prev_order] + [(p0, f0)], rule)[0]
         nodes = [(p0, f0)] + hist.nodes
-        k = min(hist.plan[hist.i], len(nodes)) if hist.plan is not None else 1
+        k = min(hist.plan[hist.i], len(nodes))
         x1 = self.update(x, p0, p1, nodes[:k], rule)[0]
-        if hist.plan is None:  # per-sample / parallel-in-time use: no history across calls
-            return StepResult(x=x1, x_mean=x1, state=state, x0=pred.x0)
         new = History(hist.i + 1, hist.plan, nodes[: int(self.opts["order"])], x_prev=x, p_prev=p0, prev_order=k)
-        return StepResult(x=x1, x_mean=x1, state=new, x0=pred.x0)
+        return StepResult(x=x1, state=new, x0=pred.x0)

@@ -1,0 +1,188 @@
+r"""The sampling layer: solver names -> configured solvers, and :func:`sample`.
+
+:func:`sample` picks the driver by the configured solver's type (:mod:`sdeflow.solvers.base`): an
+:class:`~sdeflow.solvers.base.Integrator` (or a configuration that hands one out, e.g. ``rk45`` with the torchdiffeq
+backend) integrates the whole span itself; a solver with ``tolerances`` runs the per-sample adaptive driver
+(:func:`sdeflow.integrate.solve_adaptive`); any other :class:`~sdeflow.solvers.base.Stepper` walks a grid sized by the
+NFE budget (:func:`sdeflow.integrate.solve`). It draws x_T from the prior when not given, and returns a
+:class:`~sdeflow.solvers.record.SampleResult` whose ``nfe`` is what the Denoiser counted, never the solver's
+arithmetic. Sampling records no autograd graph unless ``enable_grad=True``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .denoiser import Denoiser
+from .grids import time_grid
+from .integrate import solve, solve_adaptive
+from .noise import IIDNoise, NoiseSource, PerSampleGenerator, randn
+from .solvers import SOLVERS, available
+from .solvers.base import Solver, SolverError, Stepper
+from .solvers.record import Callback, SampleResult
+
+__all__ = ["available", "make_solver", "make_stepper", "sample"]
+
+
+def make_solver(den: Denoiser, solver: str | Solver, **solver_options: Any) -> Solver:
+    """A configured solver from its name in ``SOLVERS`` (or pass an instance through)."""
+    if isinstance(solver, Solver):
+        if solver_options:
+            raise ValueError("pass solver options to the stepper's constructor, not with a solver instance")
+        if solver.den is not den:
+            raise ValueError("the solver instance wraps another denoiser than the one given to sample()")
+        return solver
+    if not isinstance(solver, str) or solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; available solvers: {', '.join(available())}")
+    return SOLVERS[solver](den, **solver_options)
+
+
+#: the historical name (a solver is not always a stepper: bridges and the Picard driver are integrators)
+make_stepper = make_solver
+
+
+def sample(
+    den: Denoiser,
+    solver: str | Solver = "dpm_solver++",
+    nfe: int | None = 10,
+    x_T: torch.Tensor | None = None,
+    shape: tuple[int, ...] | None = None,
+    generator: torch.Generator | PerSampleGenerator | None = None,
+    t_end: float | None = None,
+    grid: str | torch.Tensor | None = None,
+    return_trajectory: bool = False,
+    progress: bool = False,
+    *,
+    denoise_final: bool = False,
+    noise: NoiseSource | None = None,
+    callback: Callback | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_steps: int = 100_000,
+    enable_grad: bool = False,
+    **solver_options: Any,
+) -> SampleResult:
+    """Sample from ``den`` by integrating its reverse dynamics from ``sde.T`` to ``t_end`` (default ``sde.eps``).
+
+    Args:
+        den: the :class:`~sdeflow.Denoiser`.
+        solver: a name in ``sdeflow.solvers.SOLVERS`` (see ``sdeflow.solvers.available()``) or a solver instance.
+        nfe: budget of net calls; fixed-step solvers take ``nfe // nfe_per_step`` steps (one fewer NFE when
+            ``denoise_final``). Ignored by adaptive solvers (they take rtol/atol).
+        x_T: the starting noise; drawn from the prior (with ``generator``) when None, then ``shape`` is required.
+        generator: a torch.Generator or a :class:`~sdeflow.noise.PerSampleGenerator` for x_T and the solver's noise.
+        t_end: the final time, in [0, T).
+        grid: ``"uniform" | "logsnr" | "quadratic" | "karras"`` or a tensor of times (default: the solver's).
+        denoise_final: finish with the Tweedie denoising step x0_hat(x, t_end) (one more net call).
+        noise: a noise source for stochastic solvers (default IID from ``generator``).
+        rtol, atol: tolerances of adaptive solvers.
+        max_steps: cap on the adaptive driver's rounds (a SolverError past it).
+        enable_grad: record the autograd graph (to differentiate through the sampler); off by default, so sampling
+            a net whose parameters require grad costs no graph memory.
+        **solver_options: options of the solver (e.g. ``eta`` for DDIM, ``order`` for DPM-Solver).
+
+    Returns:
+        :class:`~sdeflow.solvers.record.SampleResult` with x, nfe (counted by the Denoiser), times, trajectory, stats.
+    """
+    if not isinstance(den, Denoiser):
+        raise TypeError(f"den must be a sdeflow.Denoiser, got {type(den).__name__}")
+    with torch.set_grad_enabled(bool(enable_grad)):
+        return _sample(
+            den, solver, nfe, x_T, shape, generator, t_end, grid, return_trajectory, progress, denoise_final, noise,
+            callback, dtype, device, rtol, atol, max_steps, solver_options,
+        )  # fmt: skip
+
+
+def _sample(
+    den: Denoiser,
+    solver: str | Solver,
+    nfe: int | None,
+    x_T: torch.Tensor | None,
+    shape: tuple[int, ...] | None,
+    generator: torch.Generator | PerSampleGenerator | None,
+    t_end: float | None,
+    grid: str | torch.Tensor | None,
+    return_trajectory: bool,
+    progress: bool,
+    denoise_final: bool,
+    noise: NoiseSource | None,
+    callback: Callback | None,
+    dtype: torch.dtype,
+    device: torch.device | str | None,
+    rtol: float | None,
+    atol: float | None,
+    max_steps: int,
+    solver_options: dict[str, Any],
+) -> SampleResult:
+    sde = den.sde
+    if rtol is not None:
+        solver_options["rtol"] = rtol
+    if atol is not None:
+        solver_options["atol"] = atol
+    s = make_solver(den, solver, **solver_options)
+    t_end = float(sde.eps if t_end is None else t_end)
+    if not 0.0 <= t_end < sde.T:
+        raise ValueError(f"t_end must lie in [0, T) = [0, {sde.T}), got t_end={t_end}")
+    if x_T is None:
+        if shape is None:
+            raise ValueError("pass either x_T or shape (batch, *data_shape)")
+        x_T = sde.prior_std() * randn(tuple(shape), generator, dtype=dtype, device=device)
+    else:
+        if shape is not None and tuple(x_T.shape) != tuple(shape):
+            raise ValueError(f"x_T has shape {tuple(x_T.shape)}, but shape={tuple(shape)} was given")
+        if x_T.ndim < 2:
+            raise ValueError(f"x_T must have shape (batch, *data_shape), got {tuple(x_T.shape)}")
+        if not bool(torch.isfinite(x_T).all()):
+            raise ValueError("x_T must be finite")
+    if noise is None and s.noise_draws:
+        noise = IIDNoise(generator)
+    nfe0 = den.nfe
+    whole = s.integrator()
+    tol = s.tolerances
+    if whole is None and tol is not None:
+        if return_trajectory:
+            raise ValueError("return_trajectory is not available for adaptive solvers (per-sample times differ)")
+        res = solve_adaptive(
+            s,  # type: ignore[arg-type]  # solve_adaptive checks the capability and raises a clear error
+            x_T,
+            sde.T,
+            t_end,
+            rtol=tol.rtol,
+            atol=tol.atol,
+            h0=tol.h0,
+            noise=noise,
+            callback=callback,
+            progress=progress,
+            max_steps=max_steps,
+        )
+    else:
+        if nfe is None or isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+            raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
+        budget = nfe - (1 if denoise_final else 0)
+        if budget < 1:
+            raise ValueError(f"nfe={nfe} leaves no net call for the solver after the final denoising step")
+        steps = s.num_steps(budget)
+        kind = grid if grid is not None else s.default_grid
+        g = time_grid(sde, steps, kind, t_end=t_end)
+        if isinstance(kind, torch.Tensor):
+            t_end = float(g[-1])
+        if whole is not None:
+            res = whole.integrate(
+                x_T, g, noise=noise, callback=callback, return_trajectory=return_trajectory, progress=progress
+            )
+        elif isinstance(s, Stepper):
+            res = solve(s, x_T, g, noise, callback, return_trajectory, progress)
+        else:
+            raise TypeError(f"solver {s.name!r} ({type(s).__name__}) is neither a Stepper nor an Integrator")
+    if denoise_final:
+        x0 = den.x0(res.x, torch.tensor(t_end, dtype=torch.float64))
+        if not bool(torch.isfinite(x0).all()):
+            raise SolverError(f"non-finite values in the final denoising step at t = {t_end:.6g}")
+        res.x = x0
+    res.nfe = den.nfe - nfe0
+    res.stats["nfe"] = res.nfe
+    return res
