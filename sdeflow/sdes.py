@@ -27,7 +27,7 @@ import torch
 
 from ._utils import TimeLike, append_dims, as_time, check_choice, check_positive, check_time, log1mexp
 
-__all__ = ["GaussianSDE", "VPSDE", "SubVPSDE", "VESDE", "DiscreteVPSDE", "GaussianPath", "FlowMatchingPath"]
+__all__ = ["GaussianSDE", "VPSDE", "SubVPSDE", "VESDE", "DiscreteVPSDE", "GaussianPath", "FlowMatchingPath", "EDMPath"]
 
 
 def _softplus(x: torch.Tensor) -> torch.Tensor:
@@ -639,3 +639,43 @@ class FlowMatchingPath(GaussianSDE):
 
     def __repr__(self) -> str:
         return f"FlowMatchingPath(shift={self.shift})"
+
+
+class EDMPath(GaussianSDE):
+    r"""EDM's path, Karras et al. 2022 (Table 1, "Ours"): :math:`a = 1`, :math:`s(t) = \sigma(t) = t`, so sdeflow's
+    time *is* the noise level: ``T = sigma_max``, ``eps = sigma_min``, and ``t_end = 0`` is EDM's final sigma = 0.
+    :math:`f = 0`, :math:`g^2 = 2t`, :math:`\lambda = -\log t`; the probability-flow ODE is EDM's eq. 4,
+    :math:`dx/d\sigma = (x - D(x;\sigma))/\sigma`. Used by :func:`sdeflow.integrations.from_edm`.
+    """
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0) -> None:
+        check_positive("sigma_min", sigma_min)
+        check_positive("sigma_max", sigma_max)
+        if not sigma_min < sigma_max:
+            raise ValueError(f"sigma_min must be < sigma_max, got sigma_min={sigma_min} >= sigma_max={sigma_max}")
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.T, self.eps = self.sigma_max, self.sigma_min
+
+    def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(t)
+
+    def _log_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.log(t)
+
+    def _f(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(t)
+
+    def _g2(self, t: torch.Tensor) -> torch.Tensor:
+        return 2 * t
+
+    def _d_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(t)
+
+    def _d_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(t)
+
+    def _t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-lam)
+
+    def __repr__(self) -> str:
+        return f"EDMPath(sigma_min={self.sigma_min}, sigma_max={self.sigma_max})"
