@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torchdiffeq
 
 from ._utils import check_choice, check_positive
 from .denoiser import Denoiser
 from .sdes import GaussianSDE
+from .solvers.base import SolverError, probability_flow_velocity
+from .solvers.bridges import odeint
 
 __all__ = [
     "log_likelihood",
@@ -286,7 +287,7 @@ class _AugmentedFlow:
         t = t.clamp(0.0, self.T)
 
         def velocity(z: torch.Tensor) -> torch.Tensor:
-            return self.sde.probability_flow_drift(z, t, self.den.score(z, t))
+            return probability_flow_velocity(self.den, z, t)[0]
 
         v, div = _drift_and_trace(velocity, x, self.cotangents, create_graph)
         self.evaluations += 1
@@ -465,25 +466,14 @@ def log_likelihood(
         cotangents = _cotangents(xb.to(model_dtype), divergence, probes, chunk_size)
         flow = _AugmentedFlow(den, model_dtype, cotangents, params_need_grad)
         y0 = (xb.to(state_dtype), torch.zeros(xb.shape[0], dtype=state_dtype, device=xb.device))
-        try:
-            if adjoint:
-                ys = torchdiffeq.odeint_adjoint(
-                    flow,
-                    y0,
-                    times,
-                    rtol=rtol,
-                    atol=atol,
-                    method=method,
-                    options=options,
-                    adjoint_rtol=adjoint_rtol,
-                    adjoint_atol=adjoint_atol,
-                    adjoint_options=adjoint_options,
-                    adjoint_params=params,
-                )
-            else:
-                ys = torchdiffeq.odeint(flow, y0, times, rtol=rtol, atol=atol, method=method, options=options)
-        except AssertionError as err:  # torchdiffeq's checks: non-finite state, step-size underflow, max_num_steps
-            raise RuntimeError(
+        akw = {"adjoint_rtol": adjoint_rtol, "adjoint_atol": adjoint_atol, "adjoint_options": adjoint_options}
+        try:  # the same torchdiffeq bridge as sampling (sdeflow.solvers.bridges.odeint)
+            ys, _, _ = odeint(
+                flow, y0, times, rtol, atol, method, adjoint=adjoint, adjoint_params=params, options=options,
+                adjoint_kwargs=akw,
+            )  # fmt: skip
+        except SolverError as err:  # torchdiffeq's checks: non-finite state, step-size underflow, max_num_steps
+            raise SolverError(
                 f"the probability-flow ODE solve failed ({err}); check the model output between t_eps={t_eps} and "
                 f"T={sde.T} and the data scaling"
             ) from err

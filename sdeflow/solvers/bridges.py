@@ -59,26 +59,29 @@ def odeint(
     adjoint: bool = False,
     adjoint_params: tuple[torch.Tensor, ...] | None = None,
     rec: Recorder | None = None,
+    options: dict[str, Any] | None = None,
+    adjoint_kwargs: dict[str, Any] | None = None,
 ) -> tuple[Any, int, int]:
     """``torchdiffeq.odeint`` (or ``odeint_adjoint``) of ``dy/dt = func(t, y)`` with outputs at the float64 ``times``.
 
     The times are also passed as ``step_t`` so that no step overshoots them (torchdiffeq otherwise steps past the end
     time and interpolates, which would evaluate the model outside [t_end, T]); the first step is ``h0`` (default 5% of
     the span) instead of torchdiffeq's probe, which may also leave the interval. ``y0`` may be a tensor or a tuple of
-    tensors (an augmented state). Returns (states at ``times``, accepted steps, rejected steps); torchdiffeq's
-    step-size underflow becomes a SolverError.
+    tensors (an augmented state). ``options`` replaces those defaults (torchdiffeq's method options);
+    ``adjoint_kwargs`` go to ``odeint_adjoint`` (adjoint_rtol, adjoint_atol, adjoint_options). Returns (states at
+    ``times``, accepted steps, rejected steps); torchdiffeq's step-size underflow becomes a SolverError.
     """
     import torchdiffeq
 
     counter = _StepCounter(func, rec)
-    span = abs(float(times[-1]) - float(times[0]))
-    options = {"step_t": times[1:], "first_step": float(h0) if h0 is not None else 0.05 * span}
+    if options is None:
+        span = abs(float(times[-1]) - float(times[0]))
+        options = {"step_t": times[1:], "first_step": float(h0) if h0 is not None else 0.05 * span}
     kw: dict[str, Any] = {"rtol": rtol, "atol": atol, "method": method, "options": options}
     try:
         if adjoint:
-            ys = torchdiffeq.odeint_adjoint(
-                counter, y0, times, adjoint_params=adjoint_params, adjoint_options=dict(options), **kw
-            )
+            akw = {"adjoint_options": dict(options), **(adjoint_kwargs or {})}
+            ys = torchdiffeq.odeint_adjoint(counter, y0, times, adjoint_params=adjoint_params, **akw, **kw)
         else:
             ys = torchdiffeq.odeint(counter, y0, times, **kw)
     except AssertionError as e:  # torchdiffeq asserts on step-size underflow
