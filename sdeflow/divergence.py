@@ -26,6 +26,9 @@ ODE evaluation, both :math:`f(x)` and :math:`\nabla\!\cdot f(x) = \mathrm{tr}\,J
   :math:`O(1/n^2)` instead of :math:`O(1/n)` when J is dominated by a few large singular values. The reported
   standard error is that of the residual term given Q (the low-rank part is exact given Q), which is what a user
   reading it needs: the spread of the estimate at this Q.
+* ``control=c``: a control variate for fields with a known linear part :math:`c\,x` (the probability-flow velocity
+  :math:`f(t)x - \tfrac12 g^2 s_\theta` has :math:`c = f(t)`): the probes estimate :math:`\mathrm{tr}(J - cI)` from
+  the same products (:math:`w^\top J - c\,w^\top`, no extra pass) and :math:`c\,d` is added exactly.
 """
 
 from __future__ import annotations
@@ -252,9 +255,11 @@ def _quadratic_forms(vectors: torch.Tensor, products: torch.Tensor, B: int) -> t
     return (vectors.reshape(n, B, -1) * products.reshape(n, B, -1)).sum(dim=2)
 
 
-def _products(v, z, vectors, chunk, create_graph) -> torch.Tensor:
+def _products(v, z, vectors, chunk, create_graph, shift) -> torch.Tensor:
+    """(J - shift I)^T w for each vector w (n, B, *shape); ``shift`` None or broadcastable against one vector."""
     parts = [_vjp(v, z, vectors[i : i + chunk], create_graph) for i in range(0, vectors.shape[0], chunk)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    rows = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return rows if shift is None else rows - shift * vectors
 
 
 def _spread(est: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -267,17 +272,17 @@ def _spread(est: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch
     return mean, var, torch.sqrt(var / n)
 
 
-def _hutchinson(f, x, probes, chunk, create_graph):
+def _hutchinson(f, x, probes, chunk, create_graph, shift):
     B = x.shape[0]
     with torch.enable_grad():
         z = _input(x, create_graph)
         v = _call(f, z)
-        rows = _products(v, z, probes.to(v.dtype), chunk, create_graph)
+        rows = _products(v, z, probes.to(v.dtype), chunk, create_graph, shift)
         est = _quadratic_forms(probes.to(v.dtype), rows, B)
     return (v, *_spread(est))
 
 
-def _hutchpp(f, x, probes, chunk, create_graph):
+def _hutchpp(f, x, probes, chunk, create_graph, shift):
     B, d = x.shape[0], x[0].numel()
     n = probes.shape[0]
     k = min(n // 3, d)
@@ -286,12 +291,12 @@ def _hutchpp(f, x, probes, chunk, create_graph):
         v = _call(f, z)
         p = probes.to(v.dtype)
         S, G = p[:k], p[k : n - k]  # k sketch vectors, n - 2k residual probes (k more products go to Q)
-        Y = _products(v, z, S, chunk, create_graph).reshape(k, B, d).permute(1, 2, 0)  # (B, d, k): A S, A = J^T
+        Y = _products(v, z, S, chunk, create_graph, shift).reshape(k, B, d).permute(1, 2, 0)  # (B, d, k): A S, A = J^T
         Q = torch.linalg.qr(Y, mode="reduced").Q  # (B, d, k)
         Gf = G.reshape(G.shape[0], B, d).permute(1, 2, 0)  # (B, d, m)
         Gp = Gf - Q @ (Q.transpose(1, 2) @ Gf)  # (I - QQ^T) G
         vectors = torch.cat([Q, Gp], dim=2).permute(2, 0, 1)  # (k + m, B, d)
-        rows = _products(v, z, vectors.reshape(-1, *x.shape), chunk, create_graph)
+        rows = _products(v, z, vectors.reshape(-1, *x.shape), chunk, create_graph, shift)
         forms = _quadratic_forms(vectors, rows, B)  # (k + m, B)
         low_rank = forms[:k].sum(dim=0)
         resid, var, se = _spread(forms[k:])
@@ -310,6 +315,7 @@ def divergence(
     generator: torch.Generator | None = None,
     mode: str = "auto",
     chunk: int | None = None,
+    control: float | torch.Tensor | None = None,
     create_graph: bool = False,
 ) -> DivergenceResult:
     r"""f(x) and the per-sample divergence :math:`\nabla\!\cdot f(x) = \mathrm{tr}\,\partial f/\partial x`.
@@ -329,6 +335,11 @@ def divergence(
             on accelerators).
         chunk: vectors per vectorized pass (memory ~ chunk x the activations of one batch); default
             :func:`exact_chunk` for the exact method, all probes at once for the stochastic ones.
+        control: the coefficient c (a number or a per-sample (B,) tensor) of a known linear part :math:`c\,x` of f,
+            e.g. the drift :math:`f(t)x` of the probability-flow velocity: the stochastic methods then estimate
+            :math:`\mathrm{tr}(J - cI)` and add :math:`c\,d` exactly (a control variate with known trace; it removes
+            :math:`2c^2 d`-type terms from the variance of Gaussian probes and of Hutch++'s projected residual
+            probes; Rademacher probes are already exact on the diagonal). Ignored by ``"exact"``.
         create_graph: keep the outputs differentiable with respect to x and to what f closes over (second-order
             autograd, for training through a likelihood); otherwise both come back detached.
 
@@ -368,10 +379,19 @@ def divergence(
     if method == "hutch++" and n < 3:
         raise ValueError(f"method='hutch++' needs n_probes >= 3 (sketch, projection, residual), got {n}")
     c = n if chunk is None else min(chunk, n)
+    shift = None
+    if control is not None:
+        shift = torch.as_tensor(control, dtype=x.dtype, device=x.device)
+        if shift.ndim == 1 and shift.shape[0] == x.shape[0]:
+            shift = shift.reshape(1, x.shape[0], *([1] * (x.ndim - 1)))
+        elif shift.ndim != 0:
+            raise ValueError(f"control must be a number or a tensor of shape (batch,) = ({x.shape[0]},)")
     if method == "hutchinson":
-        v, div, var, se = _hutchinson(f, x, probes, c, create_graph)
+        v, div, var, se = _hutchinson(f, x, probes, c, create_graph, shift)
     else:
-        v, div, var, se = _hutchpp(f, x, probes, c, create_graph)
+        v, div, var, se = _hutchpp(f, x, probes, c, create_graph, shift)
+    if shift is not None:
+        div = div + d * shift.reshape(-1)
     if not create_graph:
         v, div = v.detach(), div.detach()
         var = var.detach() if var is not None else None
