@@ -323,7 +323,7 @@ def map_chunks(
         parts: list[Any] = [None] * world
         dist.all_gather_object(parts, local)
     else:
-        parts = [None] * world if rank == dst else None  # type: ignore[assignment]
+        parts = [None] * world if rank == dst else None  # type: ignore[assignment]  # gather_object fills it
         dist.gather_object(local, parts, dst=dst)
         if rank != dst:
             return None
@@ -366,7 +366,7 @@ def sample_sharded(
         (the concatenated samples or transformed chunks -- a tensor when ``transform`` returns tensors -- on rank
         ``dst``, None on the others; the total NFE over all chunks of all ranks, on every rank).
     """
-    from .integrate import sample
+    from .sampling import sample
     from .noise import PerSampleGenerator
 
     if not (isinstance(n, int) and n >= 1):

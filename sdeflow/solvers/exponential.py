@@ -300,9 +300,9 @@ _VIEWS: weakref.WeakKeyDictionary[Any, LogSNRView] = weakref.WeakKeyDictionary()
 def base_coefficients(form: Form, p0: Point, p1: Point) -> tuple[Num, Num, Num, Num | None]:
     """(h, c_x, c_out, noise std) of the module table for a step p0 -> p1, in float64."""
     h = p1.lam - p0.lam
-    if form.name == "eps":
+    if form is FORMS["eps"]:
         return h, _exp(p1.la - p0.la), -_exp(p1.ls), None
-    if form.name == "x0":
+    if form is FORMS["x0"]:
         return h, _exp(p1.ls - p0.ls), _exp(p1.la), None
     std = _exp(p1.ls) * _sqrt(-_expm1(-2.0 * h))
     return h, _exp(p1.ls - p0.ls - h), 2.0 * _exp(p1.la), std

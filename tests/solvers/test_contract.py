@@ -1,0 +1,101 @@
+"""The solver contract (sdeflow.solvers.base): a call that cannot be honoured raises instead of quietly running
+another method; declared orders belong to the configured instance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sdeflow as sf
+from sdeflow.grids import time_grid
+from sdeflow.integrate import solve, solve_adaptive
+from sdeflow.sampling import make_stepper
+from sdeflow.solvers import EmbeddedStepper, Integrator, MultistepStepper, SingleStepper, Stepper
+
+
+@pytest.fixture(scope="module")
+def den():
+    sde = sf.VPSDE()
+    return sf.GaussianMixture([[1.0, 0.5], [-1.0, -0.5]], [0.5, 0.6]).denoiser(sde)
+
+
+def _x(den, n=4):
+    return den.sde.prior_sample((n, 2), torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name,opts", [("dpm_solver++", {"order": 2}), ("dpm_solver++", {"order": 3}), ("unipc", {})])
+def test_multistep_without_state_raises(den, name, opts):
+    st = make_stepper(den, name, **opts)
+    assert isinstance(st, MultistepStepper)
+    t0, t1 = torch.tensor(0.8, dtype=torch.float64), torch.tensor(0.6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="multistep method: step\\(\\) needs the state"):
+        st.step(t0, t1, _x(den), None, None)
+    # with its state it steps (the first step of a grid)
+    grid = time_grid(den.sde, 4, "logsnr")
+    st.step(grid[0], grid[1], _x(den), st.init(_x(den), grid), None)
+
+
+@pytest.mark.parametrize("name", ["dpm_solver++", "unipc"])
+def test_adaptive_driver_refuses_multistep(den, name):
+    """The round-1 bug: adaptive dpm_solver++ silently became DDIM while declaring order 2 (753 NFE at rtol 1e-5)."""
+    with pytest.raises(ValueError, match="multistep method"):
+        solve_adaptive(make_stepper(den, name), _x(den), 1.0, 1e-3, rtol=1e-5, atol=1e-5)
+
+
+def test_adaptive_step_doubling_integrates_at_the_declared_order(den):
+    """Step doubling of a single stepper: halving the tolerance cuts the error as tol, and the NFE grows as
+    tol^(-1/(p+1)) for the declared order p (here heun, p = 2: about 2^(1/3) = 1.26 per halving of tol)."""
+    st = make_stepper(den, "heun")
+    ref = (
+        make_stepper(den, "rk45", backend="scipy", rtol=1e-12, atol=1e-12)
+        .integrate(_x(den), torch.tensor([1.0, 1e-3], dtype=torch.float64))
+        .x
+    )
+    nfes, errs = [], []
+    for tol in (1e-3, 1e-4, 1e-5):
+        res = solve_adaptive(st, _x(den), 1.0, 1e-3, rtol=tol, atol=tol)
+        nfes.append(res.nfe)
+        errs.append(float((res.x - ref).abs().max()))
+    assert errs[2] < errs[1] < errs[0] and errs[2] < 2e-3
+    growth = (nfes[2] / nfes[0]) ** 0.5  # per factor 10 of tol
+    assert 10 ** (1 / 3.0) * 0.7 < growth < 10 ** (1 / 2.0), (nfes, errs)  # order 2, not 1 (10^(1/2) = 3.2)
+
+
+def test_stochastic_steppers_need_noise(den):
+    st = make_stepper(den, "euler_maruyama")
+    t0, t1 = torch.tensor(0.8, dtype=torch.float64), torch.tensor(0.6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="stochastic: the driver must pass noise"):
+        st.step(t0, t1, _x(den), None, None)
+
+
+def test_orders_belong_to_the_configured_instance(den):
+    assert make_stepper(den, "dpm_solver", order=2).order == 2.0
+    assert make_stepper(den, "dpm_solver", order=3).order == 3.0
+    assert make_stepper(den, "unipc", order=2, corrector=False).order == 2.0
+    assert make_stepper(den, "unipc", order=2).order == 3.0
+    assert make_stepper(den, "ddim", eta=0.5).stochastic and not make_stepper(den, "ddim").stochastic
+
+
+def test_capability_types_of_the_table(den):
+    types = {
+        "euler": SingleStepper,
+        "ddim": SingleStepper,
+        "heun": SingleStepper,
+        "dpm_solver": EmbeddedStepper,
+        "rk45": EmbeddedStepper,
+        "adaptive_sde": EmbeddedStepper,
+        "dpm_solver++": MultistepStepper,
+        "unipc": MultistepStepper,
+        "torchsde": Integrator,
+        "parallel": Integrator,
+    }
+    for name, kind in types.items():
+        assert isinstance(make_stepper(den, name), kind), name
+
+
+def test_integrators_are_not_stepped(den):
+    with pytest.raises(TypeError, match="fixed-grid Stepper"):
+        solve(make_stepper(den, "torchsde"), _x(den), time_grid(den.sde, 4, "uniform"))
+    assert isinstance(make_stepper(den, "rk45"), Stepper)  # the DOPRI5 stepper also walks a grid
+    assert make_stepper(den, "rk45").integrator() is not None  # ... and hands out its torchdiffeq bridge
+    assert make_stepper(den, "rk45", backend="sdeflow").integrator() is None
