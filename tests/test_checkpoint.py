@@ -3,6 +3,7 @@ corrupt files, and refusal of pickles that would execute code."""
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 
@@ -14,6 +15,7 @@ from sdeflow.nets import MLPScoreNet
 from sdeflow.training import (
     CheckpointError,
     DenoisingScoreMatching,
+    SampledData,
     TensorData,
     Trainer,
     load_checkpoint,
@@ -22,7 +24,7 @@ from sdeflow.training import (
     save_checkpoint,
 )
 from sdeflow.training import checkpoint as ckpt_mod
-from sdeflow.training.checkpoint import check_primitive
+from sdeflow.training.checkpoint import CheckpointWriteError, check_primitive, find_nonfinite
 
 
 def _trainer(out_dir=None, seed=0) -> Trainer:
@@ -207,3 +209,153 @@ def test_config_must_be_primitive():
             TensorData(torch.randn(4, 2)),
             config={"sde": sf.VPSDE()},
         )
+
+
+# ---------------------------------------------------------------------- divergence, corruption, orphans (issue 16)
+def _small_trainer(out_dir, draw=None, **kw) -> Trainer:
+    """A tiny unconditional run; ``draw(n, g)`` may poison a batch."""
+    torch.manual_seed(0)
+    data = SampledData(draw or (lambda n, g: torch.randn(n, 2, generator=g)), (2,), {"name": "probe"})
+    kw = {"batch_size": 8, "progress": False, "lr": 1e-3, **kw}
+    return Trainer(MLPScoreNet(2, hidden=8, depth=1), DenoisingScoreMatching(sf.VPSDE()), data, out_dir=out_dir, **kw)
+
+
+def _all_finite(path) -> bool:
+    state = load_checkpoint(path)
+    return not find_nonfinite({k: state[k] for k in ("model", "ema", "optimizer")})
+
+
+def test_one_nan_batch_never_reaches_a_checkpoint(tmp_path):
+    """save_every < log_every: the NaN batch at step 13 stops the run at the next save (step 15) with an error naming
+    step 13, and ckpt.pt (step 10) and ckpt.prev.pt (step 5) stay finite."""
+    calls = {"n": 0}
+
+    def draw(n, g):
+        calls["n"] += 1
+        x = torch.randn(n, 2, generator=g)
+        return torch.full_like(x, float("nan")) if calls["n"] == 13 else x
+
+    trainer = _small_trainer(tmp_path, draw, save_every=5, log_every=1000)
+    with pytest.raises(FloatingPointError, match=r"loss was nan at step 13.*last good one .*ckpt.pt \(step 10\)"):
+        trainer.fit(40)
+    assert trainer.step == 15  # stopped at the first save point after the bad batch, not at the end
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 10 and _all_finite(tmp_path / "ckpt.pt")
+    assert load_checkpoint(tmp_path / "ckpt.prev.pt")["step"] == 5 and _all_finite(tmp_path / "ckpt.prev.pt")
+    with pytest.raises(FloatingPointError, match="step 13"):
+        trainer.save()  # a direct save refuses too
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 10
+
+
+def test_huge_learning_rate_leaves_last_good_checkpoint(tmp_path):
+    """The issue's `--lr 1e6 --save-every 10`: whatever diverges first (the loss or the state), nothing non-finite is
+    written and every checkpoint on disk is finite."""
+    trainer = _small_trainer(tmp_path, lr=1e6, save_every=2, log_every=50, grad_clip=None, warmup=0)
+    with pytest.raises(FloatingPointError, match="training diverged: .*step"):
+        trainer.fit(3000)
+    for name in ("ckpt.pt", "ckpt.prev.pt"):
+        if (tmp_path / name).exists():
+            assert _all_finite(tmp_path / name), name
+
+
+def test_nonfinite_state_is_refused_with_its_name(tmp_path):
+    trainer = _small_trainer(tmp_path)
+    trainer.fit(3)
+    with torch.no_grad():
+        next(trainer.ema.parameters()).view(-1)[0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"ema\[.*non-finite by step 3"):
+        trainer.save()
+    with pytest.raises(ValueError, match=r"payload\['w'\] hold non-finite"):
+        save_checkpoint({"w": torch.tensor([1.0, float("nan")])}, tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
+    assert find_nonfinite({"a": [torch.ones(2), 1.5, float("inf")], "b": torch.arange(3)}) == ["['a'][2]"]
+
+
+def test_steps_below_the_checkpoint_step_is_an_error(tmp_path):
+    first = _small_trainer(tmp_path, save_every=3)
+    first.fit(6)
+    before = (tmp_path / "ckpt.prev.pt").read_bytes()
+    second = _small_trainer(tmp_path)
+    assert second.resume() == 6
+    with pytest.raises(ValueError, match=r"steps=4 is below the step 6"):
+        second.fit(4)
+    second.fit(6)  # already there: nothing to do, and the files are not rewritten
+    assert (tmp_path / "ckpt.prev.pt").read_bytes() == before
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 6
+
+
+def test_new_run_into_a_checkpoint_folder_is_refused(tmp_path):
+    _small_trainer(tmp_path, save_every=1).fit(2)
+    original = (tmp_path / "ckpt.pt").read_bytes()
+    fresh = _small_trainer(tmp_path)
+    with pytest.raises(FileExistsError, match="already holds a checkpoint.*overwrite=True"):
+        fresh.fit(3)
+    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+        fresh.save()
+    assert (tmp_path / "ckpt.pt").read_bytes() == original and fresh.step == 0
+    (tmp_path / "ckpt.pt").unlink()  # the previous checkpoint alone still counts
+    with pytest.raises(FileExistsError, match="ckpt.prev.pt"):
+        _small_trainer(tmp_path).fit(3)
+    assert _small_trainer(tmp_path, overwrite=True).fit(3).checkpoint == tmp_path / "ckpt.pt"
+    fresh.save(tmp_path / "elsewhere.pt")  # an explicit path is the caller's choice
+
+
+def test_crc_mismatch_is_reported_as_corrupt(tmp_path):
+    """torch.load does not verify the archive's CRCs: a flipped byte inside a tensor would load silently."""
+    path = tmp_path / "ckpt.pt"
+    w = torch.zeros(4096)
+    save_checkpoint({"step": 1, "w": w}, path)
+    data = bytearray(path.read_bytes())
+    i = data.find(bytes(4096 * 4 // 2))  # inside the tensor's raw zeros
+    assert i > 0
+    data[i + 100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt: the archive member .* fails its CRC check"):
+        load_checkpoint(path)
+
+
+def test_files_that_are_not_checkpoints_say_so(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    path.write_text("just some text, not a checkpoint at all\n")
+    with pytest.raises(CheckpointError, match="is not a checkpoint: not a zip archive") as info:
+        load_checkpoint(path)
+    assert "execute code" not in str(info.value)
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        load_checkpoint(path)
+    with open(path, "wb") as f:
+        pickle.dump({"format": "sdeflow-checkpoint"}, f, protocol=2)
+    with pytest.raises(CheckpointError, match="not a checkpoint") as info:
+        load_checkpoint(path)
+    assert "execute code" not in str(info.value)
+
+
+def test_orphaned_temporary_files_are_removed(tmp_path):
+    """Temporary files of a killed writer (a pid that no longer runs) go at the next save or load; those of a live
+    process stay."""
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint({"step": 1}, path)
+    dead = 2**31 - 2  # above any pid_max
+    live = os.getppid()
+    for name in (f".ckpt.pt.tmp.{dead}", f".ckpt.prev.pt.tmp.{dead}", f".ckpt.pt.tmp.{live}"):
+        (tmp_path / name).write_bytes(b"PK\x03\x04 half a zip")
+    assert load_checkpoint(path)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".ckpt.pt.tmp.{live}", "ckpt.pt"]
+    (tmp_path / f".ckpt.pt.tmp.{dead}").write_bytes(b"PK")
+    save_checkpoint({"step": 2}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".ckpt.pt.tmp.{live}", "ckpt.prev.pt", "ckpt.pt"]
+
+
+def test_failed_write_says_why_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint({"step": 1}, path)
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError, match="No space left on device; the previous checkpoint is unchanged"):
+        save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]

@@ -22,12 +22,20 @@ EMA, are identical on every rank (checked at the end of :meth:`Trainer.fit`); on
 checkpoint holds no per-rank state except torch's global generator (dropout, reseeded per rank from (seed, step,
 rank)), so a run resumes with any number of processes, and a resumed run with dropout off continues the one-process
 run to rounding.
+
+Divergence never reaches the disk: every step ORs "this loss is not finite" into a flag on the device (and records
+the first such step) without a host sync; the flag is read at each log point and before each checkpoint, and every
+checkpoint write first checks that the weights, the EMA and the optimizer state are finite. A diverged run stops with
+:class:`FloatingPointError` naming the step, and the last good checkpoint (and its ``ckpt.prev.pt``) stays in place.
+A new trainer refuses to write into a folder that already holds a checkpoint unless it was resumed
+(:meth:`Trainer.resume` / :meth:`Trainer.load_state_dict`) or built with ``overwrite=True``.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import numbers
 import signal
 import threading
 import time
@@ -40,7 +48,7 @@ import torch
 from torch import nn
 
 from .. import distributed as _dist
-from .checkpoint import check_primitive, load_checkpoint, save_checkpoint
+from .checkpoint import check_primitive, find_nonfinite, load_checkpoint, previous_path, save_checkpoint
 from .data import DataSource
 from .losses import DenoisingScoreMatching, DSMDraw
 
@@ -83,6 +91,8 @@ class Trainer:
         distributed: train with ``DistributedDataParallel`` over the initialized ``torch.distributed`` group (module
             docstring); None: whenever such a group of more than one process exists. ``batch_size`` stays the
             global batch. All ranks must build the trainer together (DDP broadcasts rank 0's initial weights).
+        overwrite: allow a trainer that was not resumed to replace a checkpoint already in ``out_dir`` (by default
+            :meth:`fit` and :meth:`save` refuse with FileExistsError, so a new run never destroys an old one).
     """
 
     def __init__(
@@ -108,6 +118,7 @@ class Trainer:
         progress: bool = True,
         config: dict[str, Any] | None = None,
         distributed: bool | None = None,
+        overwrite: bool = False,
     ) -> None:
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be an nn.Module, got {type(net).__name__}")
@@ -176,7 +187,13 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.save_every, self.log_every, self.progress = int(save_every), int(log_every), bool(progress)
         self.step = 0
+        self.overwrite = bool(overwrite)
+        self._resumed = False  # True once this trainer continues a loaded run or has written its own checkpoint
+        self._saved_step: int | None = None  # the step of the checkpoint last written to / read from out_dir
         self._signal: int | None = None
+        # the first step (1-based count) whose loss was not finite, -1 while all were; lives on the device (no sync)
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._bad_loss = torch.full((), float("nan"), dtype=torch.float32, device=self.device)
         if self.world_size > 1:
             self._reseed_rank_rng()
 
@@ -225,8 +242,8 @@ class Trainer:
         decay = min(self.ema_decay, (1 + self.step) / (10 + self.step))
         for e, p in zip(self.ema.parameters(), self.net.parameters()):
             e.lerp_(p, 1.0 - decay)
-        for e, b in zip(self.ema.buffers(), self.net.buffers()):
-            e.copy_(b)
+        for eb, b in zip(self.ema.buffers(), self.net.buffers()):
+            eb.copy_(b)
 
     # ------------------------------------------------------------------ the loop
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -238,8 +255,16 @@ class Trainer:
         SIGINT / SIGTERM (when called from the main thread) stop the loop after the current step and write a
         checkpoint before returning; ``FitResult.interrupted`` holds the signal number.
         """
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+            raise TypeError(f"steps must be an int, got {type(steps).__name__}")
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
+        if steps < self.step:
+            raise ValueError(
+                f"steps={steps} is below the step {self.step} this trainer has already reached (steps is the total, "
+                f"not the number of further steps): pass steps >= {self.step}"
+            )
+        self._check_out_dir()
         handlers: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -253,12 +278,13 @@ class Trainer:
         try:
             while self.step < steps and stop is None:
                 loss = self.train_step()
+                self._flag_loss(loss)
                 running = loss if running is None else running + loss
                 count += 1
                 if count == self.log_every or self.step == steps:
                     last, stop = self._log_point(running, count)  # one host sync per log_every steps
                     if not math.isfinite(last):
-                        raise FloatingPointError(f"loss became {last} by step {self.step}; lower lr or check the data")
+                        self._raise_diverged(last)
                     running, count = None, 0
                     if bar is not None:
                         bar.set_postfix(loss=f"{last:.4g}", refresh=False)
@@ -267,11 +293,16 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 if self.out_dir is not None and self.save_every and self.step % self.save_every == 0:
-                    path, saved_at = self.save(), self.step
+                    path, saved_at = self._save_checked(), self.step
             if count:
                 last, stop = self._log_point(running, count)
+                if not math.isfinite(last):
+                    self._raise_diverged(last)
             if self.out_dir is not None and saved_at != self.step:
-                path = self.save()
+                if self._saved_step == self.step and self.checkpoint_path.is_file():
+                    path = self.checkpoint_path  # nothing new since the checkpoint was written or loaded
+                else:
+                    path = self._save_checked()
             if self.world_size > 1:
                 _dist.assert_replicas_equal([*self.net.parameters(), *self.ema.parameters()], "weights or EMA")
                 _dist.barrier()  # every rank returns once rank 0's checkpoint is complete
@@ -281,6 +312,86 @@ class Trainer:
             for sig, old in handlers.items():
                 signal.signal(sig, old)
         return FitResult(self.step, last, stop, time.perf_counter() - start, path)
+
+    # ------------------------------------------------------------------ divergence and out_dir guards
+    @torch.no_grad()
+    def _flag_loss(self, loss: torch.Tensor) -> None:
+        """Record the first step whose loss is not finite, on the device (no host sync)."""
+        bad = ~torch.isfinite(loss.detach()) & (self._first_bad < 0)
+        self._first_bad = torch.where(bad, self.step, self._first_bad)
+        self._bad_loss = torch.where(bad, loss.detach().float(), self._bad_loss)
+
+    def _nonfinite_state(self) -> list[str]:
+        """Which of the weights, EMA and optimizer state hold NaN or inf (one sync per device)."""
+        parts = {"model": self.net.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict()}
+        return [name for where, part in parts.items() for name in find_nonfinite(part, where)]
+
+    def _divergence(self) -> str | None:
+        """None if the losses so far and the state are finite, else a sentence saying what went wrong where."""
+        first = int(self._first_bad)
+        if first >= 0:
+            return f"the loss was {float(self._bad_loss)} at step {first}"
+        bad = self._nonfinite_state()
+        if bad:
+            more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+            return f"{', '.join(bad[:3])}{more} became non-finite by step {self.step}"
+        return None
+
+    def _diverged_message(self, what: str) -> str:
+        kept = ""
+        if self.out_dir is not None and self.checkpoint_path.is_file():
+            when = f" (step {self._saved_step})" if self._saved_step is not None else ""
+            kept = f"; no checkpoint written, the last good one {self.checkpoint_path}{when} is kept"
+        elif self.out_dir is not None:
+            kept = "; no checkpoint written"
+        return f"training diverged: {what}{kept}. Lower lr (now {self.lr:g}), use grad_clip or check the data"
+
+    def _raise_diverged(self, logged: float) -> None:
+        what = self._divergence() or f"the mean loss was {logged} by step {self.step}"
+        raise FloatingPointError(self._diverged_message(what))
+
+    def _assert_finite(self) -> None:
+        """Raise FloatingPointError (on every rank together) if any loss so far or the state is not finite."""
+        what = self._divergence()
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([1.0 if what else 0.0], dtype=torch.float64, device=self._first_bad.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and not what:
+                what = "another process saw a non-finite loss"
+        if what:
+            raise FloatingPointError(self._diverged_message(what))
+
+    def _check_out_dir(self) -> None:
+        """Refuse to replace a checkpoint of another run in out_dir (unless resumed or overwrite=True)."""
+        if self.out_dir is None or self._resumed or self.overwrite:
+            return
+        found = [p for p in (self.checkpoint_path, previous_path(self.checkpoint_path)) if p.exists()]
+        if self.world_size > 1:  # every rank decides as rank 0 does (the folder may be rank 0's alone)
+            import torch.distributed as dist
+
+            box = [found if self.rank == 0 else None]
+            dist.broadcast_object_list(box, src=0)
+            found = box[0] or []
+        if found:
+            raise FileExistsError(
+                f"{self.out_dir} already holds a checkpoint ({found[0].name}) of another run: resume it "
+                "(Trainer.resume() or load_state_dict), pass overwrite=True to replace it, or choose another out_dir"
+            )
+
+    def _save_checked(self) -> Path:
+        self._assert_finite()
+        return self._write(self.checkpoint_path)
+
+    def _write(self, path: Path) -> Path:
+        if self.rank != 0:
+            return path
+        out = save_checkpoint(self.state_dict(), path, check_finite=False)  # the caller checked the state
+        if self.out_dir is not None and out == self.checkpoint_path:
+            self._saved_step = self.step
+            self._resumed = True  # the folder now holds this run's own checkpoint
+        return out
 
     def _log_point(self, running: torch.Tensor, count: int) -> tuple[float, int | None]:
         """(mean loss since the last log point, the signal to stop on or None). With several processes one
@@ -334,7 +445,9 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (from a checkpoint of a run built the same way)."""
+        """Restore a :meth:`state_dict` (from a checkpoint of a run built the same way).
+
+        The trainer then continues that run: it may write into ``out_dir`` even when a checkpoint is there."""
         self.net.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optimizer"])
@@ -357,6 +470,8 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         if self.world_size > 1:
             self._reseed_rank_rng()
+        self._resumed = True
+        self._first_bad.fill_(-1)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -369,14 +484,27 @@ class Trainer:
 
         With several processes only rank 0 writes (the state is the same on every rank); the others return the path
         at once, without waiting for the file (:meth:`fit` ends with a barrier).
+
+        Raises:
+            FloatingPointError: a loss since the start (or the last resume) was not finite, or the weights, EMA or
+                optimizer state hold NaN or inf; nothing is written.
+            FileExistsError: ``out_dir`` holds another run's checkpoint (see ``overwrite``).
         """
+        if path is None:
+            self._check_out_dir()
         path = Path(path) if path is not None else self.checkpoint_path
         if self.rank != 0:
             return path
-        return save_checkpoint(self.state_dict(), path)
+        what = self._divergence()
+        if what:
+            raise FloatingPointError(self._diverged_message(what))
+        return self._write(path)
 
     def resume(self, path: str | Path | None = None) -> int:
         """Load a checkpoint (default ``out_dir/ckpt.pt``) into this trainer; returns the step reached."""
-        state = load_checkpoint(path if path is not None else self.checkpoint_path, map_location="cpu")
+        src = Path(path) if path is not None else self.checkpoint_path
+        state = load_checkpoint(src, map_location="cpu")
         self.load_state_dict(state)
+        if self.out_dir is not None and src == self.checkpoint_path:
+            self._saved_step = self.step
         return self.step
