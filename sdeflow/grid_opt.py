@@ -25,8 +25,10 @@ only :func:`sdeflow.integrate.solve`, so every fixed-grid deterministic solver w
   grid; :math:`q = 1/\rho`: EDM's :math:`\rho` ramp) after a power warp :math:`u \mapsto u^p` of the step index
   fraction. About 30 solves.
 
-Both start from the best of the built-in grids (:data:`sdeflow.grids.GRIDS`) and keep the best grid seen: the result
-is never worse, on the fitting noises, than the solver's default grid. Everything is deterministic given the
+Both start from the best of the built-in grids (:data:`sdeflow.grids.GRIDS`) and keep every grid that improved the
+best error. A quarter of the noises (``validation``) stays out of the search; of those grids, the one with the least
+error on it is returned (early stopping: a knot-wise search on a few hundred noises can over-fit them), and never one
+worse, on all the fitting noises, than the solver's default grid. Everything is deterministic given the
 generator (the fitting noises are drawn from the prior with it; a fixed seed when None).
 
 :func:`fit_grid` returns a :class:`GridFit` (the grid, the errors, the cost in NFE and seconds); :func:`optimize_grid`
@@ -50,12 +52,15 @@ import torch
 
 from .denoiser import Denoiser
 from .grids import GRIDS, check_grid, time_grid
-from .integrate import make_stepper, solve
+from .integrate import solve
+from .sampling import make_stepper
 from .solvers.base import SolverError, Stepper
 
 __all__ = [
     "GridFit",
     "METHODS",
+    "Reference",
+    "reference_solve",
     "fit_grid",
     "optimize_grid",
     "model_fingerprint",
@@ -76,17 +81,18 @@ class GridFit:
 
     Attributes:
         grid: the fitted float64 grid, decreasing from ``sde.T`` to ``t_end``.
-        error: RMS end error of the solver on ``grid`` against the reference, on the fitting noises.
+        error: RMS end error of the solver on ``grid`` against the reference, on all the fitting noises (the
+            searched part and the validation part).
         default_error: the same on the solver's default grid (``error <= default_error`` always).
         default_grid: the solver's default grid at this budget.
         solver, options, nfe, method: what was fitted.
         n: number of fitting noises.
         reference_nfe: net calls of the reference solve (and its half-resolution check).
         reference_error: estimated RMS error of the reference itself (Richardson, from the half-resolution solve).
-        fit_nfe: net calls of the whole fit, reference included.
+        fit_nfe: net calls of this call (the reference's included unless it was passed in).
         evaluations: end-to-end solves of the solver made while fitting.
         seconds: wall time of the fit.
-        history: (evaluation index, best error so far) whenever the best improved.
+        history: (evaluation index, best error so far on the searched noises) whenever the best improved.
     """
 
     grid: torch.Tensor
@@ -149,18 +155,15 @@ class _Objective:
         self.best_err = math.inf
         self.best_grid: torch.Tensor | None = None
         self.history: list[tuple[int, float]] = []
+        self.snapshots: list[torch.Tensor] = []  # every grid that improved the best, in order
 
     def grid_error(self, grid: torch.Tensor) -> float:
         self.evaluations += 1
-        try:
-            self.stepper.num_steps(self.budget)  # singlestep solvers remember their NFE split for init()
-            x = solve(self.stepper, self.x_T, grid).x
-        except SolverError:
-            return math.inf
-        err = _rms(x, self.ref)
+        err = _solve_error(self.stepper, self.budget, self.x_T, grid, self.ref)
         if err < self.best_err:
             self.best_err, self.best_grid = err, grid.clone()
             self.history.append((self.evaluations, err))
+            self.snapshots.append(self.best_grid)
         return err
 
     def u_error(self, u: torch.Tensor) -> float:
@@ -170,6 +173,15 @@ class _Objective:
         if not bool((grid[1:] < grid[:-1]).all()):
             return math.inf
         return self.grid_error(grid)
+
+
+def _solve_error(stepper: Stepper, budget: int, x_T: torch.Tensor, grid: torch.Tensor, ref: torch.Tensor) -> float:
+    try:
+        stepper.num_steps(budget)  # singlestep solvers remember their NFE split for init()
+        x = solve(stepper, x_T, grid).x
+    except SolverError:
+        return math.inf
+    return _rms(x, ref)
 
 
 def _rms(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -224,7 +236,7 @@ def _coordinate_descent(obj: _Objective, u: torch.Tensor, sweeps: int, iters: in
 # ------------------------------------------------------------------------------------------------ the family
 def _family_u(coord: _Coord, steps: int, q: float, p: float) -> torch.Tensor:
     r"""u of the grid uniform in :math:`\phi_q(\sigma)` (:math:`\sigma = e^{-\lambda}`) at index fractions
-    :math:`(i/S)^p`; on a t-coordinate, uniform in :math:`t^{1/(1+q)}`... simply ``(i/S)^p`` warped by q."""
+    :math:`(i/S)^p`; without a finite log-SNR range, the power ramp :math:`u = (i/S)^{p e^q}` in t."""
     w = torch.linspace(0.0, 1.0, steps + 1, dtype=F64) ** p
     if not coord.log_snr:  # no finite log-SNR range: a power ramp in t, u = w^(exp q)
         return w ** math.exp(q)
@@ -252,8 +264,8 @@ def _fit_family(obj: _Objective, steps: int, iters: int, sweeps: int = 2) -> tup
 
     e = err(q, lp)
     for _ in range(sweeps):
-        q, e = _golden(lambda v: err(v, lp), -1.0, 1.0, q, e, iters)
-        lp, e = _golden(lambda v: err(q, v), -math.log(3.0), math.log(3.0), lp, e, iters)
+        q, e = _golden(lambda v, lp=lp: err(v, lp), -1.0, 1.0, q, e, iters)  # type: ignore[misc]
+        lp, e = _golden(lambda v, q=q: err(q, v), -math.log(3.0), math.log(3.0), lp, e, iters)  # type: ignore[misc]
     return q, math.exp(lp)
 
 
@@ -297,28 +309,60 @@ def _dp_costs(
 
 
 # ------------------------------------------------------------------------------------------------ the fit
-def _reference(
-    den: Denoiser, x_T: torch.Tensor, coord: _Coord, steps: int, check: bool
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Fine DPM-Solver++(3M) solve on a grid uniform in the coordinate (no lower-order final steps): the states at
-    every grid time (steps + 1, *x_T.shape) and an error estimate (difference to the half-resolution solve / 7)."""
+@dataclass
+class Reference:
+    """A high-accuracy solve from fitting noises (see :func:`reference_solve`); pass it to :func:`fit_grid` to share
+    one reference between the fits of a sweep (every solver, option set and budget of one model and t_end).
+
+    Attributes:
+        x_T: the starting noises; trajectory: the states at ``times`` (steps + 1, *x_T.shape), float64 by default.
+        times: the reference grid (uniform in log-SNR when finite, else in t); t_end: its last time.
+        error: estimated RMS error of the end states (Richardson: half-resolution difference / 7), NaN if unchecked.
+        nfe: net calls spent.
+    """
+
+    x_T: torch.Tensor
+    trajectory: torch.Tensor
+    times: torch.Tensor
+    t_end: float
+    error: float
+    nfe: int
+
+
+def reference_solve(
+    den: Denoiser,
+    x_T: torch.Tensor,
+    t_end: float | None = None,
+    steps: int = 240,
+    dtype: torch.dtype = torch.float64,
+    check: bool = True,
+) -> Reference:
+    r"""Fine DPM-Solver++(3M) solve (Lu et al. 2022b; no lower-order final steps) of the probability-flow ODE from
+    ``x_T`` at ``sde.T`` to ``t_end`` on ``steps`` steps uniform in log-SNR, in ``dtype``, keeping every state; with
+    ``check``, a half-resolution solve estimates its error (third order: :math:`e_h \approx (x_{2h} - x_h)/7`)."""
+    sde = den.sde
+    t_end = float(sde.eps if t_end is None else t_end)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2 or steps % 2:
+        raise ValueError(f"steps must be an even integer >= 2, got {steps!r}")
+    coord = _Coord(sde, float(sde.T), t_end)
+    nfe0 = den.nfe
     ref_stepper = make_stepper(den, "dpm_solver++", order=3, lower_order_final=False)
-    u = torch.linspace(0.0, 1.0, steps + 1, dtype=F64)
-    traj = solve(ref_stepper, x_T, coord.times(u), return_trajectory=True).trajectory
+    x = x_T.to(dtype)
+    times = coord.times(torch.linspace(0.0, 1.0, steps + 1, dtype=F64))
+    traj = solve(ref_stepper, x, times, return_trajectory=True).trajectory
     assert traj is not None
     est = math.nan
     if check:
-        half = solve(ref_stepper, x_T, coord.times(u[::2])).x
-        est = _rms(half, traj[-1]) / 7.0  # third order: e_h/2 ~ (e_h - e_h/2)/(2^3 - 1)
-    return traj, u, est
+        half = solve(ref_stepper, x, times[::2]).x
+        est = _rms(half, traj[-1]) / 7.0
+    return Reference(x_T, traj, times, t_end, est, den.nfe - nfe0)
 
 
 def _check_solver(stepper: Stepper, nfe: int) -> int:
     """Refuse what a fitted fixed grid cannot serve; return the number of grid steps for the budget."""
-    mode = getattr(stepper, "mode", "fixed")  # TODO(contract)
-    if mode != "fixed":
+    if not isinstance(stepper, Stepper) or stepper.integrator() is not None or stepper.tolerances is not None:
         raise ValueError(
-            f"solver {stepper.name!r} is not a fixed-grid solver (mode {mode!r}): optimize_grid fits the grid of a "
+            f"solver {stepper.name!r} is not a fixed-grid solver (it is adaptive or integrates whole spans): optimize_grid fits the grid of a "
             "fixed-grid deterministic solver (e.g. 'dpm_solver++', 'unipc', 'dpm_solver', 'heun', 'euler', 'ddim')"
         )
     if stepper.stochastic or stepper.noise_draws:
@@ -343,12 +387,14 @@ def fit_grid(
     t_end: float | None = None,
     *,
     dtype: torch.dtype = torch.float32,
-    reference_steps: int = 480,
+    reference: Reference | None = None,
+    reference_steps: int = 240,
     reference_dtype: torch.dtype = torch.float64,
     check_reference: bool = True,
     candidates: int = 48,
     dp_samples: int = 64,
     refine: bool = True,
+    validation: float = 0.25,
     sweeps: int = 3,
     golden_iters: int = 8,
     tol: float = 1e-3,
@@ -360,7 +406,8 @@ def fit_grid(
         den: the model.
         solver: a fixed-grid deterministic solver: a name in ``sdeflow.solvers.SOLVERS`` or a Stepper instance.
         nfe: the budget of net calls the grid is fitted for; the solver must spend exactly this many.
-        x_T: the fitting noises (batch, *data_shape); when None, ``n`` are drawn from the prior with ``generator``.
+        x_T: the fitting noises (batch, *data_shape); when None, ``n`` are drawn from the prior with ``generator``
+            (or taken from ``reference``).
         shape: the data shape of ONE sample (without the batch axis), needed when ``x_T`` is None.
         n: number of fitting noises drawn when ``x_T`` is None (a few hundred generalise; see the tests).
         method: ``"dp"`` (global: dynamic programming on the reference trajectories, then coordinate descent on
@@ -368,12 +415,15 @@ def fit_grid(
         generator: draws the fitting noises (default: a generator seeded with 0, so fits are reproducible).
         t_end: the final time (default ``sde.eps``).
         dtype: the dtype the solver runs in while fitting (the dtype you will sample in).
-        reference_steps: steps of the DPM-Solver++(3M) reference solve (rounded up to a multiple of
-            ``candidates``); reference_dtype: its dtype (float32 for a net that only takes float32).
-        check_reference: also solve at half resolution and report the reference's estimated error.
+        reference: a :func:`reference_solve` of this model to reuse (its noises are the fitting noises; its step
+            count must be a multiple of ``candidates``); when None, one is made with ``reference_steps`` (rounded
+            up to an even multiple of ``candidates``), ``reference_dtype`` (float32 for a net that only takes
+            float32) and ``check_reference`` (also solve at half resolution and report the reference's error).
         candidates: number of candidate intervals of the DP (``"dp"``).
         dp_samples: noises used for the DP's one-step costs (the refinement uses all of them).
         refine: run the coordinate descent on the true end error after the DP.
+        validation: the fraction of the noises kept out of the search: of the grids that improved the fitting
+            error, the one best on these is returned (early stopping against over-fitting a small noise set).
         sweeps, golden_iters, tol: coordinate-descent sweeps, golden-section evaluations per knot, and the
             relative improvement per sweep below which it stops.
         **solver_options: the solver's options (e.g. ``order=3``).
@@ -398,8 +448,20 @@ def fit_grid(
     for name, v in (("n", n), ("reference_steps", reference_steps), ("candidates", candidates)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if not (isinstance(validation, (int, float)) and 0.0 <= validation <= 0.5):
+        raise ValueError(f"validation must be a fraction in [0, 0.5], got {validation!r}")
     if candidates < steps:
         raise ValueError(f"candidates={candidates} must be >= the number of steps {steps}")
+    if reference is not None:
+        if x_T is not None and x_T is not reference.x_T:
+            raise ValueError("pass the fitting noises either as x_T or through reference, not both")
+        if abs(reference.t_end - t_end) > 1e-12:
+            raise ValueError(f"the reference ends at t_end={reference.t_end}, but t_end={t_end} was asked")
+        if (reference.times.numel() - 1) % candidates:
+            raise ValueError(
+                f"the reference's {reference.times.numel() - 1} steps are not a multiple of candidates={candidates}"
+            )
+        x_T = reference.x_T
     if x_T is None:
         if shape is None:
             raise ValueError("pass either x_T or shape (the data shape of one sample)")
@@ -428,15 +490,18 @@ def fit_grid(
         )
 
     # the reference: a fine solve whose grid holds the DP candidates
-    sub = -(-reference_steps // candidates)
-    ref_before = den.nfe
-    traj, u_fine, ref_err = _reference(den, x_T.to(reference_dtype), coord, sub * candidates, check_reference)
-    reference_nfe = den.nfe - ref_before
-    ref = traj[-1]
-    x_fit = x_T.to(dtype)
-    obj = _Objective(stepper, x_fit, ref, nfe, coord)
+    if reference is None:
+        sub = -(-reference_steps // (2 * candidates)) * 2
+        reference = reference_solve(den, x_T, t_end, sub * candidates, reference_dtype, check_reference)
+    sub = (reference.times.numel() - 1) // candidates
+    traj, ref = reference.trajectory, reference.trajectory[-1]
+    u_fine = coord.u_of(reference.times)
+    x_all = x_T.to(dtype)
+    n_val = int(round(validation * x_all.shape[0])) if x_all.shape[0] >= 8 else 0
+    n_fit = x_all.shape[0] - n_val
+    obj = _Objective(stepper, x_all[:n_fit], ref[:n_fit], nfe, coord)
 
-    default_error = obj.grid_error(default)
+    obj.grid_error(default)
     for kind in GRIDS:  # every built-in grid is a starting candidate
         if kind == stepper.default_grid:
             continue
@@ -459,9 +524,16 @@ def fit_grid(
                 assert obj.best_grid is not None
                 _coordinate_descent(obj, coord.u_of(obj.best_grid), sweeps, golden_iters, tol)
 
-    assert obj.best_grid is not None
-    best, err = obj.best_grid, obj.best_err
-    if not err <= default_error:  # cannot happen (the default was evaluated), kept as the contract's guard
+    # early stopping against over-fitting: of the grids that improved the fitting error, the one with the least
+    # error on the validation noises; then the contract on all fitting noises: never worse than the default grid
+    best = obj.snapshots[-1]
+    if n_val:
+        x_val, ref_val = x_all[n_fit:], ref[n_fit:]
+        val = [_solve_error(stepper, nfe, x_val, g, ref_val) for g in obj.snapshots]
+        best = obj.snapshots[min(range(len(val)), key=lambda i: (val[i], -i))]
+    err = _solve_error(stepper, nfe, x_all, best, ref)
+    default_error = _solve_error(stepper, nfe, x_all, default, ref)
+    if not err <= default_error:
         best, err = default, default_error
     opts = {k: v for k, v in stepper.opts.items()}
     return GridFit(
@@ -474,8 +546,8 @@ def fit_grid(
         nfe=nfe,
         method=method,
         n=int(x_T.shape[0]),
-        reference_nfe=reference_nfe,
-        reference_error=ref_err,
+        reference_nfe=reference.nfe,
+        reference_error=reference.error,
         fit_nfe=den.nfe - nfe0,
         evaluations=obj.evaluations,
         seconds=time.perf_counter() - t_start,
@@ -565,10 +637,14 @@ class GridCache:
             "options": _jsonable(opts),
             "nfe": nfe,
             "dtype": str(dtype),
-            "fit": _jsonable({k: v for k, v in sorted(fit_kwargs.items()) if k != "x_T"}),
+            "fit": _jsonable({k: v for k, v in sorted(fit_kwargs.items()) if k not in ("x_T", "reference")}),
         }
-        if "x_T" in fit_kwargs and fit_kwargs["x_T"] is not None:
-            payload["x_T"] = hashlib.sha256(fit_kwargs["x_T"].detach().cpu().to(F64).numpy().tobytes()).hexdigest()
+        x_T = fit_kwargs.get("x_T")
+        if fit_kwargs.get("reference") is not None:
+            x_T = fit_kwargs["reference"].x_T
+            payload["reference_steps"] = fit_kwargs["reference"].times.numel() - 1
+        if x_T is not None:
+            payload["x_T"] = hashlib.sha256(x_T.detach().cpu().to(F64).numpy().tobytes()).hexdigest()
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
     def get(
@@ -583,6 +659,8 @@ class GridCache:
     ) -> torch.Tensor:
         """The fitted grid for this model, solver (with options in ``fit_kwargs``) and budget; fits on a miss."""
         x_T = fit_kwargs.get("x_T")
+        if fit_kwargs.get("reference") is not None:
+            x_T = fit_kwargs["reference"].x_T
         if shape is None:
             if x_T is None:
                 raise ValueError("pass shape (the data shape of one sample) or x_T")
