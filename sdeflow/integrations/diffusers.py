@@ -260,6 +260,10 @@ def diffusers_grid(scheduler: Any, num_inference_steps: int, sde: GaussianSDE | 
     N = int(config.get("num_train_timesteps", 1000))
     sde = sde if sde is not None else diffusers_sde(config)
     scheduler.set_timesteps(num_inference_steps)
+    return _visited_times(scheduler, config, N, sde)
+
+
+def _visited_times(scheduler: Any, config: Mapping[str, Any], N: int, sde: GaussianSDE) -> torch.Tensor:
     times = _timestep_to_time(sde, torch.as_tensor(scheduler.timesteps), N)
     sigmas = getattr(scheduler, "sigmas", None)
     if isinstance(sde, FlowMatchingPath):
@@ -642,13 +646,12 @@ class DiffusersSolver(_WholeSpan):  # type: ignore[misc, valid-type]
         scaled = init != 1.0 and not self.flow
         xs = x * init if scaled else x
         traj = [x] if return_trajectory else None
-        times = [float(grid[0])]
+        times = _visited_times(sched, self.config, self.N, self.sde)
         for i, ts in enumerate(sched.timesteps):
             t = self._time(ts)
             inp = sched.scale_model_input(xs, ts)
             out = self._model_output(inp, t).to(xs.dtype)
             xs = sched.step(out, ts, xs).prev_sample
-            times.append(float(t))
             if traj is not None:
                 traj.append(xs)
             if callback is not None:
@@ -659,4 +662,4 @@ class DiffusersSolver(_WholeSpan):  # type: ignore[misc, valid-type]
         nfe = self.den.nfe - nfe0
         stats = {"nfe": nfe, "steps": len(sched.timesteps), "accepted": len(sched.timesteps), "rejected": 0}
         trajectory = torch.stack(traj) if traj is not None else None
-        return SampleResult(xs, nfe, torch.tensor(times, dtype=F64), trajectory, stats)
+        return SampleResult(xs, nfe, times, trajectory, stats)
