@@ -26,9 +26,12 @@ ODE evaluation, both :math:`f(x)` and :math:`\nabla\!\cdot f(x) = \mathrm{tr}\,J
   :math:`O(1/n^2)` instead of :math:`O(1/n)` when J is dominated by a few large singular values. The reported
   standard error is that of the residual term given Q (the low-rank part is exact given Q), which is what a user
   reading it needs: the spread of the estimate at this Q.
-* ``control=c``: a control variate for fields with a known linear part :math:`c\,x` (the probability-flow velocity
-  :math:`f(t)x - \tfrac12 g^2 s_\theta` has :math:`c = f(t)`): the probes estimate :math:`\mathrm{tr}(J - cI)` from
-  the same products (:math:`w^\top J - c\,w^\top`, no extra pass) and :math:`c\,d` is added exactly.
+* ``control=c``: a control variate :math:`c\,x` with known divergence :math:`c\,d`: the probes estimate
+  :math:`\mathrm{tr}(J - cI)` from the same products (:math:`w^\top J - c\,w^\top`, no extra pass) and :math:`c\,d`
+  is added exactly; unbiased for any c fixed before the probes are drawn. Gaussian probes then have variance
+  :math:`2\lVert J_s - cI\rVert_F^2`, smallest at :math:`c = \mathrm{tr}J/d`: in an ODE solve, the previous
+  evaluation's estimate / d. (The velocity's own linear part f(t) is a poor choice where the score's Jacobian
+  cancels it, as it does for well-fit models; Rademacher probes are exact on the diagonal and gain nothing.)
 """
 
 from __future__ import annotations
@@ -335,11 +338,9 @@ def divergence(
             on accelerators).
         chunk: vectors per vectorized pass (memory ~ chunk x the activations of one batch); default
             :func:`exact_chunk` for the exact method, all probes at once for the stochastic ones.
-        control: the coefficient c (a number or a per-sample (B,) tensor) of a known linear part :math:`c\,x` of f,
-            e.g. the drift :math:`f(t)x` of the probability-flow velocity: the stochastic methods then estimate
-            :math:`\mathrm{tr}(J - cI)` and add :math:`c\,d` exactly (a control variate with known trace; it removes
-            :math:`2c^2 d`-type terms from the variance of Gaussian probes and of Hutch++'s projected residual
-            probes; Rademacher probes are already exact on the diagonal). Ignored by ``"exact"``.
+        control: a number or a per-sample (B,) tensor c, fixed before the probes are drawn: the stochastic methods
+            estimate :math:`\mathrm{tr}(J - cI)` and add :math:`c\,d` exactly (module docstring; best near
+            :math:`\mathrm{tr}J/d`, e.g. the previous ODE evaluation's estimate / d). Ignored by ``"exact"``.
         create_graph: keep the outputs differentiable with respect to x and to what f closes over (second-order
             autograd, for training through a likelihood); otherwise both come back detached.
 
