@@ -459,8 +459,11 @@ def continuous_vlb(
         raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}), got {t_eps}")
     lam_eps = float(sde.log_snr(t_eps))
     lam_T = float(sde.log_snr(sde.T))
-    if not (math.isfinite(lam_eps) and lam_eps > lam_T):
-        raise ValueError(f"the log-SNR must be finite at t_eps and decrease to T; got {lam_eps} -> {lam_T}")
+    if not (math.isfinite(lam_eps) and math.isfinite(lam_T) and lam_eps > lam_T):
+        raise ValueError(
+            f"the bound needs a finite log-SNR decreasing from t_eps to T, got {lam_eps} -> {lam_T} (a zero-terminal-"
+            "SNR path has lambda(T) = -inf: the diffusion term's range is infinite)"
+        )
     if decoder == "discretized" and bool((x.abs() > 1.0 + 1e-6).any()):
         raise ValueError("x must lie in [-1, 1] for decoder='discretized'")
     dev, B, d = x.device, x.shape[0], x[0].numel()

@@ -306,5 +306,7 @@ def test_bad_inputs() -> None:
         continuous_vlb(den_c, x, t_eps=0.0)
     with pytest.raises(ValueError, match="shape"):
         continuous_vlb(den_c, torch.zeros(3))
+    with pytest.raises(ValueError, match="finite log-SNR"):
+        continuous_vlb(gmm.denoiser(sf.DiscreteVPSDE([0.1, 0.2, 1.0])), x)
     with pytest.raises(ValueError, match="N >= 2"):
         ddpm_vlb(gmm.denoiser(sf.DiscreteVPSDE([0.1])), x)
