@@ -139,10 +139,11 @@ def solve_adaptive(
     if t_end == t_start:
         raise ValueError(f"t_end must differ from t_start, got t_end={t_end}, t_start={t_start}")
     direction = -1.0 if t_end < t_start else 1.0
-    embedded = isinstance(stepper, EmbeddedStepper)
     # an embedded stepper may bring its paper's controller and error norm (e.g. adaptive_sde)
-    controller = controller or (stepper.controller if embedded else PIController())
-    norm = stepper.error_norm if isinstance(stepper, EmbeddedStepper) else error_norm
+    if isinstance(stepper, EmbeddedStepper):
+        controller, norm = controller or stepper.controller, stepper.error_norm
+    else:
+        controller, norm = controller or PIController(), error_norm
     draws = stepper.noise_draws
     if draws and noise is None:
         noise = IIDNoise(None)

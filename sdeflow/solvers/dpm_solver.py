@@ -170,7 +170,7 @@ class DPMSolver(ExponentialStepper, EmbeddedStepper):
         pts = [self.view.point(t) for t in grid.detach().to(device="cpu", dtype=torch.float64).unbind(0)]
         # the stage log-SNRs exactly as step() computes them (python floats), so the cached times are hits
         stage = [p0.lam + r * (p1.lam - p0.lam) for p0, p1, k in zip(pts[:-1], pts[1:], plan) for r in self._plan(k).r]
-        missing = [lam for lam in stage if not self.view.has_log_snr(lam)]
+        missing = [float(lam) for lam in stage if not self.view.has_log_snr(float(lam))]
         if missing:
             self.view.prefill_log_snr(torch.tensor(missing, dtype=torch.float64))
         return SinglestepState(0, plan)

@@ -83,20 +83,18 @@ RULES = ("taylor", "bh1", "bh2")
 
 
 # ------------------------------------------------------------------------------------------------ phi functions
-def _is_tensor(v: Any) -> bool:
-    return isinstance(v, torch.Tensor)
 
 
 def _exp(z: Num) -> Num:
-    return torch.exp(z) if _is_tensor(z) else math.exp(z)
+    return torch.exp(z) if isinstance(z, torch.Tensor) else math.exp(z)
 
 
 def _expm1(z: Num) -> Num:
-    return torch.expm1(z) if _is_tensor(z) else math.expm1(z)
+    return torch.expm1(z) if isinstance(z, torch.Tensor) else math.expm1(z)
 
 
 def _sqrt(z: Num) -> Num:
-    return torch.sqrt(z) if _is_tensor(z) else math.sqrt(z)
+    return torch.sqrt(z) if isinstance(z, torch.Tensor) else math.sqrt(z)
 
 
 _SERIES_TERMS = 18  # |z| < 1: the truncated tail is below 1/(k+19)! < 1e-17
@@ -131,7 +129,7 @@ def phi(k: int, z: Num) -> Num:
         raise ValueError(f"k must be >= 0, got {k}")
     if k == 0:
         return _exp(z)
-    if _is_tensor(z):
+    if isinstance(z, torch.Tensor):
         small = z.abs() < 1.0
         zs = torch.where(small, z, torch.zeros_like(z))
         zb = torch.where(small, torch.ones_like(z), z)
@@ -272,7 +270,7 @@ class LogSNRView:
     def at_log_snr(self, lam: Num, like: torch.Tensor) -> Point:
         """The point whose time has log-SNR ``lam`` (the time comes from ``sde.t_from_log_snr``; its log-SNR is
         recomputed from that time, so the integrator's h always matches the time the model sees)."""
-        if not _is_tensor(lam):
+        if not isinstance(lam, torch.Tensor):
             t = self._times.get(lam)
             if t is None:
                 if len(self._times) > self._MAX_CACHE:
@@ -313,9 +311,9 @@ def lincomb(terms: Iterable[tuple[Num, torch.Tensor]]) -> torch.Tensor:
     accumulated in v's dtype."""
     it = iter(terms)
     c, v = next(it)
-    out = v * (c if not _is_tensor(c) else append_dims(c.to(device=v.device, dtype=v.dtype), v.ndim))
+    out = v * (c if not isinstance(c, torch.Tensor) else append_dims(c.to(device=v.device, dtype=v.dtype), v.ndim))
     for c, v in it:
-        if _is_tensor(c):
+        if isinstance(c, torch.Tensor):
             out = out.addcmul_(v, append_dims(c.to(device=v.device, dtype=v.dtype), v.ndim))
         else:
             out = out.add_(v, alpha=c)
@@ -451,7 +449,7 @@ class ExponentialStepper(Stepper):
         """Float64 coefficients ``[c_x, c_out w_0, c_out w_1, ...]`` and the noise std of one update (memoized for
         scalar points: a fixed grid computes each step's coefficients once)."""
         key = None
-        if not _is_tensor(p0.lam) and not _is_tensor(p1.lam):
+        if not isinstance(p0.lam, torch.Tensor) and not isinstance(p1.lam, torch.Tensor):
             key = (self.form.name, rule, p0.lam, p1.lam, p0.la, p1.la) + tuple(q.lam for q in nodes)
             hit = self.view.coefficients.get(key)
             if hit is not None:

@@ -89,7 +89,7 @@ def _over_ranks(fn: Callable[..., tuple], group: Any, *args: torch.Tensor | None
         return a[rank * chunk : (rank + 1) * chunk]
 
     outs = fn(*(piece(a) for a in args))
-    gathered = []
+    gathered: list[torch.Tensor | None] = []
     for o in outs:
         if o is None:
             gathered.append(None)
@@ -161,15 +161,20 @@ def picard_solve(
         raise ValueError(f"grid must hold at least 2 times, got {grid.numel()}")
     ev = window_evaluator(stepper, x, grid, group)
     n_par = ev.parallel_steps
-    W = max(1, min(int(window), n_par))
+    if not isinstance(window, int):
+        raise ValueError(f"window must be an integer >= 1 or an AutoWindow, got {window!r}")
+    W = max(1, min(window, n_par))
     draws = stepper.noise_draws
     if draws and noise is None:
         noise = IIDNoise(None)
     g = grid.to(device=x.device, dtype=torch.float64)
     thr = (tol**2) * step_noise_variance(stepper.sde, g)  # (N,) float64: e_j <= thr_j passes
 
-    def draw(i: int) -> torch.Tensor | None:
-        return noise(i, grid[i], grid[i + 1], x, draws) if draws else None
+    source = noise
+
+    def draw(i: int) -> torch.Tensor:
+        assert source is not None  # a stochastic stepper (draws > 0) always has a noise source here
+        return source(i, grid[i], grid[i + 1], x, draws)
 
     rec = Recorder(den, f"parallel({stepper.name})", n, callback, return_trajectory, progress)
     rec.start(x)
@@ -213,7 +218,7 @@ def picard_solve(
         buf = new[stride - 1 :]
         if grow > 0:
             buf = torch.cat([buf, new[-1:].expand(grow, *new.shape[1:])])
-        if draws:
+        if zbuf is not None:
             fresh = [draw(i) for i in range(end, new_end)]
             zbuf = torch.cat([zbuf[stride:], torch.stack(fresh)]) if fresh else zbuf[stride:]
         sweeps = sweeps[stride:] + [0] * grow
@@ -222,7 +227,7 @@ def picard_solve(
             break
     # the steps left run one by one (auto fallback, Heun's last step): the noise already drawn is reused
     x_cur = buf[0] if parallel else x
-    drawn = list(zbuf.unbind(0)) if parallel and draws else []
+    drawn = list(zbuf.unbind(0)) if parallel and zbuf is not None else []
     seq_steps = n - begin
     for i in range(begin, n):
         z = (drawn.pop(0) if drawn else draw(i)) if draws else None
