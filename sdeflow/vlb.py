@@ -61,6 +61,7 @@ __all__ = [
     "ddpm_coefficients",
     "ddpm_step_terms",
     "learned_log_variance",
+    "interpolate_log_variance",
     "predict_with_variance",
     "discretized_gaussian_log_likelihood",
     "gaussian_kl",
@@ -176,6 +177,17 @@ def ddpm_coefficients(sde: DiscreteVPSDE) -> dict[str, torch.Tensor]:
     }
 
 
+def interpolate_log_variance(
+    v: torch.Tensor, log_beta: torch.Tensor | float, log_beta_tilde: torch.Tensor | float
+) -> torch.Tensor:
+    r""":math:`\tfrac{v+1}2\log\beta + \tfrac{1-v}2\log\tilde\beta` (Nichol & Dhariwal 2021, eq. 15, their code's
+    [-1, 1] parametrization), for any step: on a DDPM step :math:`\beta_t, \tilde\beta_t`; on a sampler step
+    :math:`t_0 \to t_1` of a respaced grid, the forward transition variance :math:`s_0^2 - (a_0 s_1/a_1)^2` and the
+    posterior variance (what ADM's respacing computes). ``log_beta`` and ``log_beta_tilde`` broadcast against v."""
+    frac = (v + 1) / 2
+    return frac * log_beta + (1 - frac) * log_beta_tilde
+
+
 def learned_log_variance(v: torch.Tensor, sde: DiscreteVPSDE, n: torch.Tensor) -> torch.Tensor:
     r"""The per-step log variance of :math:`p_\theta(x_{t-1}|x_t)` from a net's variance channels
     (Nichol & Dhariwal 2021, eq. 15, in their code's parametrization):
@@ -192,8 +204,7 @@ def learned_log_variance(v: torch.Tensor, sde: DiscreteVPSDE, n: torch.Tensor) -
     n = torch.as_tensor(n, device=v.device).long()
     min_log = append_dims(c["posterior_log_variance_clipped"].to(v.device)[n], v.ndim).to(v.dtype)
     max_log = append_dims(c["log_betas"].to(v.device)[n], v.ndim).to(v.dtype)
-    frac = (v + 1) / 2
-    return frac * max_log + (1 - frac) * min_log
+    return interpolate_log_variance(v, max_log, min_log)
 
 
 def _unwrap(out: Any) -> Any:

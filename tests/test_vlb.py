@@ -29,6 +29,7 @@ from sdeflow.vlb import (
     ddpm_vlb,
     discretized_gaussian_log_likelihood,
     gaussian_kl,
+    interpolate_log_variance,
     learned_log_variance,
 )
 
@@ -143,6 +144,23 @@ def test_ddpm_posterior_is_consistent_with_the_marginals() -> None:
     torch.testing.assert_close(c2**2 * (1 - ab) + c["posterior_variance"], 1 - abp)
     assert float(c["posterior_variance"][0]) == 0.0
     torch.testing.assert_close(c["posterior_log_variance_clipped"][0], c["posterior_variance"][1].log())
+
+
+def test_learned_log_variance_on_consecutive_steps_matches_the_path() -> None:
+    """For n >= 1 the tables equal the path's own step quantities between t_{n-1} = n/N and t_n = (n+1)/N: the
+    forward transition variance s_0^2 - (a_0 s_1/a_1)^2 (beta_t) and the posterior variance (beta-tilde_t)."""
+    sde = small_sde()
+    c = ddpm_coefficients(sde)
+    n = torch.arange(1, sde.N)
+    t0, t1 = (n + 1).to(F64) / sde.N, n.to(F64) / sde.N
+    a0, s0, a1, s1 = sde.alpha(t0), sde.sigma(t0), sde.alpha(t1), sde.sigma(t1)
+    beta = s0**2 - (a0 * s1 / a1) ** 2
+    beta_tilde = beta * s1**2 / s0**2
+    v = torch.linspace(-1, 1, sde.N - 1, dtype=F64)
+    torch.testing.assert_close(
+        learned_log_variance(v, sde, n), interpolate_log_variance(v, beta.log(), beta_tilde.log())
+    )
+    torch.testing.assert_close(c["log_betas"][1:], beta.log())
 
 
 def test_learned_log_variance_interpolates() -> None:
