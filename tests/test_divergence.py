@@ -83,6 +83,25 @@ def test_exact_create_graph_gradient() -> None:
         torch.testing.assert_close(g, 2 * torch.cos(x) - x * torch.sin(x))
 
 
+@given(
+    st.integers(1, 4),
+    st.sampled_from([(1,), (5,), (2, 3), (2, 2, 2)]),
+    st.integers(1, 9),
+    st.sampled_from(["reverse", "forward"]),
+    st.integers(0, 2**16),
+)
+def test_exact_equals_jacobian_trace_any_shape(B: int, shape: tuple, chunk: int, mode: str, seed: int) -> None:
+    """A smooth nonlinear field tanh(M x) + x^2 per sample, any data shape and chunk: equals the trace of the
+    per-sample Jacobian built column by column."""
+    d = math.prod(shape)
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(d, d, generator=g, dtype=F64)
+    f = lambda z: (torch.tanh(z.reshape(z.shape[0], d) @ M.T) + z.reshape(z.shape[0], d) ** 2).reshape(z.shape)
+    x = torch.randn(B, *shape, generator=g, dtype=F64)
+    ref = per_sample_jacobians(f, x).diagonal(dim1=1, dim2=2).sum(1)
+    torch.testing.assert_close(divergence(f, x, mode=mode, chunk=chunk).value, ref, rtol=1e-12, atol=1e-12)
+
+
 def test_exact_chunk_default_and_clip() -> None:
     x = torch.zeros(256, 64)
     assert exact_chunk(x) == 1 and exact_chunk(x, 1000) == 64 and exact_chunk(torch.zeros(2, 8)) == 8
