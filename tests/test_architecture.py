@@ -157,3 +157,17 @@ def test_no_private_names_imported_across_modules():
 @pytest.mark.parametrize("module", ["sdeflow", "sdeflow.solvers", "sdeflow.sampling", "sdeflow.parallel"])
 def test_public_modules_import(module):
     __import__(module)
+
+
+def test_import_sdeflow_stays_light():
+    """`import sdeflow` loads no optional or heavy dependency (the measured import time is in docs/architecture.md)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; before = set(sys.modules); import sdeflow; "
+        "print(' '.join(sorted({m.split('.')[0] for m in set(sys.modules) - before})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    heavy = {"scipy", "torchdiffeq", "torchsde", "tqdm", "matplotlib", "sklearn", "diffusers", "numpy"} & set(out)
+    assert not heavy, f"import sdeflow pulled in {sorted(heavy)}"
