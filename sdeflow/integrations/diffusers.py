@@ -643,8 +643,10 @@ class DiffusersSolver(_WholeSpan):  # type: ignore[misc, valid-type]
         nfe0 = self.den.nfe
         self._schedule(grid.numel() - 1)
         init = float(getattr(sched, "init_noise_sigma", 1.0))
-        scaled = init != 1.0 and not self.flow
-        xs = x * init if scaled else x
+        scaled = init != 1.0 and not self.flow and getattr(sched, "sigmas", None) is not None
+        # EDM-scaled state x / a = x sqrt(1 + sigma^2) (diffusers' own init_noise_sigma is sigma_max for trailing /
+        # linspace spacings, 2e-5 away from that at sigma_max = 157)
+        xs = x * math.sqrt(1.0 + float(sched.sigmas[0]) ** 2) if scaled else x
         traj = [x] if return_trajectory else None
         times = _visited_times(sched, self.config, self.N, self.sde)
         for i, ts in enumerate(sched.timesteps):
