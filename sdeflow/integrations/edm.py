@@ -23,7 +23,9 @@ __all__ = ["from_edm", "EDMNet"]
 
 class EDMNet:
     """``net(x, sigma, class_labels)`` as a sdeflow net ``(x, sigma, y=None, **kwargs)``; labels bound with
-    ``class_labels=`` go to every call (one-hot or integer, as the network expects)."""
+    ``class_labels=`` go to every call (one-hot or integer, as the network expects) as the third positional argument;
+    without labels the net is called ``net(x, sigma, **kwargs)`` (k-diffusion's ``Denoiser`` takes its conditioning
+    as keywords: pass them per call)."""
 
     def __init__(self, net: Callable[..., Any], class_labels: torch.Tensor | None = None) -> None:
         if not callable(net):
@@ -32,6 +34,8 @@ class EDMNet:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> Any:
         labels = y if y is not None else kwargs.pop("class_labels", self.class_labels)
+        if labels is None:  # unconditional: net(x, sigma) suits EDM's Precond and k-diffusion's Denoiser alike
+            return self.net(x, sigma, **kwargs)
         return self.net(x, sigma, labels, **kwargs)
 
 

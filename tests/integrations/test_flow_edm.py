@@ -223,7 +223,7 @@ def test_from_edm_heun_is_edm_algorithm_1():
     path = EDMPath(0.002, 80.0)
     seen = []
 
-    def D(x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+    def D(x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         seen.append(class_labels)
         return gmm.x0(x, sigma.to(F64), path)  # a = 1, s = sigma: the exact denoiser D(x; sigma)
 
