@@ -59,10 +59,10 @@ __all__ = [
 DIVERGENCE_METHODS = ("exact", "hutchinson", "hutch++")
 EXACT_MODES = ("auto", "reverse", "forward")
 PROBE_KINDS = ("rademacher", "gaussian")
-# basis vectors per vectorized pass: chunk * batch * d stays below this many elements by default. On CPU a plain loop
-# of single products (chunk 1 at batch 256) measured fastest: vmap's batched backward pays only while the cotangents
-# stay in cache; on accelerators vectorizing pays.
-_CHUNK_ELEMENTS_CPU = 1 << 12
+# basis vectors per vectorized pass: chunk * batch * d stays below this many elements by default. On CPU small chunks
+# measured fastest (benchmarks/likelihood.py, batch 256: chunk 4 at d = 64, 1 at d = 256): vmap's batched backward
+# pays only while the cotangents stay in cache; on accelerators vectorizing pays.
+_CHUNK_ELEMENTS_CPU = 1 << 16
 _CHUNK_ELEMENTS_ACCEL = 1 << 22
 # (device type, dtype, shape) -> "reverse" | "forward", filled by mode="auto" on accelerators
 _AUTOTUNE: dict[tuple[str, torch.dtype, tuple[int, ...]], str] = {}
@@ -99,7 +99,7 @@ class DivergenceResult:
 # ---------------------------------------------------------------------------------------------------- helpers
 def exact_chunk(x: torch.Tensor, chunk: int | None = None) -> int:
     """Basis vectors per vectorized pass for x of shape (B, *shape): ``chunk`` clipped to [1, d], or by default the
-    largest count keeping ``chunk * B * d`` under 2^12 elements on CPU and 2^22 on accelerators."""
+    largest count keeping ``chunk * B * d`` under 2^16 elements on CPU and 2^22 on accelerators."""
     d = x[0].numel()
     if chunk is not None:
         return max(1, min(int(chunk), d))

@@ -104,7 +104,8 @@ def test_exact_equals_jacobian_trace_any_shape(B: int, shape: tuple, chunk: int,
 
 def test_exact_chunk_default_and_clip() -> None:
     x = torch.zeros(256, 64)
-    assert exact_chunk(x) == 1 and exact_chunk(x, 1000) == 64 and exact_chunk(torch.zeros(2, 8)) == 8
+    assert exact_chunk(x) == 4 and exact_chunk(torch.zeros(256, 256)) == 1 and exact_chunk(x, 1000) == 64
+    assert exact_chunk(torch.zeros(2, 8)) == 8
 
 
 # ------------------------------------------------------------------------------------------------ stochastic
