@@ -16,8 +16,8 @@ with the posterior :math:`q(x_{t-1}|x_t,x_0) = N(c_1 x_0 + c_2 x_t, \tilde\beta_
 and :math:`L_0` the discretized Gaussian decoder of Ho et al. Sec. 3.3 for data in [-1, 1] with 256 levels
 (:func:`discretized_gaussian_log_likelihood`). As in their code (and improved DDPM's), the first step's variance is
 :math:`\tilde\beta_2` for both fixed choices (:math:`\tilde\beta_1 = 0`). :func:`ddpm_vlb` sums all N terms (one net
-call per step) or estimates it by Monte Carlo, :math:`L_N + L_0 + (N-1)\,E_{t\sim U\{2..N\}}[L_{t-1}]`, with its
-standard error.
+call per step) or estimates it by Monte Carlo, :math:`L_N + L_0 + E_{t\sim p}[L_{t-1}/p(t)]` over t in 2..N
+(uniform, or importance sampling by the closed-form weight of each term), with its standard error.
 
 **Continuous (Kingma et al. 2021, "Variational Diffusion Models", eq. 17; Song et al. 2021, "Maximum Likelihood
 Training of Score-Based Diffusion Models").** For any Gaussian path :math:`z_t = a_t x + s_t\varepsilon` with
@@ -68,11 +68,13 @@ __all__ = [
     "VARIANCES",
     "DECODERS",
     "T_SAMPLING",
+    "DDPM_T_SAMPLING",
 ]
 
 VARIANCES = ("fixed_small", "fixed_large", "learned")
 DECODERS = ("gaussian", "discretized")
 T_SAMPLING = ("logsnr", "t")
+DDPM_T_SAMPLING = ("importance", "uniform")
 _LN2 = math.log(2.0)
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -359,6 +361,7 @@ def ddpm_vlb(
     variance: str = "fixed_small",
     clip_x0: bool = False,
     levels: int = 256,
+    t_sampling: str = "importance",
     generator: torch.Generator | None = None,
 ) -> VLBResult:
     r"""The DDPM variational bound (Ho et al. 2020, eq. 5) in bits/dim for data in [-1, 1] (module docstring).
@@ -367,9 +370,15 @@ def ddpm_vlb(
         den: the model; ``den.sde`` must be a :class:`~sdeflow.sdes.DiscreteVPSDE` (N >= 2).
         x: (B, C, ...) data in [-1, 1] (k/127.5 - 1 for 8-bit images; the decoder's bins are 2/255 wide).
         n_t: None for the exact sum over all N steps (N net calls of batch B, one noise draw per term), or the number
-            of Monte-Carlo draws per sample (n_t net calls of batch 2B): each draw is :math:`L_0 + (N-1) L_{t-1}`
-            with t uniform on 2..N (the decoder term, a large share of the bound, in every draw rather than with
-            probability 1/N), and the standard error is the spread of the draws over :math:`\sqrt{n_t}`.
+            of Monte-Carlo draws per sample (n_t net calls of batch 2B): each draw is :math:`L_0 + L_{t-1}/p(t)` for
+            one t in 2..N drawn with probability p(t) (the decoder term, a large share of the bound, is in every
+            draw rather than with probability 1/N); the standard error is the spread of the draws over
+            :math:`\sqrt{n_t}`.
+        t_sampling: p(t) for the Monte Carlo: ``"uniform"`` on 2..N, or ``"importance"`` (default):
+            :math:`p(t) \propto w_t = c_1^2(1-\bar\alpha_t)/(\bar\alpha_t\,\tilde\beta_t)`, the weight that turns
+            :math:`\lVert\varepsilon - \hat\varepsilon\rVert^2` into the KL's mean term (Ho et al. eq. 12), so each
+            draw is about :math:`\sum_t w_t\,\lVert\varepsilon - \hat\varepsilon\rVert^2`: unbiased either way, with
+            far less variance where the terms at small t dominate.
         variance: ``"fixed_small"`` (:math:`\tilde\beta_t`), ``"fixed_large"`` (:math:`\beta_t`) or ``"learned"``
             (a 2C-channel net; Nichol & Dhariwal 2021).
         clip_x0: clamp :math:`\hat x_0` to [-1, 1] (ADM's ``clip_denoised``).
@@ -381,6 +390,7 @@ def ddpm_vlb(
     if not isinstance(den, Denoiser):
         raise ValueError(f"den must be a sdeflow.Denoiser, got {type(den).__name__}")
     check_choice("variance", variance, VARIANCES)
+    check_choice("t_sampling", t_sampling, DDPM_T_SAMPLING)
     _check_n_t(n_t, allow_none=True)
     if not (isinstance(levels, int) and levels >= 2):
         raise ValueError(f"levels must be an integer >= 2, got {levels!r}")
@@ -409,23 +419,30 @@ def ddpm_vlb(
         terms.update(reconstruction=steps[:, 0], diffusion=steps[:, 1:].sum(1), steps=steps)
         nats, se = prior + steps.sum(1), None
     else:
-        # each draw: L_0 (which alone is a large share of the bound) plus (N - 1) L_{t-1} for one t uniform on
-        # 2..N, both from ONE net call on the batch stacked twice
+        # each draw: L_0 (which alone is a large share of the bound) plus L_{t-1} / p(t) for one t in 2..N, both
+        # from ONE net call on the batch stacked twice
         recon_draws = torch.empty(n_t, B, dtype=torch.float64, device=dev)
         diff_draws = torch.empty(n_t, B, dtype=torch.float64, device=dev)
         gdev = generator.device if generator is not None else dev
         x2 = torch.cat([x, x])
+        if t_sampling == "uniform":
+            p = torch.full((N - 1,), 1.0 / (N - 1), dtype=torch.float64)
+        else:
+            ab = c["alphas_cumprod"][1:]
+            w = c["posterior_mean_coef1"][1:] ** 2 * (1 - ab) / ab / c["posterior_variance"][1:]
+            p = w / w.sum()
         for j in range(n_t):
-            n = torch.randint(1, N, (B,), generator=generator, device=gdev).to(dev)
+            k = torch.multinomial(p.to(gdev), B, replacement=True, generator=generator).to(dev)
+            n = k + 1
             idx = torch.cat([torch.zeros_like(n), n])
             noise = _normal(x2.shape, x.dtype, dev, generator)
             both = ddpm_step_terms(den, x2, idx, noise, variance, clip_x0, levels)
-            recon_draws[j], diff_draws[j] = both[:B], (N - 1) * both[B:]
+            recon_draws[j], diff_draws[j] = both[:B], both[B:] / p.to(dev)[k]
         draws = recon_draws + diff_draws
         terms.update(reconstruction=recon_draws.mean(0), diffusion=diff_draws.mean(0))
         nats = prior + draws.mean(0)
         se = draws.std(0) / math.sqrt(n_t) if n_t >= 2 else None
-    stats = dict(bound="ddpm", variance=variance, n_t=n_t, N=N, clip_x0=clip_x0, levels=levels)
+    stats = dict(bound="ddpm", variance=variance, n_t=n_t, N=N, clip_x0=clip_x0, levels=levels, t_sampling=t_sampling)
     return _summary(nats, se, d, terms, den.nfe - nfe0, stats)
 
 

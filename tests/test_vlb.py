@@ -189,11 +189,12 @@ def test_ddpm_exact_sum_matches_closed_form(variance: str) -> None:
     torch.testing.assert_close(res.bits_per_dim, res.nats / (2 * math.log(2)))
 
 
-def test_ddpm_monte_carlo_unbiased_with_honest_standard_error() -> None:
+@pytest.mark.parametrize("t_sampling", ["importance", "uniform"])
+def test_ddpm_monte_carlo_unbiased_with_honest_standard_error(t_sampling: str) -> None:
     sde = small_sde()
     den = gaussian_data().denoiser(sde)
     x0, idx = repeated_points(2000)
-    res = ddpm_vlb(den, x0, n_t=3, generator=torch.Generator().manual_seed(1))
+    res = ddpm_vlb(den, x0, n_t=3, t_sampling=t_sampling, generator=torch.Generator().manual_seed(1))
     ref = ddpm_closed_form(x0, sde, "fixed_small").sum(1) + ddpm_prior(x0, sde)
     within(res.nats, ref, idx)
     assert res.nfe == 3
@@ -316,6 +317,8 @@ def test_bad_inputs() -> None:
         ddpm_vlb(den_d, x, variance="wide")
     with pytest.raises(ValueError, match="n_t"):
         ddpm_vlb(den_d, x, n_t=0)
+    with pytest.raises(ValueError, match="t_sampling"):
+        ddpm_vlb(den_d, x, n_t=2, t_sampling="logsnr")
     with pytest.raises(ValueError, match="n_t"):
         continuous_vlb(den_c, x, n_t=None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="decoder"):
