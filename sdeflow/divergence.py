@@ -84,6 +84,10 @@ class DivergenceResult:
         method: ``"exact"``, ``"hutchinson"`` or ``"hutch++"``.
         mode: ``"reverse"`` or ``"forward"`` (exact), ``"reverse"`` (stochastic).
         chunk: vectors per vectorized pass.
+        per_probe: the stochastic methods' estimates one probe at a time, shape (m, B), whose mean is ``value``
+            (Hutch++: the low-rank part plus each of the m residual probes' terms). A likelihood ODE that keeps one
+            probe set per solve can integrate these per probe; the integrals are then i.i.d. over probes and their
+            spread gives the exact standard error of the log-likelihood. None for ``"exact"``.
     """
 
     value: torch.Tensor
@@ -94,6 +98,7 @@ class DivergenceResult:
     method: str
     mode: str
     chunk: int
+    per_probe: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -282,7 +287,7 @@ def _hutchinson(f, x, probes, chunk, create_graph, shift):
         v = _call(f, z)
         rows = _products(v, z, probes.to(v.dtype), chunk, create_graph, shift)
         est = _quadratic_forms(probes.to(v.dtype), rows, B)
-    return (v, *_spread(est))
+    return (v, *_spread(est), est)
 
 
 def _hutchpp(f, x, probes, chunk, create_graph, shift):
@@ -303,7 +308,7 @@ def _hutchpp(f, x, probes, chunk, create_graph, shift):
         forms = _quadratic_forms(vectors, rows, B)  # (k + m, B)
         low_rank = forms[:k].sum(dim=0)
         resid, var, se = _spread(forms[k:])
-    return v, low_rank + resid, var, se
+    return v, low_rank + resid, var, se, low_rank + forms[k:]
 
 
 # ---------------------------------------------------------------------------------------------------- entry point
@@ -388,13 +393,14 @@ def divergence(
         elif shift.ndim != 0:
             raise ValueError(f"control must be a number or a tensor of shape (batch,) = ({x.shape[0]},)")
     if method == "hutchinson":
-        v, div, var, se = _hutchinson(f, x, probes, c, create_graph, shift)
+        v, div, var, se, per_probe = _hutchinson(f, x, probes, c, create_graph, shift)
     else:
-        v, div, var, se = _hutchpp(f, x, probes, c, create_graph, shift)
+        v, div, var, se, per_probe = _hutchpp(f, x, probes, c, create_graph, shift)
     if shift is not None:
         div = div + d * shift.reshape(-1)
+        per_probe = per_probe + d * shift.reshape(1, -1)
     if not create_graph:
-        v, div = v.detach(), div.detach()
+        v, div, per_probe = v.detach(), div.detach(), per_probe.detach()
         var = var.detach() if var is not None else None
         se = se.detach() if se is not None else None
-    return DivergenceResult(div, v, se, var, n, method, "reverse", c)
+    return DivergenceResult(div, v, se, var, n, method, "reverse", c, per_probe)

@@ -145,8 +145,13 @@ def test_hutchinson_single_probe_reports_no_spread_and_fixed_probes() -> None:
     assert r1.std_error is None and r1.probe_variance is None
     z = hutchinson_probes("gaussian", 2, x, torch.Generator().manual_seed(1))
     r2 = divergence(f, x, "hutchinson", probes=z)
-    ref = torch.einsum("nbi,bij,nbj->nb", z, M, z).mean(0)
-    torch.testing.assert_close(r2.value, ref)
+    per = torch.einsum("nbi,bij,nbj->nb", z, M, z)
+    torch.testing.assert_close(r2.value, per.mean(0))
+    torch.testing.assert_close(r2.per_probe, per)
+    torch.testing.assert_close(r2.probe_variance, per.var(0))
+    r3 = divergence(f, x, "hutchinson", probes=z, control=2.0)
+    # the control variate: z^T (J - cI) z + c d = z^T J z - c (|z|^2 - d), same mean, other spread
+    torch.testing.assert_close(r3.per_probe, per - 2.0 * (z.pow(2).sum(2) - 5))
 
 
 def test_hutchpp_unbiased_and_beats_hutchinson_on_low_rank_dominated_matrix() -> None:
@@ -205,6 +210,8 @@ def test_hutchpp_exact_when_sketch_spans_space() -> None:
     x = torch.randn(3, 4, dtype=F64)
     res = divergence(f, x, "hutch++", n_probes=14, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(res.value, M.diagonal(dim1=1, dim2=2).sum(1))
+    assert res.per_probe.shape == (14 - 2 * 4, 3)
+    torch.testing.assert_close(res.per_probe.mean(0), res.value)
 
 
 def test_stochastic_create_graph() -> None:
