@@ -366,8 +366,8 @@ def sample_sharded(
         (the concatenated samples or transformed chunks -- a tensor when ``transform`` returns tensors -- on rank
         ``dst``, None on the others; the total NFE over all chunks of all ranks, on every rank).
     """
-    from .sampling import sample
     from .noise import PerSampleGenerator
+    from .sampling import sample
 
     if not (isinstance(n, int) and n >= 1):
         raise ValueError(f"n must be an integer >= 1, got {n!r}")

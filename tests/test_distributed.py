@@ -167,6 +167,7 @@ def _assert_close_states(a: dict, b: dict, atol: float = 1e-5) -> None:
             torch.testing.assert_close(a["optimizer"]["state"][k][name], v[name], rtol=1e-3, atol=1e-9)
 
 
+@pytest.mark.slow  # one torchrun launch of 2 processes running 5 commands: 18-28 s on 2 cores
 def test_torchrun_training_sampling_likelihood_match_one_process(tmp_path):
     from sdeflow.training import load_checkpoint
 
@@ -259,6 +260,7 @@ def _rank_pid(launcher: subprocess.Popen, rank: int, timeout: float = 60.0) -> i
     raise TimeoutError(f"no worker with RANK={rank}")
 
 
+@pytest.mark.slow  # a torchrun launch trained until one rank is killed: about 14 s on 2 cores
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc to find the rank's pid")
 def test_killed_rank_leaves_the_last_checkpoint_loadable(tmp_path):
     """SIGKILL one rank while rank 0 checkpoints every step: the run fails, and ckpt.pt (and ckpt.prev.pt) load
@@ -361,6 +363,9 @@ def _driver(commands: list[list[str]], report: str) -> int:
             Path(report).write_text(
                 json.dumps({"codes": codes, "world_size": ctx.world_size, "replica_check_caught": gathered})
             )
+        # leave together: a rank that destroys its gloo group while the other is still finishing the last
+        # collective aborted at exit ("terminate called without an active exception", about 1 launch in 4)
+        torch.distributed.barrier()
     return 0 if all(c == 0 for c in codes) else 1
 
 
