@@ -385,8 +385,8 @@ def hutchinson_cost(d: int, batch: int, draws: int, repeats: int, kinds=("gmm", 
             ("sdeflow hutchinson + control tr/d", "gaussian", 4),
             ("sdeflow hutch++ + control tr/d", "rademacher", 12),
         ]
-        # controls: the velocity's linear part f(t) (t = 0.5), and c = tr J / d (exact here; in an ODE solve the
-        # previous evaluation's estimate / d, which costs nothing)
+        # controls: the velocity's linear part f(t) (t = 0.5), and the oracle c = tr J / d (the best constant: how
+        # much an estimate of it from independent probes could gain at most)
         controls = {"f(t)": float(sf.VPSDE().f(0.5)), "tr/d": exact / d}
         base_cost = None
         for name, probe, n in configs:

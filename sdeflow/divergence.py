@@ -28,10 +28,12 @@ ODE evaluation, both :math:`f(x)` and :math:`\nabla\!\cdot f(x) = \mathrm{tr}\,J
   reading it needs: the spread of the estimate at this Q.
 * ``control=c``: a control variate :math:`c\,x` with known divergence :math:`c\,d`: the probes estimate
   :math:`\mathrm{tr}(J - cI)` from the same products (:math:`w^\top J - c\,w^\top`, no extra pass) and :math:`c\,d`
-  is added exactly; unbiased for any c fixed before the probes are drawn. Gaussian probes then have variance
-  :math:`2\lVert J_s - cI\rVert_F^2`, smallest at :math:`c = \mathrm{tr}J/d`: in an ODE solve, the previous
-  evaluation's estimate / d. (The velocity's own linear part f(t) is a poor choice where the score's Jacobian
-  cancels it, as it does for well-fit models; Rademacher probes are exact on the diagonal and gain nothing.)
+  is added exactly; unbiased for any c independent of the probes. Gaussian probes then have variance
+  :math:`2\lVert J_s - cI\rVert_F^2`, smallest at :math:`c = \mathrm{tr}J/d`. In an ODE solve that keeps one probe
+  set, c must not come from estimates made with those probes (the previous evaluation's estimate would bias the
+  result): use a deterministic c, an estimate from independent probes, or fresh probes per evaluation. (The
+  velocity's own linear part f(t) is a poor choice where the score's Jacobian cancels it, as it does for well-fit
+  models: see the benchmark; Rademacher probes are exact on the diagonal and gain nothing.)
 """
 
 from __future__ import annotations
@@ -343,9 +345,9 @@ def divergence(
             on accelerators).
         chunk: vectors per vectorized pass (memory ~ chunk x the activations of one batch); default
             :func:`exact_chunk` for the exact method, all probes at once for the stochastic ones.
-        control: a number or a per-sample (B,) tensor c, fixed before the probes are drawn: the stochastic methods
-            estimate :math:`\mathrm{tr}(J - cI)` and add :math:`c\,d` exactly (module docstring; best near
-            :math:`\mathrm{tr}J/d`, e.g. the previous ODE evaluation's estimate / d). Ignored by ``"exact"``.
+        control: a number or a per-sample (B,) tensor c, independent of the probes: the stochastic methods estimate
+            :math:`\mathrm{tr}(J - cI)` and add :math:`c\,d` exactly (module docstring; best near
+            :math:`\mathrm{tr}J/d`). Ignored by ``"exact"``.
         create_graph: keep the outputs differentiable with respect to x and to what f closes over (second-order
             autograd, for training through a likelihood); otherwise both come back detached.
 
