@@ -14,6 +14,8 @@ measure solver error with no model error at all.
 from __future__ import annotations
 
 import math
+import numbers
+from typing import Any
 
 import torch
 
@@ -22,6 +24,20 @@ from .denoiser import Denoiser
 from .sdes import GaussianSDE
 
 __all__ = ["GaussianMixture"]
+
+
+def _float64(name: str, value: Any) -> torch.Tensor:
+    """A real float64 tensor from ``value``, or TypeError naming the argument."""
+    if isinstance(value, (str, bytes)) or value is None:
+        raise TypeError(f"{name} must be a tensor or a (nested) sequence of real numbers, got {value!r}")
+    if isinstance(value, torch.Tensor) and (value.is_complex() or value.dtype == torch.bool):
+        raise TypeError(f"{name} must be a real tensor, got dtype {value.dtype}")
+    if isinstance(value, complex):
+        raise TypeError(f"{name} must be real, got {value!r}")
+    try:
+        return torch.as_tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{name} must be a tensor or a (nested) sequence of real numbers ({err})") from err
 
 
 class GaussianMixture:
@@ -41,11 +57,13 @@ class GaussianMixture:
         stds: torch.Tensor | float,
         weights: torch.Tensor | None = None,
     ) -> None:
-        means = torch.as_tensor(means, dtype=torch.float64)
-        if means.ndim != 2:
-            raise ValueError(f"means must have shape (K, d), got {tuple(means.shape)}")
+        means = _float64("means", means)
+        if means.ndim != 2 or means.shape[0] < 1 or means.shape[1] < 1:
+            raise ValueError(f"means must have shape (K, d) with K, d >= 1, got {tuple(means.shape)}")
+        if not bool(torch.isfinite(means).all()):
+            raise ValueError("means must be finite")
         K, d = means.shape
-        stds = torch.as_tensor(stds, dtype=torch.float64)
+        stds = _float64("stds", stds)
         if stds.ndim == 0:
             stds = stds.expand(K)
         if stds.shape == (K,):
@@ -56,11 +74,13 @@ class GaussianMixture:
             raise ValueError("stds must be positive and finite")
         if weights is None:
             weights = torch.full((K,), 1.0 / K, dtype=torch.float64)
-        weights = torch.as_tensor(weights, dtype=torch.float64)
+        weights = _float64("weights", weights)
         if weights.shape != (K,):
             raise ValueError(f"weights must have shape (K,) = ({K},), got {tuple(weights.shape)}")
+        if not bool(torch.isfinite(weights).all()):
+            raise ValueError(f"weights must be finite, got {weights.tolist()}")
         if bool((weights < 0).any()):
-            raise ValueError("weights must be non-negative")
+            raise ValueError(f"weights must be non-negative, got {weights.tolist()}")
         if abs(float(weights.sum()) - 1.0) > 1e-6:
             raise ValueError(f"weights must sum to 1, got sum {float(weights.sum())}")
         if not bool(torch.isfinite(means).all()):
@@ -77,8 +97,12 @@ class GaussianMixture:
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
         """n samples of shape (n, d)."""
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            raise TypeError(f"n must be an int, got {type(n).__name__} {n!r}")
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         gdev = generator.device if generator is not None else (device or "cpu")
         if n == 0:  # torch.multinomial rejects n = 0
             return torch.empty(0, self.d, dtype=dtype, device=device if device is not None else gdev)
@@ -88,7 +112,11 @@ class GaussianMixture:
         return x.to(dtype=dtype, device=device if device is not None else gdev)
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim < 2 or x[0].numel() != self.d:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():  # an integer x would cast the means and stds to integers
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if x.ndim < 2 or math.prod(x.shape[1:]) != self.d:
             raise ValueError(
                 f"x must have shape (batch, *data_shape) with {self.d} values per sample, got {tuple(x.shape)}"
             )
@@ -116,8 +144,15 @@ class GaussianMixture:
         return torch.logsumexp(logits, dim=1)
 
     def _as(self, x: torch.Tensor, t: TimeLike, sde: GaussianSDE):
-        t = as_time(t, x)
-        return self._flat(x), sde.alpha(t), sde.sigma(t)
+        xf = self._flat(x)
+        if not isinstance(sde, GaussianSDE):
+            raise TypeError(f"sde must be a GaussianSDE, got {type(sde).__name__}")
+        if isinstance(t, numbers.Real) and not isinstance(t, bool):
+            t = as_time(t, x)  # a python number: a float64 time on x's device
+        a, s = sde.alpha(t), sde.sigma(t)  # validates t (type, finite, in [0, T])
+        if a.ndim != 0 and a.shape != (xf.shape[0],):
+            raise ValueError(f"t must be a scalar or have shape (batch,) = ({xf.shape[0]},), got {tuple(a.shape)}")
+        return xf, a, s
 
     def marginal_log_prob(self, x: torch.Tensor, t: TimeLike, sde: GaussianSDE) -> torch.Tensor:
         """log p_t(x) of the diffused mixture under ``sde``, shape (batch,)."""
@@ -125,7 +160,11 @@ class GaussianMixture:
         logits, _, _ = self._components(xf, a, s)
         return torch.logsumexp(logits, dim=1)
 
-    def _eps_x0(self, x: torch.Tensor, t: TimeLike, sde: GaussianSDE) -> tuple[torch.Tensor, torch.Tensor]:
+    def _eps_x0(
+        self, x: torch.Tensor, t: TimeLike, sde: GaussianSDE
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(eps, x0, score) predictions; the score is -sum_k r_k (x - a mu_k)/v_k, finite at s = 0 where -eps/s is
+        0/0."""
         xf, a, s = self._as(x, t, sde)
         logits, diff, var = self._components(xf, a, s)
         # softmax written out (torch.softmax's thread pool costs ~ms per call on small CPU batches); the max is
@@ -135,15 +174,14 @@ class GaussianMixture:
         mu, sd, _ = self._params(xf)
         ab = a.to(dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
         sb = s.to(dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
-        eps = (r * sb * diff / var).sum(1)
-        x0 = (r * (mu[None] + ab * sd[None] ** 2 * diff / var)).sum(1)
-        return eps.reshape(x.shape), x0.reshape(x.shape)
+        rdv = r * diff / var
+        eps = (sb * rdv).sum(1)
+        x0 = (r * mu[None] + ab * sd[None] ** 2 * rdv).sum(1)
+        return eps.reshape(x.shape), x0.reshape(x.shape), -rdv.sum(1).reshape(x.shape)
 
     def score(self, x: torch.Tensor, t: TimeLike, sde: GaussianSDE) -> torch.Tensor:
         """Exact score grad_x log p_t(x), shape like x."""
-        eps, _ = self._eps_x0(x, t, sde)
-        s = append_dims(sde.sigma(as_time(t, x)).to(dtype=x.dtype, device=x.device), x.ndim)
-        return -eps / s
+        return self._eps_x0(x, t, sde)[2]
 
     def eps(self, x: torch.Tensor, t: TimeLike, sde: GaussianSDE) -> torch.Tensor:
         """Exact noise prediction E[eps | x_t = x] = -s(t) score."""

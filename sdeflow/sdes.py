@@ -21,6 +21,7 @@ times for accuracy; python numbers become float64) and is cast to the state's dt
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -28,6 +29,68 @@ import torch
 from ._utils import TimeLike, append_dims, as_time, check_choice, check_positive, check_time, log1mexp
 
 __all__ = ["GaussianSDE", "VPSDE", "SubVPSDE", "VESDE", "DiscreteVPSDE", "GaussianPath", "FlowMatchingPath", "EDMPath"]
+
+
+def _real(name: str, value: object) -> float:
+    """``value`` as a float: a real number (not a bool) or a one-element real tensor, else TypeError naming it."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real number, got a tensor of shape {tuple(value.shape)}, {value.dtype}")
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _finite_real(name: str, value: object) -> float:
+    v = _real(name, value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v}")
+    return v
+
+
+def _positive(name: str, value: object) -> float:
+    v = _real(name, value)
+    check_positive(name, v)
+    return v
+
+
+_MAX_SCALE = 1e100  # the largest beta / sigma accepted: their squares and products stay far inside float64
+
+
+_MIN_EPS = 1e-100  # the smallest eps accepted: below, s(eps)^2 ~ eps underflows to 0 in float64
+
+
+def _check_eps_T(eps: float, T: float) -> None:
+    if not eps >= _MIN_EPS:
+        raise ValueError(f"eps must be >= {_MIN_EPS:g}, got {eps}")
+    if not eps < T:
+        raise ValueError(f"eps must be < T = {T}, got eps={eps}")
+
+
+def _check_tensor(name: str, x: object) -> torch.Tensor:
+    """x must be a real floating-point tensor (an integer x would silently truncate the schedule's coefficients)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+def _check_batch_time(t: torch.Tensor, x: torch.Tensor, name: str = "x") -> None:
+    if t.ndim != 0 and (x.ndim == 0 or t.shape != (x.shape[0],)):
+        raise ValueError(
+            f"t must be a scalar or have shape (batch,) = ({x.shape[0] if x.ndim else 'none'},) for {name} of shape "
+            f"{tuple(x.shape)}, got {tuple(t.shape)}"
+        )
+
+
+def _sigmoid(x: float) -> float:
+    """1/(1 + e^-x) without overflow for any finite x."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
 
 
 def _softplus(x: torch.Tensor) -> torch.Tensor:
@@ -71,9 +134,16 @@ class GaussianSDE:
         return self._bisect_log_snr(lam)
 
     # ------------------------------------------------------------------ public, checked
-    def _t(self, t: TimeLike) -> torch.Tensor:
+    def _t(self, t: TimeLike, name: str = "t") -> torch.Tensor:
+        if isinstance(t, torch.Tensor):
+            if t.is_complex() or t.dtype == torch.bool:
+                raise TypeError(f"{name} must be a real tensor or number, got dtype {t.dtype}")
+        elif isinstance(t, bool) or not isinstance(t, numbers.Real):
+            raise TypeError(f"{name} must be a real number or tensor, got {type(t).__name__} {t!r}")
         t = as_time(t)
-        check_time(t, self.T)
+        check_time(t, self.T, name)
+        if t.device.type == "cpu" and t.numel():  # checked above: only check_time's few-ulp slack is clamped away
+            t = t.clamp(0.0, self.T)
         return t
 
     def log_alpha(self, t: TimeLike) -> torch.Tensor:
@@ -99,8 +169,27 @@ class GaussianSDE:
 
     def t_from_log_snr(self, lam: TimeLike) -> torch.Tensor:
         r"""The inverse of :meth:`log_snr`: the t in [0, T] with :math:`\lambda(t) = \mathrm{lam}`."""
+        if isinstance(lam, torch.Tensor):
+            if lam.is_complex() or lam.dtype == torch.bool:
+                raise TypeError(f"lam must be a real tensor or number, got dtype {lam.dtype}")
+        elif isinstance(lam, bool) or not isinstance(lam, numbers.Real):
+            raise TypeError(f"lam must be a real number or tensor, got {type(lam).__name__} {lam!r}")
         lam = as_time(lam)
+        if lam.device.type == "cpu" and bool(torch.isnan(lam).any()):  # +-inf are the ends of the path, NaN is not
+            raise ValueError(f"lam must not be NaN, got {lam}")
+        lam_T = self._log_snr_at_T()
+        if lam_T > -math.inf:  # below lambda(T) the answer is T: clamp first, the closed forms may overflow there
+            lam = lam.clamp(min=lam_T)
         return self._t_from_log_snr(lam).clamp(0.0, self.T)
+
+    def _log_snr_at_T(self) -> float:
+        """lambda(T) in float64, cached per T."""
+        cached = self.__dict__.get("_lam_T_cache")
+        if cached is None or cached[0] != self.T:
+            T = torch.tensor(self.T, dtype=torch.float64)
+            cached = (self.T, float(self._log_alpha(T) - self._log_sigma(T)))
+            self.__dict__["_lam_T_cache"] = cached
+        return cached[1]
 
     def edm_sigma(self, t: TimeLike) -> torch.Tensor:
         r"""The EDM noise level :math:`\sigma(t) = s(t)/a(t) = e^{-\lambda(t)}` (Karras et al. 2022)."""
@@ -143,22 +232,35 @@ class GaussianSDE:
 
     def marginal(self, x0: torch.Tensor, t: TimeLike, noise: torch.Tensor) -> torch.Tensor:
         """Sample of x_t given x_0: a(t) x0 + s(t) noise."""
+        _check_tensor("x0", x0)
+        _check_tensor("noise", noise)
         if noise.shape != x0.shape:
             raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
         t = self._t(t)
+        _check_batch_time(t, x0, "x0")
         return (
             self._coef(torch.exp(self._log_alpha(t)), x0) * x0 + self._coef(torch.exp(self._log_sigma(t)), x0) * noise
         )
 
     def reverse_drift(self, x: torch.Tensor, t: TimeLike, score: torch.Tensor) -> torch.Tensor:
         r"""Drift of the reverse-time SDE (Anderson 1982): :math:`f x - g^2 \nabla\log p_t`, to be integrated from T to 0."""
-        t = self._t(t)
+        t = self._drift_args(x, t, score)
         return self._coef(self._f(t), x) * x - self._coef(self._g2(t), x) * score
 
     def probability_flow_drift(self, x: torch.Tensor, t: TimeLike, score: torch.Tensor) -> torch.Tensor:
         r"""Velocity of the probability-flow ODE (Song et al. 2021, eq. 13): :math:`f x - \tfrac12 g^2 \nabla\log p_t`."""
-        t = self._t(t)
+        t = self._drift_args(x, t, score)
         return self._coef(self._f(t), x) * x - 0.5 * self._coef(self._g2(t), x) * score
+
+    def _drift_args(self, x: torch.Tensor, t: TimeLike, score: torch.Tensor) -> torch.Tensor:
+        """Shapes and dtypes only (no data-dependent check: a NaN score reaches the solvers' own NaN guard)."""
+        _check_tensor("x", x)
+        _check_tensor("score", score)
+        if score.shape != x.shape:
+            raise ValueError(f"score must have the shape of x {tuple(x.shape)}, got {tuple(score.shape)}")
+        tt = self._t(t)
+        _check_batch_time(tt, x)
+        return tt
 
     def prior_std(self) -> float:
         """s(T): the prior is N(0, s(T)^2 I)."""
@@ -172,6 +274,16 @@ class GaussianSDE:
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
         """Draw x_T ~ N(0, s(T)^2 I) of the given shape (batch, *data_shape)."""
+        dims = (shape,) if isinstance(shape, int) and not isinstance(shape, bool) else shape
+        if (
+            not isinstance(dims, (tuple, list, torch.Size))
+            or not all(isinstance(n, int) and not isinstance(n, bool) for n in dims)
+            or any(n < 0 for n in dims)
+        ):
+            raise ValueError(f"shape must be a tuple of non-negative ints (batch, *data_shape), got {shape!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        shape = tuple(dims)
         if device is None and generator is not None:
             device = generator.device
         z = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
@@ -179,11 +291,14 @@ class GaussianSDE:
 
     def prior_log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """log N(x; 0, s(T)^2 I), summed over all but the batch dimension: shape (batch,)."""
+        _check_tensor("x", x)
         if x.ndim < 1:
             raise ValueError("x must have a batch dimension")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x must be finite (it holds NaN or inf)")
         s = self.prior_std()
-        d = x[0].numel()
-        sq = x.reshape(x.shape[0], -1).pow(2).sum(dim=1)
+        d = math.prod(x.shape[1:])
+        sq = x.reshape(x.shape[0], d).pow(2).sum(dim=1)
         return -0.5 * sq / s**2 - 0.5 * d * math.log(2 * math.pi * s**2)
 
     # ------------------------------------------------------------------ helpers
@@ -271,9 +386,18 @@ class VPSDE(_VPBase):
         alpha_bar_min: float = 4.1e-5,
         eps: float = 1e-3,
     ) -> None:
+        if not isinstance(schedule, str):
+            raise TypeError(f"schedule must be a string ('linear', 'cosine' or 'sigmoid'), got {schedule!r}")
         check_choice("schedule", schedule, ["linear", "cosine", "sigmoid"])
         self.schedule = schedule
+        beta_min, beta_max = _real("beta_min", beta_min), _real("beta_max", beta_max)
+        eps = _real("eps", eps)
+        if T is not None:
+            T = _real("T", T)
         if schedule == "linear":
+            for name, b in (("beta_min", beta_min), ("beta_max", beta_max)):
+                if not 0 < b <= _MAX_SCALE:  # beyond, (beta_max - beta_min) log a overflows float64
+                    raise ValueError(f"{name} must lie in (0, {_MAX_SCALE:g}], got {b}")
             if not (beta_min > 0 and beta_max > 0):
                 raise ValueError(
                     f"beta_min and beta_max must be positive, got beta_min={beta_min}, beta_max={beta_max}"
@@ -282,19 +406,35 @@ class VPSDE(_VPBase):
                 raise ValueError(f"beta_min must be < beta_max, got beta_min={beta_min} >= beta_max={beta_max}")
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
         if schedule == "cosine":
-            check_positive("cosine_s", cosine_s)
+            cosine_s = _positive("cosine_s", cosine_s)
+            if cosine_s > 100:  # (t + s)/(1 + s) rounds to 1 for huge s: a and s lose every digit
+                raise ValueError(f"cosine_s must lie in (0, 100], got {cosine_s}")
             self.cosine_s = float(cosine_s)
             self._cos_log_c0 = math.log(math.cos(math.pi / 2 * cosine_s / (1 + cosine_s)))
             default_T = 0.9946
         elif schedule == "sigmoid":
+            sigmoid_start = _finite_real("sigmoid_start", sigmoid_start)
+            sigmoid_end = _finite_real("sigmoid_end", sigmoid_end)
+            sigmoid_tau = _positive("sigmoid_tau", sigmoid_tau)
+            alpha_bar_min = _real("alpha_bar_min", alpha_bar_min)
             if not sigmoid_start < sigmoid_end:
                 raise ValueError(f"sigmoid_start must be < sigmoid_end, got {sigmoid_start} >= {sigmoid_end}")
             check_positive("sigmoid_tau", sigmoid_tau)
-            if not 0 < alpha_bar_min < 1:
-                raise ValueError(f"alpha_bar_min must lie in (0, 1), got {alpha_bar_min}")
+            if not 1e-12 <= alpha_bar_min < 1:  # a smaller floor is lost when 1 - gamma rounds above 1 at t = T
+                raise ValueError(f"alpha_bar_min must lie in [1e-12, 1), got {alpha_bar_min}")
             self.sig_start, self.sig_end, self.sig_tau = float(sigmoid_start), float(sigmoid_end), float(sigmoid_tau)
-            self.sig_vs = 1 / (1 + math.exp(-sigmoid_start / sigmoid_tau))
-            self.sig_ve = 1 / (1 + math.exp(-sigmoid_end / sigmoid_tau))
+            u0, u1 = sigmoid_start / sigmoid_tau, sigmoid_end / sigmoid_tau
+            if not (u0 >= -500.0 and u1 <= 500.0):
+                raise ValueError(
+                    "sigmoid_start / sigmoid_tau and sigmoid_end / sigmoid_tau must lie in [-500, 500], got "
+                    f"{u0} and {u1}"
+                )
+            self.sig_vs, self.sig_ve = _sigmoid(u0), _sigmoid(u1)
+            if not self.sig_ve - self.sig_vs > 1e-12:
+                raise ValueError(
+                    f"sigmoid_start={sigmoid_start} and sigmoid_end={sigmoid_end} (tau={sigmoid_tau}) give a flat "
+                    "schedule: the sigmoid saturates at both ends; move them towards 0 or raise sigmoid_tau"
+                )
             self.delta = float(alpha_bar_min)
             default_T = 1.0
         else:
@@ -305,8 +445,7 @@ class VPSDE(_VPBase):
         if schedule == "cosine" and self.T >= 1.0:
             raise ValueError(f"T must be < 1 for the cosine schedule (beta(1) is infinite), got {self.T}")
         check_positive("eps", eps)
-        if not eps < self.T:
-            raise ValueError(f"eps must be < T={self.T}, got {eps}")
+        _check_eps_T(eps, self.T)
         self.eps = float(eps)
 
     # linear -------------------------------------------------------------------------------------------------
@@ -356,7 +495,8 @@ class VPSDE(_VPBase):
     def _t_from_log_alpha(self, la: torch.Tensor) -> torch.Tensor:
         # linear schedule: positive root of (b1-b0)/4 t^2 + b0/2 t + log a = 0, rationalized (no cancellation)
         b0, b1 = self.beta_min, self.beta_max
-        return -2 * la / (0.5 * b0 + torch.sqrt(0.25 * b0**2 - (b1 - b0) * la))
+        t = -2 * la / (0.5 * b0 + torch.sqrt(0.25 * b0**2 - (b1 - b0) * la))
+        return torch.where(torch.isneginf(la), math.inf, t)  # log a = -inf: beyond every finite time
 
     def _t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
         if self.schedule == "linear":
@@ -371,9 +511,11 @@ class VPSDE(_VPBase):
             theta = torch.atan2(torch.sqrt(sin0_sq + c0**2 * s2), c0 * a)
             return theta * 2 * (1 + s) / math.pi - s
         # sigmoid: 1 - gamma = (1 - abar)/(1 - delta), sig(u) = v_s + (1 - gamma)(v_e - v_s)
-        one_minus_gamma = torch.sigmoid(-2 * lam) / (1 - self.delta)
-        su = self.sig_vs + one_minus_gamma * (self.sig_ve - self.sig_vs)
-        u = torch.log(su) - torch.log1p(-su)
+        one_minus_gamma = (torch.sigmoid(-2 * lam) / (1 - self.delta)).clamp(0.0, 1.0)
+        span = self.sig_ve - self.sig_vs
+        su = self.sig_vs + one_minus_gamma * span
+        # 1 - sig(u) = sig(-end/tau) + gamma (v_e - v_s): no cancellation when v_e rounds to 1
+        u = torch.log(su) - torch.log(_sigmoid(-self.sig_end / self.sig_tau) + (1 - one_minus_gamma) * span)
         return (u * self.sig_tau - self.sig_start) / (self.sig_end - self.sig_start)
 
     def __repr__(self) -> str:
@@ -393,7 +535,7 @@ class SubVPSDE(GaussianSDE):
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, *, eps: float = 1e-3) -> None:
         self._vp = VPSDE(beta_min, beta_max, "linear", eps=eps)
         self.beta_min, self.beta_max = self._vp.beta_min, self._vp.beta_max
-        self.T, self.eps = 1.0, float(eps)
+        self.T, self.eps = 1.0, self._vp.eps
 
     def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
         return self._vp._log_alpha(t)
@@ -408,7 +550,11 @@ class SubVPSDE(GaussianSDE):
         return -2 * self._f(t) * -torch.expm1(4 * self._log_alpha(t))
 
     def _t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
-        return self._vp._t_from_log_alpha(-torch.asinh(0.5 * torch.exp(-lam)))
+        # asinh(e^y / 2) = y + log((1 + sqrt(1 + 4 e^{-2y})) / 2) for y = -lam > 0: no overflow of e^y
+        y = -lam
+        big = y + torch.log1p(torch.sqrt(1 + 4 * torch.exp(-2 * y.clamp(min=0)))) - math.log(2.0)
+        small = torch.asinh(0.5 * torch.exp(y.clamp(max=0)))
+        return self._vp._t_from_log_alpha(-torch.where(y > 0, big, small))
 
     def __repr__(self) -> str:
         return f"SubVPSDE(beta_min={self.beta_min}, beta_max={self.beta_max})"
@@ -423,13 +569,15 @@ class VESDE(GaussianSDE):
     """
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, *, eps: float = 1e-5) -> None:
-        check_positive("sigma_min", sigma_min)
-        check_positive("sigma_max", sigma_max)
+        sigma_min, sigma_max = _positive("sigma_min", sigma_min), _positive("sigma_max", sigma_max)
         if not sigma_min < sigma_max:
             raise ValueError(f"sigma_min must be < sigma_max, got sigma_min={sigma_min} >= sigma_max={sigma_max}")
-        check_positive("eps", eps)
+        if sigma_max > _MAX_SCALE:  # g^2 = 2 log(ratio) s^2 and the prior's s^2 must stay finite
+            raise ValueError(f"sigma_max must be <= {_MAX_SCALE:g}, got {sigma_max}")
+        eps = _positive("eps", eps)
+        _check_eps_T(eps, 1.0)
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
-        self._log_ratio = math.log(sigma_max / sigma_min)
+        self._log_ratio = math.log(sigma_max) - math.log(sigma_min)  # the ratio itself can overflow
         self.T, self.eps = 1.0, float(eps)
 
     def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
@@ -451,6 +599,13 @@ class VESDE(GaussianSDE):
         return f"VESDE(sigma_min={self.sigma_min}, sigma_max={self.sigma_max})"
 
 
+def _check_n(n: object) -> None:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"n must be an int, got {type(n).__name__} {n!r}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+
+
 class DiscreteVPSDE(_VPBase):
     r"""A DDPM schedule of N steps as a continuous VP path, in the DPM-Solver convention (Lu et al. 2022, App. D).
 
@@ -462,11 +617,25 @@ class DiscreteVPSDE(_VPBase):
     """
 
     def __init__(self, betas: torch.Tensor | list[float]) -> None:
-        betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
+        if isinstance(betas, (str, bytes)) or betas is None:
+            raise TypeError(f"betas must be a 1-D sequence or tensor of numbers in (0, 1), got {betas!r}")
+        if isinstance(betas, torch.Tensor) and (betas.is_complex() or betas.dtype == torch.bool):
+            raise TypeError(f"betas must be a real tensor, got dtype {betas.dtype}")
+        try:
+            betas = torch.as_tensor(betas, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"betas must be a 1-D sequence or tensor of numbers in (0, 1) ({err})") from err
+        if betas.ndim > 1:
+            raise ValueError(f"betas must be 1-D, got shape {tuple(betas.shape)}")
+        betas = betas.flatten()
         if betas.numel() < 1:
             raise ValueError("betas must hold at least one value")
-        if not (bool(((betas[:-1] > 0) & (betas[:-1] < 1)).all()) and 0 < float(betas[-1]) <= 1):
-            raise ValueError("betas must lie in (0, 1) (the last one in (0, 1]: 1 is a zero-terminal-SNR schedule)")
+        lo = _MIN_EPS  # smaller betas vanish from the cumulative log(1 - beta) and leave s(t) = 0
+        if not (bool(((betas[:-1] >= lo) & (betas[:-1] < 1)).all()) and lo <= float(betas[-1]) <= 1):
+            raise ValueError(
+                f"betas must lie in [{lo:g}, 1) (the last one in [{lo:g}, 1]: 1 is a zero-terminal-SNR schedule), "
+                f"got values in [{float(betas.min())}, {float(betas.max())}]"
+            )
         #: the last beta is 1: a(T) = 0, log-SNR(T) = -inf (Lin et al. 2024, "Common Diffusion Noise Schedules and
         #: Sample Steps are Flawed"); on the last segment a = 0, f = -inf, g^2 = inf, never NaN
         self.zero_terminal_snr = float(betas[-1]) == 1.0
@@ -480,15 +649,19 @@ class DiscreteVPSDE(_VPBase):
     @classmethod
     def linear(cls, n: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> DiscreteVPSDE:
         """DDPM's linear betas (Ho et al. 2020): beta_i = linspace(beta_start, beta_end, n)."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        _check_n(n)
+        for name, b in (("beta_start", beta_start), ("beta_end", beta_end)):
+            if not 0 < _real(name, b) < 1:
+                raise ValueError(f"{name} must lie in (0, 1), got {b}")
         return cls(torch.linspace(beta_start, beta_end, n, dtype=torch.float64))
 
     @classmethod
     def cosine(cls, n: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> DiscreteVPSDE:
         """Improved-DDPM cosine betas (Nichol & Dhariwal 2021, eq. 17), beta clipped at ``max_beta`` = 0.999."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        _check_n(n)
+        s = _positive("s", s)
+        if not _MIN_EPS <= _real("max_beta", max_beta) <= 1:
+            raise ValueError(f"max_beta must lie in [{_MIN_EPS:g}, 1], got {max_beta}")
         i = torch.arange(n + 1, dtype=torch.float64)
         abar = torch.cos((i / n + s) / (1 + s) * math.pi / 2) ** 2
         betas = (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
@@ -556,12 +729,40 @@ class GaussianPath(GaussianSDE):
         T: float = 1.0,
         eps: float = 1e-3,
     ) -> None:
-        check_positive("T", T)
-        check_positive("eps", eps)
-        if not eps < T:
-            raise ValueError(f"eps must be < T, got eps={eps}, T={T}")
+        T, eps = _positive("T", T), _positive("eps", eps)
+        _check_eps_T(eps, T)
+        for name, fn in (("log_alpha", log_alpha), ("log_sigma", log_sigma)):
+            if not callable(fn):
+                raise TypeError(f"{name} must be a callable tensor -> tensor, got {type(fn).__name__}")
         self._la_fn, self._ls_fn = log_alpha, log_sigma
         self.T, self.eps = float(T), float(eps)
+        self._check_path()
+
+    def _check_path(self, n: int = 33) -> None:
+        """Probe the user's functions on [eps, T] (float64): tensors of t's shape, finite, a strictly decreasing
+        log-SNR and g^2 >= 0; otherwise ValueError naming log_alpha / log_sigma."""
+        t = torch.linspace(self.eps, self.T, n, dtype=torch.float64)
+        vals = {}
+        for name, fn in (("log_alpha", self._la_fn), ("log_sigma", self._ls_fn)):
+            try:
+                v = fn(t)
+            except Exception as err:
+                raise ValueError(f"{name} failed on a float64 tensor of times in [eps, T]: {err!r}") from err
+            if not isinstance(v, torch.Tensor) or v.shape != t.shape:
+                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"{name}(t) must return a tensor of t's shape {tuple(t.shape)}, got {got}")
+            if not bool(torch.isfinite(v).all()):
+                raise ValueError(f"{name}(t) must be finite on [eps, T] = [{self.eps}, {self.T}]")
+            vals[name] = v
+        lam = vals["log_alpha"] - vals["log_sigma"]
+        if not bool((lam[1:] < lam[:-1]).all()):
+            raise ValueError(
+                "log_alpha(t) - log_sigma(t) (the log-SNR) must be strictly decreasing on [eps, T] = "
+                f"[{self.eps}, {self.T}]"
+            )
+        g2 = self._g2(t[:-1])
+        if not bool(torch.isfinite(g2).all()) or bool((g2 < 0).any()):
+            raise ValueError("log_alpha and log_sigma must give a finite g(t)^2 >= 0 on [eps, T)")
 
     def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
         return self._la_fn(t)
@@ -577,6 +778,8 @@ class GaussianPath(GaussianSDE):
         return self._deriv(self._la_fn, t)
 
     def _dsigma2(self, t: torch.Tensor) -> torch.Tensor:
+        # d s^2/dt = 2 s^2 d(log s)/dt is 0 * inf at s(0) = 0: take the limit from the right (t >= 1e-12 T)
+        t = t.clamp(min=1e-12 * self.T)
         return 2 * torch.exp(2 * self._ls_fn(t)) * self._deriv(self._ls_fn, t)
 
 
@@ -597,10 +800,8 @@ class FlowMatchingPath(GaussianSDE):
     """
 
     def __init__(self, shift: float = 1.0, *, eps: float = 1e-3) -> None:
-        check_positive("shift", shift)
-        check_positive("eps", eps)
-        if not eps < 1.0:
-            raise ValueError(f"eps must be < T = 1, got {eps}")
+        shift, eps = _positive("shift", shift), _positive("eps", eps)
+        _check_eps_T(eps, 1.0)
         self.shift = float(shift)
         self.T, self.eps = 1.0, float(eps)
 
@@ -649,10 +850,11 @@ class EDMPath(GaussianSDE):
     """
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0) -> None:
-        check_positive("sigma_min", sigma_min)
-        check_positive("sigma_max", sigma_max)
+        sigma_min, sigma_max = _positive("sigma_min", sigma_min), _positive("sigma_max", sigma_max)
         if not sigma_min < sigma_max:
             raise ValueError(f"sigma_min must be < sigma_max, got sigma_min={sigma_min} >= sigma_max={sigma_max}")
+        if sigma_max > _MAX_SCALE:  # the prior's variance sigma_max^2 must stay finite
+            raise ValueError(f"sigma_max must be <= {_MAX_SCALE:g}, got {sigma_max}")
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self.T, self.eps = self.sigma_max, self.sigma_min
 
