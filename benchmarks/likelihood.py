@@ -382,12 +382,12 @@ def hutchinson_cost(d: int, batch: int, draws: int, repeats: int, kinds=("gmm", 
         configs += [
             ("sdeflow hutchinson + control f(t)", "gaussian", 4),
             ("sdeflow hutch++ + control f(t)", "rademacher", 12),
-            ("sdeflow hutchinson + control tr/d", "gaussian", 4),
-            ("sdeflow hutch++ + control tr/d", "rademacher", 12),
+            ("sdeflow hutchinson + control tr/d (oracle)", "gaussian", 4),
+            ("sdeflow hutch++ + control tr/d (oracle)", "rademacher", 12),
         ]
         # controls: the velocity's linear part f(t) (t = 0.5), and the oracle c = tr J / d (the best constant: how
         # much an estimate of it from independent probes could gain at most)
-        controls = {"f(t)": float(sf.VPSDE().f(0.5)), "tr/d": exact / d}
+        controls = {"f(t)": float(sf.VPSDE().f(0.5)), "tr/d (oracle)": exact / d}
         base_cost = None
         for name, probe, n in configs:
             g = torch.Generator().manual_seed(0)
