@@ -46,7 +46,7 @@ def test_parse_solver():
 
 def test_budget_driven_follows_declarations(oracle):
     den, _ = oracle
-    from sdeflow.integrate import make_stepper
+    from sdeflow.sampling import make_stepper
 
     assert sweep.budget_driven(make_stepper(den, "euler"))
     assert sweep.budget_driven(make_stepper(den, "heun"))  # 2 NFE per step: still budget-driven

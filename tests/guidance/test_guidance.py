@@ -28,8 +28,9 @@ from sdeflow.guidance import (
     slerp,
     train_classifier,
 )
-from sdeflow.integrate import make_stepper
+from sdeflow.sampling import make_stepper
 from sdeflow.solvers import SOLVERS
+from sdeflow.solvers.control import Tolerances
 from sdeflow.solvers.ddim import DDIM
 
 F64 = torch.float64
@@ -309,8 +310,11 @@ class _StepDoublingDDIM(DDIM):
     """DDIM made adaptive by the driver's step doubling (tests solve_adaptive forward in time without rk45)."""
 
     name = "ddim_adaptive"
-    mode = "adaptive"
     options = {"eta": 0.0, "rtol": 1e-3, "atol": 1e-3, "h0": None}
+
+    @property
+    def tolerances(self) -> Tolerances:  # declaring tolerances makes the sampling layer run the adaptive driver
+        return Tolerances(float(self.opts["rtol"]), float(self.opts["atol"]), self.opts["h0"])
 
 
 def test_adaptive_encode_forward_in_time():
