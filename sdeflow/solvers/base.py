@@ -33,13 +33,15 @@ unknown names and bad values raise a ValueError naming the option and the allowe
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from .._utils import append_dims
-from ..denoiser import Denoiser, Prediction
+from ..denoiser import Denoiser, Prediction, convert
+from .state import GridCache
 
 if TYPE_CHECKING:
     from ..noise import NoiseSource
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CAPABILITIES",
     "EmbeddedStepper",
+    "GridCache",
     "Integrator",
     "MultistepStepper",
     "SingleStepper",
@@ -57,6 +60,7 @@ __all__ = [
     "SolverError",
     "StepResult",
     "Stepper",
+    "prediction_affine",
     "probability_flow_velocity",
     "reverse_sde_drift",
 ]
@@ -74,13 +78,46 @@ class StepResult:
         x: the state at t1.
         error: the embedded local-error estimate (same shape as x) of :meth:`EmbeddedStepper.step_with_error`, else None.
         state: the stepper's carried state (multistep history, per-grid plan), or None.
-        x0: the data prediction made during the step (the callback payload's ``x0``), or None.
+        x0: the data prediction made during the step (the callback payload's ``x0``), or None. A fast grid step may
+            give a zero-argument function instead, evaluated only when someone reads it (:meth:`data_prediction`).
     """
 
     x: torch.Tensor
     error: torch.Tensor | None = None
     state: Any = None
-    x0: torch.Tensor | None = None
+    x0: torch.Tensor | Callable[[], torch.Tensor] | None = None
+
+    def data_prediction(self) -> torch.Tensor | None:
+        """The step's x0 prediction (evaluating a deferred one)."""
+        return self.x0() if callable(self.x0) else self.x0
+
+
+def prediction_affine(
+    den: Denoiser, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    r"""Float64 (p, q, r, u) with :math:`\hat x_0 = p\,x + q\,\mathrm{out}` and :math:`\hatarepsilon = r\,x +
+    u\,\mathrm{out}` at the times t (any shape), where out is the net's raw output: every prediction type of the
+    conversion table is linear in (x, out), so the coefficients are the conversions of unit inputs. None for a
+    Denoiser subclass that overrides ``predict`` or ``coefficients`` (it is then always called through predict).
+
+    This lets a fixed-grid step combine x and the raw output with per-step constants computed once per grid."""
+    cls = type(den)
+    if cls.predict is not Denoiser.predict or cls.coefficients is not Denoiser.coefficients:
+        return None
+    t = t.to(torch.float64)
+    sde = den.sde
+    a, s = sde.alpha(t), sde.sigma(t)
+    kw: dict[str, torch.Tensor] = {}
+    if den.prediction == "flow":
+        kw = {"da": sde.d_alpha(t), "ds": sde.d_sigma(t)}
+    one, zero = torch.ones_like(a), torch.zeros_like(a)
+    src = den.prediction
+    p, q = convert(zero, one, a, s, src, "x0", **kw), convert(one, zero, a, s, src, "x0", **kw)
+    r, u = convert(zero, one, a, s, src, "eps", **kw), convert(one, zero, a, s, src, "eps", **kw)
+    out = (p, q, r, u)
+    if not all(bool(torch.isfinite(v).all()) for v in out):
+        return None  # e.g. s = 0 at a grid end: the general path raises its own clear error there
+    return out
 
 
 # capability name -> what the SDE must provide
@@ -261,9 +298,10 @@ class SingleStepper(Stepper):
     def window_evaluator(self, x: torch.Tensor, grid: torch.Tensor, over_ranks: Any = None) -> WindowEvaluator:
         from .window import StepEvaluator
 
-        if self.init(x, grid) is not None:  # a per-grid plan (e.g. DPM-Solver's NFE split) is not batched
+        state = self.init(x, grid)
+        if state is not None and not isinstance(state, GridCache):  # a per-grid plan (DPM-Solver's NFE split)
             return super().window_evaluator(x, grid, over_ranks)
-        return StepEvaluator(self, grid, over_ranks)
+        return StepEvaluator(self, grid, over_ranks, state)  # batched steps run without a GridCache (single_step)
 
 
 class EmbeddedStepper(SingleStepper):

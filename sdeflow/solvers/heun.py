@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from .base import SingleStepper, StepResult
+from .base import SingleStepper, StepResult, prediction_affine
+from .state import GridCache
 from .window import HeunEvaluator, OverRanks, WindowEvaluator
 
 
@@ -65,9 +66,28 @@ class Heun(SingleStepper):
             raise ValueError(f"nfe={nfe} is too small for solver {self.name!r}: it needs at least 1")
         return (int(nfe) + 1) // 2
 
-    def init(self, x: torch.Tensor, grid: torch.Tensor) -> dict:
-        """The step counter (the last step is Euler) and the step count N (churn's gamma = S_churn / N)."""
-        return {"i": 0, "n": grid.numel() - 1}
+    def init(self, x: torch.Tensor, grid: torch.Tensor) -> GridCache:
+        r"""Every step's constants once per grid (N = their count: the last step is Euler, churn's gamma = S_churn/N).
+
+        With :math:`\hat\varepsilon = r x + u\,\mathrm{out}` and :math:`\hat x_0 = p x + q\,\mathrm{out}`
+        (:func:`~sdeflow.solvers.base.prediction_affine`) the deterministic step is
+        :math:`x' = \tfrac{a_1}{a_0} x + a_1\Delta\sigma\,\hat\varepsilon_0`,
+        :math:`x_1 = x' + \tfrac12 a_1\Delta\sigma\,(\hat\varepsilon_1 - \hat\varepsilon_0)`. Rows hold
+        (a1/a0, a1 dsigma, r0, u0, r1, u1, p0, q0, p1, q1), or are empty where the table's conversion does not apply
+        (then every step takes the general path)."""
+        g = grid.detach().to(device="cpu", dtype=torch.float64)
+        n = g.numel() - 1
+        aff0, aff1 = prediction_affine(self.den, g[:-1]), prediction_affine(self.den, g[1:])
+        if self.stochastic or aff0 is None or aff1 is None:
+            return GridCache(((),) * n)
+        sde = self.sde
+        a0, a1 = sde.alpha(g[:-1]), sde.alpha(g[1:])
+        dsig = sde.edm_sigma(g[1:]) - sde.edm_sigma(g[:-1])
+        (p0, q0, r0, u0), (p1, q1, r1, u1) = aff0, aff1
+        rows = torch.stack([a1 / a0, a1 * dsig, r0, u0, r1, u1, p0, q0, p1, q1], 1)
+        if not bool(torch.isfinite(rows).all()):
+            return GridCache(((),) * n)
+        return GridCache(tuple(map(tuple, rows.tolist())))
 
     def window_evaluator(self, x: torch.Tensor, grid: torch.Tensor, over_ranks: OverRanks = None) -> WindowEvaluator:
         """Every step but the last (Euler) is a full Heun step: batched with step 0's state."""
@@ -79,19 +99,39 @@ class Heun(SingleStepper):
         """A full Heun step (2 NFE) without churn: the adaptive driver's step (churn needs the grid's N)."""
         if self.stochastic:
             raise ValueError("heun with S_churn > 0 needs the step count N (gamma = S_churn / N): run it on a grid")
-        return self._heun(t0, t1, x, None, None, last=False)
+        return self._heun(t0, t1, x, 0, None, last=False)
 
     def step(
         self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, state: Any, noise: torch.Tensor | None
     ) -> StepResult:
-        if not isinstance(state, dict):
+        if not isinstance(state, GridCache):
             raise ValueError("heun's grid step needs the state of init(x, grid) (step counter: the last step is Euler)")
-        res = self._heun(t0, t1, x, state, noise, last=state["i"] == state["n"] - 1)
-        res.state = {"i": state["i"] + 1, "n": state["n"]}
+        n = len(state.coefs)
+        last = state.i == n - 1
+        row = state.here
+        if row and t0.ndim == 0:
+            res = self._fast(t0, t1, x, row, last)
+        else:
+            res = self._heun(t0, t1, x, n, noise, last)
+        res.state = state.next()
         return res
 
+    def _fast(
+        self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, row: tuple[float, ...], last: bool
+    ) -> StepResult:
+        ca, c0, r0, u0, r1, u1, p0, q0, p1, q1 = row
+        out0 = self.den.raw(x, t0)
+        eps0 = torch.add(x * r0, out0, alpha=u0)
+        xp = torch.add(x * ca, eps0, alpha=c0)
+        if last:
+            return StepResult(x=xp, x0=lambda: torch.add(x * p0, out0, alpha=q0))
+        out1 = self.den.raw(xp, t1)
+        eps1 = torch.add(xp * r1, out1, alpha=u1)
+        x1 = torch.add(xp, eps1.sub_(eps0), alpha=0.5 * c0)
+        return StepResult(x=x1, x0=lambda: torch.add(xp * p1, out1, alpha=q1))
+
     def _heun(
-        self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, state: Any, noise: torch.Tensor | None, last: bool
+        self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, n: int, noise: torch.Tensor | None, last: bool
     ) -> StepResult:
         sde = self.sde
         sig0, sig1 = sde.edm_sigma(t0), sde.edm_sigma(t1)
@@ -99,7 +139,7 @@ class Heun(SingleStepper):
         if self.stochastic:
             z = self.require_noise(noise)[0]
             o = self.opts
-            gamma = min(float(o["S_churn"]) / state["n"], math.sqrt(2.0) - 1.0)
+            gamma = min(float(o["S_churn"]) / n, math.sqrt(2.0) - 1.0)
             in_range = (sig0 >= float(o["S_tmin"])) & (sig0 <= float(o["S_tmax"]))
             sig_hat = torch.minimum(sig0 * (1.0 + gamma * in_range.to(sig0.dtype)), sde.edm_sigma(sde.T))
             sig_hat = torch.maximum(sig_hat, sig0)

@@ -94,7 +94,8 @@ class Recorder:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, desc=name, leave=False)
-        self._bad: torch.Tensor | None = None
+        self._sums: torch.Tensor | None = None
+        self.total = total
 
     @property
     def nfe(self) -> int:
@@ -106,30 +107,39 @@ class Recorder:
             self.states.append(x)
 
     def record(
-        self, i: int, t: torch.Tensor, x: torch.Tensor, x0: torch.Tensor | None = None, keep: bool = True
+        self,
+        i: int,
+        t: torch.Tensor,
+        x: torch.Tensor,
+        x0: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+        keep: bool = True,
     ) -> None:
-        """Step ``i`` reached time(s) ``t`` with state x: callback, trajectory (when ``keep``), progress."""
+        """Step ``i`` reached time(s) ``t`` with state x: callback, trajectory (when ``keep``), progress. ``x0`` may be
+        deferred (a function), evaluated only for a callback."""
         if self.states is not None and keep:
             self.states.append(x)
         if self.callback is not None:
-            self.callback({"i": i, "t": t, "x": x, "x0": x0})
+            self.callback({"i": i, "t": t, "x": x, "x0": x0() if callable(x0) else x0})
         if self.bar is not None:
             self.bar.update(1)
 
     def watch(self, i: int, x: torch.Tensor) -> None:
-        """Note in a device flag whether x is non-finite at step i (no host sync; :meth:`raise_if_bad` reads it)."""
-        # one reduction instead of isfinite(x).all() (5 passes over x): NaN/inf anywhere makes the sum non-finite
-        nonfinite = ~torch.isfinite(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))
-        if self._bad is None:
-            self._bad = torch.full((), -1, dtype=torch.long, device=x.device)
-        self._bad = torch.where((self._bad < 0) & nonfinite, torch.full_like(self._bad, i), self._bad)
+        """Keep the sum of x at step i in a device buffer (no host sync; :meth:`raise_if_bad` reads it): NaN/inf
+        anywhere in x makes the sum non-finite, one reduction instead of isfinite(x).all()'s passes."""
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if self._sums is None:
+            self._sums = torch.zeros(self.total or 1, dtype=dtype, device=x.device)
+        if i >= self._sums.numel():
+            self._sums = torch.cat([self._sums, torch.zeros_like(self._sums)])
+        torch.sum(x.reshape(-1), 0, dtype=dtype, out=self._sums[i])
 
     def raise_if_bad(self, grid: torch.Tensor, what: str = "") -> None:
         """The one host sync of a fixed-grid solve: raise naming the first non-finite step and its times."""
-        if self._bad is None:
+        if self._sums is None:
             return
-        i = int(self._bad)
-        if i >= 0:
+        bad = (~torch.isfinite(self._sums)).nonzero()
+        if bad.numel():
+            i = int(bad[0, 0])
             raise SolverError(
                 f"non-finite values (NaN/inf) at step {i}, t = {float(grid[i]):.6g} -> {float(grid[i + 1]):.6g}{what}: "
                 "the model output or the state diverged; check the model, the dtype and the grid's end time"

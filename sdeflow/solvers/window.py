@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from .state import GridCache
+
 __all__ = ["WindowEvaluator", "StepEvaluator", "HeunEvaluator", "MultistepEvaluator", "flat", "noise_flat"]
 
 #: ``over_ranks(fn, *args)``: evaluate fn on the arguments split along their window axis (across distributed ranks)
@@ -57,11 +59,19 @@ class WindowEvaluator:
 
 
 class StepEvaluator(WindowEvaluator):
-    """A single stepper: ``step`` on the W·B states at once with per-element times, the same state for every step."""
+    """A single stepper: ``step`` on the W·B states at once with per-element times, the same state for every step
+    (a :class:`~sdeflow.solvers.base.GridCache` is per step: batched steps run without it, a step on its own with
+    its own entry, so W = 1 reproduces the sequential run bit for bit)."""
 
     def state_at(self, i: int) -> Any:
         """The state step i receives when it runs on its own (the sequential tail)."""
+        if isinstance(self.state, GridCache):
+            return GridCache(self.state.coefs, i)
         return self.state
+
+    @property
+    def batched_state(self) -> Any:
+        return None if isinstance(self.state, GridCache) else self.state
 
     def __call__(self, xs, begin, t0, t1, z):
         if xs.shape[0] == 1:  # one step (every rank takes it itself): scalar host times, exactly the sequential call
@@ -69,14 +79,17 @@ class StepEvaluator(WindowEvaluator):
             res = self.stepper.step(
                 self.grid[i], self.grid[i + 1], xs[0], self.state_at(i), None if z is None else z[0]
             )
-            return res.x[None], None if res.x0 is None else res.x0[None]
+            x0 = res.data_prediction()
+            return res.x[None], None if x0 is None else x0[None]
         return self.split(self._batched, xs, t0, t1, z)
 
     def _batched(self, xs, t0, t1, z):
         B = xs.shape[1]
-        res = self.stepper.step(t0.repeat_interleave(B), t1.repeat_interleave(B), flat(xs), self.state, noise_flat(z))
+        state = self.batched_state
+        res = self.stepper.step(t0.repeat_interleave(B), t1.repeat_interleave(B), flat(xs), state, noise_flat(z))
         y = res.x.reshape(xs.shape)
-        return y, None if res.x0 is None else res.x0.reshape(xs.shape)
+        x0 = res.data_prediction()
+        return y, None if x0 is None else x0.reshape(xs.shape)
 
 
 class HeunEvaluator(StepEvaluator):
@@ -88,7 +101,12 @@ class HeunEvaluator(StepEvaluator):
         self.parallel_steps = grid.numel() - 2
 
     def state_at(self, i: int) -> Any:
-        return {**self.state, "i": i}
+        return GridCache(self.state.coefs, i)
+
+    @property
+    def batched_state(self) -> Any:
+        """Step 0's state: a full Heun step with per-sample times (the general path; churn reads N from it)."""
+        return GridCache(self.state.coefs, 0)
 
 
 class MultistepEvaluator(WindowEvaluator):
@@ -117,7 +135,8 @@ class MultistepEvaluator(WindowEvaluator):
                 self.grid[begin], self.grid[begin + 1], xs[0], self._history(begin), None if z is None else z[0]
             )
             self.last = res.state.nodes[0][1][None] if res.state.nodes else None
-            return res.x[None], res.x0[None]
+            x0 = res.data_prediction()
+            return res.x[None], None if x0 is None else x0[None]
         f, x0 = self.split(self._outputs, xs, t0)
         self.last = f
         w, B = xs.shape[:2]
