@@ -226,8 +226,10 @@ def run(args: argparse.Namespace) -> int:
                 f"{nll['exact_entropy']:.3f} (gap {nll['nll'] - nll['exact_entropy']:.3f} nats)"
             )
         nll_md += "."
+    net = den.net
+    assert isinstance(net, torch.nn.Module)  # load_run builds an nn.Module
     train_md = (
-        f"Model: MLP score net ({sum(p.numel() for p in den.net.parameters()):,} parameters), "
+        f"Model: MLP score net ({sum(p.numel() for p in net.parameters()):,} parameters), "
         f"{config['sde']['name']} SDE, {config['loss']['prediction']}-prediction, {ckpt['step']} training "
         f"steps on `{args.data}`. Samples per cell: {args.n}; every cell starts from the same x_T."
     )
@@ -236,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         scorer=scorer,
         device="cpu",
-        dtype=next(den.net.parameters()).dtype,
+        dtype=next(net.parameters()).dtype,
         checkpoint=out / "ckpt.pt",
         reference_seed=ref_seed,
         data=args.data,

@@ -202,6 +202,7 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> int:
         return error(err)
     if not main:
         return 0
+    assert x is not None  # sample_sharded gathers the samples on rank 0
     seconds = time.perf_counter() - start
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

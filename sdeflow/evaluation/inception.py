@@ -79,9 +79,9 @@ class _Mixed(nn.Module):
         for br in self.branches:
             h = _pool(x, br.pool)
             for name in br.chain:
-                h = self._modules[name](h)
+                h = self.get_submodule(name)(h)
             if br.fork is not None:
-                h = torch.cat([self._modules[br.fork[0]](h), self._modules[br.fork[1]](h)], 1)
+                h = torch.cat([self.get_submodule(br.fork[0])(h), self.get_submodule(br.fork[1])(h)], 1)
             outs.append(h)
         return torch.cat(outs, 1)
 
@@ -232,7 +232,7 @@ class FIDInceptionV3(nn.Module):
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, 3, stride=2)
         for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
-            x = self._modules[f"Mixed_{name}"](x)
+            x = self.get_submodule(f"Mixed_{name}")(x)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

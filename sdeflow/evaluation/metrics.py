@@ -163,9 +163,12 @@ class GaussianStats:
         return GaussianStats(self.mean.to(device, dtype), self.cov.to(device, dtype), self.n)
 
     def save(self, path: str | Path) -> None:
-        extra = {} if self.n is None else {"n": np.asarray(self.n)}
+        mu, sigma = self.mean.double().cpu().numpy(), self.cov.double().cpu().numpy()
         with open(path, "wb") as f:  # a file object: numpy appends no ".npz" to the name
-            np.savez(f, mu=self.mean.double().cpu().numpy(), sigma=self.cov.double().cpu().numpy(), **extra)
+            if self.n is None:
+                np.savez(f, mu=mu, sigma=sigma)
+            else:
+                np.savez(f, mu=mu, sigma=sigma, n=np.asarray(self.n))
 
     @classmethod
     def load(cls, path: str | Path) -> GaussianStats:
@@ -202,7 +205,7 @@ class StatsAccumulator:
         mb = x.mean(0)
         xc = x - mb
         cb = xc.mT @ xc
-        if self._mean is None:
+        if self._mean is None or self._m2 is None:
             self._mean, self._m2, self.n = mb, cb, nb
             return self
         n = self.n + nb
@@ -214,7 +217,7 @@ class StatsAccumulator:
 
     def compute(self) -> GaussianStats:
         """Mean and unbiased covariance :math:`M_2/(n-1)` (as ``numpy.cov`` and pytorch-fid)."""
-        if self.n < 2:
+        if self.n < 2 or self._mean is None or self._m2 is None:
             raise ValueError(f"a covariance needs at least 2 samples, got {self.n}")
         return GaussianStats(self._mean, self._m2 / (self.n - 1), self.n)
 
@@ -356,6 +359,7 @@ def frechet_distance(
     mu2, s2 = q.mean.to(dev, torch.float64), q.cov.to(dev, torch.float64)
 
     w1, v1 = _psd_eigh(s1, "p's covariance", tol, zero_tol)
+    assert v1 is not None  # vectors=True
     w2, _ = _psd_eigh(s2, "q's covariance", tol, zero_tol, vectors=False)
     sqrt_s1 = (v1 * w1.sqrt()) @ v1.mT
     middle = sqrt_s1 @ s2 @ sqrt_s1

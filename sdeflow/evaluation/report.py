@@ -114,7 +114,7 @@ def plot_sweep(result: SweepResult, path: str | Path, title: str = "") -> None:
     markers = "os^vD<>ph*Xd"
     for j, metric in enumerate(result.metrics):
         ax = axes[0, j]
-        values = []
+        values: list[float] = []
         for i, (solver, cs) in enumerate(groups.items()):
             pts = sorted(
                 (c.nfe, c.metrics[metric])
