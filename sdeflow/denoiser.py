@@ -35,7 +35,7 @@ diffusers' names are accepted as aliases (:data:`ALIASES`): ``"epsilon"``, ``"sa
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -213,6 +213,8 @@ class Denoiser:
         self.net, self.sde, self.prediction, self.time_input = net, sde, prediction, time_input
         self.learned_variance = learned_variance
         self.nfe = 0
+        # net times of scalar CPU grid times, per (t, dtype, device): a sampling loop maps each grid time once
+        self._net_times: dict[tuple[float, torch.dtype, torch.device], torch.Tensor] = {}
 
     def reset_nfe(self) -> None:
         """Set the net-call counter back to zero."""
@@ -223,15 +225,25 @@ class Denoiser:
         if self.time_input == "t":
             return t
         if self.time_input == "index":
-            return t * self.sde.N - 1
-        return self.time_input(t)
+            return t * cast(int, self.sde.N) - 1  # type: ignore[attr-defined]  # checked in __init__
+        return cast(Callable[[torch.Tensor], torch.Tensor], self.time_input)(t)
 
     def raw(self, x: torch.Tensor, t: TimeLike, **kwargs: Any) -> torch.Tensor:
         """One counted net call, returning the net's own output (of type ``self.prediction``)."""
         t = as_time(t, x)
         check_time(t, self.sde.T)  # also when no conversion (hence no sde.alpha call) follows; CPU only, no sync
-        tb = batch_time(t, x)
-        out = _unwrap(self.net(x, self.net_time(tb), **kwargs))
+        if t.ndim == 0 and t.device.type == "cpu":  # a grid time: its net time once per value, then broadcast
+            key = (float(t), x.dtype, x.device)
+            nt = self._net_times.get(key)
+            if nt is None:
+                if len(self._net_times) > 4096:
+                    self._net_times.clear()
+                nt = self.net_time(t.to(x.dtype).reshape(1)).to(x.device)
+                self._net_times[key] = nt
+            tb = nt.expand(x.shape[0])
+        else:
+            tb = self.net_time(batch_time(t, x))
+        out = _unwrap(self.net(x, tb, **kwargs))
         self.nfe += 1
         if (
             self.learned_variance

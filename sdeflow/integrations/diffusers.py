@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover
 try:
     from ..solvers.record import SampleResult
 except ImportError:  # pragma: no cover
-    from ..integrate import SampleResult  # type: ignore[no-redef]
+    from ..integrate import SampleResult
 
 __all__ = [
     "from_diffusers",
@@ -267,7 +267,8 @@ def _visited_times(scheduler: Any, config: Mapping[str, Any], N: int, sde: Gauss
     times = _timestep_to_time(sde, torch.as_tensor(scheduler.timesteps), N)
     sigmas = getattr(scheduler, "sigmas", None)
     if isinstance(sde, FlowMatchingPath):
-        final = float(sde.unshifted(torch.tensor(float(sigmas[-1]), dtype=F64)))
+        last = float(sigmas[-1]) if sigmas is not None else 0.0
+        final = float(sde.unshifted(torch.tensor(last, dtype=F64)))
     elif sigmas is not None and "final_alpha_cumprod" not in vars(scheduler):
         final = 0.0 if float(sigmas[-1]) == 0.0 else 1.0 / N
     else:  # DDIM: the last step goes to prev = t - N // steps, or to final_alpha_cumprod below 0
@@ -289,7 +290,7 @@ class _Drive:
         else:
             if solver not in SOLVERS:
                 raise ValueError(f"unknown solver {solver!r}; available solvers: {', '.join(sorted(SOLVERS))}")
-            self.stepper = SOLVERS[solver](den, **dict(options))
+            self.stepper = SOLVERS[solver](den, **dict(options))  # type: ignore[assignment]
         s = self.stepper
         whole = s.integrator() if callable(getattr(s, "integrator", None)) else None
         if (
@@ -568,7 +569,7 @@ def __getattr__(name: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ the reverse
-class DiffusersSolver(_WholeSpan):  # type: ignore[misc, valid-type]
+class DiffusersSolver(_WholeSpan):
     r"""A diffusers scheduler as a sdeflow solver (``mode = "external"``: it runs diffusers' own loop).
 
     ``sf.sample(den, DiffusersSolver(den, scheduler=DPMSolverMultistepScheduler(...)), nfe=n, x_T=x_T)`` calls
