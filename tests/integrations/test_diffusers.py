@@ -285,3 +285,25 @@ def test_diffusers_solver_runs_diffusers_schedulers_under_sample(make, solver, o
     assert theirs.nfe == 10
     assert np.isclose(float(theirs.times[-1]), float(ours.times[-1]))
     assert rel(theirs.x, ours.x) < 1e-5
+
+
+def test_sdeflow_scheduler_stochastic_and_zero_snr(unet):
+    """A stochastic solver draws its noise from the pipeline's generator (reproducible); a zero-terminal-SNR
+    v-prediction model samples with DDIM on the trailing grid from T (where a = 0) without NaN."""
+    for base, solver, opts in [
+        (DDPMScheduler(), "ddpm", {}),
+        (
+            DDPMScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction"),
+            "ddim",
+            {"grid": "trailing"},
+        ),
+    ]:
+        outs = []
+        for _ in range(2):
+            sched = sfd.SdeflowScheduler.from_scheduler(base, solver=solver, **opts)
+            pipe = DDPMPipeline(unet=unet, scheduler=sched)
+            pipe.set_progress_bar_config(disable=True)
+            gen = torch.Generator().manual_seed(4)
+            outs.append(pipe(batch_size=2, generator=gen, num_inference_steps=6, output_type="np").images)
+        assert np.isfinite(outs[0]).all() and np.array_equal(outs[0], outs[1])
+    assert sched.sde.zero_terminal_snr and float(sched.grid[0]) == 1.0

@@ -240,3 +240,34 @@ def test_from_edm_heun_is_edm_algorithm_1():
     seen.clear()
     den_y.x0(x_T[:2], 1.0)
     assert seen[-1] is labels
+
+
+# ------------------------------------------------------------------------------------------------ spacings: bad inputs
+@given(steps=st.integers(1, 50), N=st.integers(2, 200), kind=st.sampled_from(["leading", "trailing", "linspace"]))
+def test_spacings_are_decreasing_integer_times_or_refused(steps, N, kind):
+    sde = sf.DiscreteVPSDE.linear(N)
+    try:
+        grid = sf.grids.time_grid(sde, steps, kind)
+    except ValueError as exc:
+        assert "steps" in str(exc) or "timestep 0" in str(exc)
+        return
+    assert grid.numel() == steps + 1 and bool((grid[1:] < grid[:-1]).all())
+    n = grid[:-1] * N - 1
+    torch.testing.assert_close(n, n.round(), rtol=0, atol=1e-9)
+    assert float(grid[-1]) == 1.0 / N
+
+
+def test_spacing_arguments_are_checked():
+    sde = sf.DiscreteVPSDE.linear(100)
+    with pytest.raises(ValueError, match="t_end"):
+        sf.grids.time_grid(sde, 10, "trailing", t_end=0.5)
+    with pytest.raises(ValueError, match="t_start"):
+        sf.grids.time_grid(sde, 10, "trailing", t_start=0.5)
+    with pytest.raises(ValueError, match="exceeds"):
+        sf.grids.time_grid(sde, 101, "linspace")
+    with pytest.raises(ValueError, match="steps_offset"):
+        sf.grids.time_grid(sde, 10, "leading", steps_offset=50)
+    with pytest.raises(ValueError, match="'leading', 'trailing', 'linspace'"):
+        sf.grids.time_grid(sde, 10, "spaced")
+    with pytest.raises(ValueError, match="shift"):
+        FlowMatchingPath(shift=0.0)
