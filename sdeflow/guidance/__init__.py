@@ -6,9 +6,15 @@ r"""Guidance: conditioning and guidance as Denoiser wrappers, a noise-aware clas
   :func:`train_classifier`.
 * :mod:`.inversion`: :func:`encode` / :func:`decode` along the probability-flow ODE (DDIM inversion, Song, Meng &
   Ermon 2021), :func:`slerp` and :func:`interpolate` between latents.
+
+The classifier names load on first use (they import :mod:`sdeflow.training`).
 """
 
-from .classifier import ClassifierLoss, NoiseAwareClassifier, train_classifier
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .inversion import decode, encode, interpolate, slerp
 from .wrappers import (
     ClassifierFreeGuidance,
@@ -36,3 +42,15 @@ __all__ = [
     "slerp",
     "interpolate",
 ]
+
+# the classifier module subclasses the training loss, so it pulls in sdeflow.training (about 0.1 s): loaded on first use
+_LAZY = {"NoiseAwareClassifier": "classifier", "ClassifierLoss": "classifier", "train_classifier": "classifier"}
+
+if TYPE_CHECKING:
+    from .classifier import ClassifierLoss, NoiseAwareClassifier, train_classifier
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
