@@ -463,3 +463,87 @@ def test_time_grid(sde, steps, kind, t_end, rho):
 )
 def test_time_grid_tensor(sde, grid):
     expect(lambda: time_grid(sde, 10, grid), ("grid", "kind", "t"), _check_grid(sde))
+
+
+# ---------------------------------------------------------------------- the issue's cases, by name
+def _gmm(**kw: Any) -> sf.GaussianMixture:
+    args = {"means": [[0.0, 0.0], [1.0, 1.0]], "stds": [0.5, 0.5], "weights": [0.5, 0.5], **kw}
+    return sf.GaussianMixture(args["means"], args["stds"], args["weights"])
+
+
+@pytest.mark.parametrize(
+    "build,match",
+    [
+        (lambda: _gmm(weights=[NAN, 1.0]), "weights must be finite"),
+        (lambda: _gmm(weights=[INF, 0.0]), "weights must be finite"),
+        (lambda: _gmm(weights=[-0.5, 1.5]), "weights must be non-negative"),
+        (lambda: _gmm(weights=[0.2, 0.2]), "weights must sum to 1"),
+        (lambda: _gmm(weights=[1.0]), r"weights must have shape \(K,\) = \(2,\)"),
+        (lambda: _gmm(means=[[0.0, NAN], [1.0, 1.0]]), "means must be finite"),
+        (lambda: _gmm(means=[0.0, 1.0]), r"means must have shape \(K, d\)"),
+        (lambda: _gmm(stds=[0.5, NAN]), "stds must be positive and finite"),
+        (lambda: _gmm(stds=[0.5, -1.0]), "stds must be positive and finite"),
+        (lambda: _gmm(stds=[0.5, 0.5, 0.5]), r"stds must have shape \(K,\)"),
+        (lambda: _gmm(means="abc"), "means must be a tensor"),
+        (lambda: sf.VPSDE(beta_max=INF), r"beta_max must lie in \(0, 1e\+100\]"),
+        (lambda: sf.VPSDE(beta_min=NAN), "beta_min must lie in"),
+        (lambda: sf.VPSDE(beta_min=20.0, beta_max=0.1), "beta_min must be < beta_max"),
+        (lambda: sf.VPSDE(T=NAN), "T must lie in"),
+        (lambda: sf.VPSDE(eps=INF), "eps must be a positive finite number"),
+        (lambda: sf.VPSDE(eps=5e-324), "eps must be >= 1e-100"),
+        (lambda: sf.VPSDE(schedule="sigmoid", sigmoid_start=-INF), "sigmoid_start must be a finite number"),
+        (lambda: sf.VPSDE(schedule="sigmoid", sigmoid_start=-2000.0), "sigmoid_start / sigmoid_tau"),
+        (lambda: sf.VPSDE(schedule="cosine", cosine_s=1e308), r"cosine_s must lie in \(0, 100\]"),
+        (lambda: sf.VPSDE(beta_min="0.1"), "beta_min must be a real number"),
+        (lambda: sf.VPSDE(schedule=None), "schedule must be a string"),
+        (lambda: sf.SubVPSDE(beta_max=INF), "beta_max must lie in"),
+        (lambda: sf.VESDE(1.0, 0.5), "sigma_min must be < sigma_max"),
+        (lambda: sf.VESDE(0.01, 0.01), "sigma_min must be < sigma_max"),
+        (lambda: sf.VESDE(0.01, INF), "sigma_max must be a positive finite number"),
+        (lambda: sf.VESDE(eps=2.0), "eps must be < T = 1.0"),
+        (lambda: sf.DiscreteVPSDE([0.1, NAN]), r"betas must lie in \[1e-100, 1\)"),
+        (lambda: sf.DiscreteVPSDE([[0.1, 0.2], [0.3, 0.4]]), "betas must be 1-D"),
+        (lambda: sf.DiscreteVPSDE("abc"), "betas must be a 1-D sequence"),
+        (lambda: sf.DiscreteVPSDE.linear(2.5), "n must be an int"),
+        (lambda: sf.DiscreteVPSDE.linear(10, beta_start=0.0), r"beta_start must lie in \(0, 1\)"),
+        (lambda: sf.GaussianPath(_rf_la, _rf_ls, T=INF), "T must be a positive finite number"),
+        (lambda: sf.GaussianPath(_rf_la, _rf_ls, T=0.5, eps=0.5), "eps must be < T = 0.5"),
+        (lambda: sf.GaussianPath(_rf_la, _rf_ls, eps=NAN), "eps must be a positive finite number"),
+        (lambda: sf.GaussianPath(_rf_la, "log", T=0.9), "log_sigma must be a callable"),
+        (lambda: sf.GaussianPath(lambda t: torch.zeros_like(t), lambda t: torch.zeros_like(t)), "strictly decreasing"),
+        (lambda: sf.GaussianPath(_rf_la, _rf_ls, T=1.0), r"log_alpha\(t\) must be finite"),
+        (lambda: sf.VPSDE().prior_sample((4, -1)), "shape must be a tuple of non-negative ints"),
+        (lambda: sf.VPSDE().prior_sample((4, 2), dtype=torch.int64), "dtype must be a floating-point"),
+        (lambda: sf.VPSDE().marginal(torch.ones(4, 2, dtype=torch.long), 0.5, torch.ones(4, 2)), "x0 must be a float"),
+        (lambda: sf.VPSDE().marginal(torch.ones(4, 2), torch.full((3,), 0.5), torch.ones(4, 2)), r"t must be a scalar"),
+        (lambda: sf.VPSDE().reverse_drift(torch.ones(4, 2), 0.5, torch.ones(1, 2)), "score must have the shape of x"),
+        (lambda: sf.VPSDE().sigma("abc"), "t must be a real number"),
+        (lambda: sf.VPSDE().t_from_log_snr(NAN), "lam must not be NaN"),
+        (lambda: GMM.score(torch.ones(4, 2, dtype=torch.long), 0.5, sf.VPSDE()), "x must be a floating-point"),
+        (lambda: GMM.sample(2.5), "n must be an int"),
+    ],
+)
+def test_named_errors(build, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        build()
+
+
+def test_edges_that_now_give_finite_correct_values():
+    """Silent NaNs the fuzz found, now exact: times within check_time's slack below 0, the log-SNR inverse at and
+    beyond lambda(T) (overflowing exp), the mixture score at t = 0, a generic path's g^2 at s(0) = 0."""
+    vp, sub = sf.VPSDE(), sf.SubVPSDE()
+    assert float(vp.sigma(-1e-251)) == 0.0
+    for sde in (vp, sub, sf.VPSDE(schedule="sigmoid", sigmoid_tau=0.0625)):
+        lam = torch.tensor([-INF, -1e4, float(sde.log_snr(sde.T))], dtype=torch.float64)
+        torch.testing.assert_close(sde.t_from_log_snr(lam), torch.full((3,), sde.T, dtype=torch.float64))
+    # the SubVP inverse (its overflow-safe asinh branch) recovers the times it came from
+    t = torch.tensor([1e-3, 0.3, 0.9, 0.999], dtype=torch.float64)
+    torch.testing.assert_close(sub.t_from_log_snr(sub.log_snr(t)), t, rtol=1e-9, atol=1e-12)
+    x = torch.tensor([[0.3, -0.2], [2.0, 1.0]], dtype=torch.float64)
+    # t = 0: p_0 is the mixture itself, grad log p_0 = -sum_k r_k (x - mu_k)/sigma_k^2, checked against autograd
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(GMM.log_prob(xg).sum(), xg)
+    torch.testing.assert_close(GMM.score(x, 0.0, vp), grad)
+    rf = sf.GaussianPath(_rf_la, _rf_ls, T=0.999)
+    assert abs(float(rf.g2(0.0))) < 1e-10  # s = t: g^2 = 2t + 2t^2/(1-t) -> 0
+    assert float(sf.VPSDE().prior_log_prob(torch.zeros(0, 2)).numel()) == 0
