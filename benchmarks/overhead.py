@@ -109,20 +109,23 @@ def jobs(x: torch.Tensor, nfe: int, kd: types.ModuleType | None) -> dict[str, di
         },
     }
     if kd is not None:
-        sig_e = kd.get_sigmas_karras(nfe, SIGMA_MIN, SIGMA_MAX)  # nfe steps, ends at sigma 0: nfe NFE
-        sig_h = kd.get_sigmas_karras(nfe // 2 + 1, SIGMA_MIN, SIGMA_MAX)  # Heun: 2N - 1 NFE with the final Euler
-        sig_2m = kd.get_sigmas_karras(nfe, SIGMA_MIN, SIGMA_MAX)
+        # the sigmas are built inside each call (a sampling call's set-up, as sf.sample and set_timesteps do):
+        # nfe steps ending at sigma 0 for Euler and 2M (nfe NFE), nfe // 2 + 1 for Heun (2N - 1 NFE, final Euler)
+        def karras(n: int) -> torch.Tensor:
+            return kd.get_sigmas_karras(n, SIGMA_MIN, SIGMA_MAX)
+
+        xe = x * SIGMA_MAX
         out["Euler in sigma = DDIM (EDM x0)"] = {
-            "sdeflow ddim": lambda: sf.sample(edm, "ddim", nfe=nfe, x_T=x * SIGMA_MAX, grid="karras"),
-            "k-diffusion sample_euler": lambda: kd.sample_euler(free_d, x * SIGMA_MAX, sig_e, disable=True),
+            "sdeflow ddim": lambda: sf.sample(edm, "ddim", nfe=nfe, x_T=xe, grid="karras"),
+            "k-diffusion sample_euler": lambda: kd.sample_euler(free_d, xe, karras(nfe), disable=True),
         }
         out["Heun (EDM x0)"] = {
-            "sdeflow heun": lambda: sf.sample(edm, "heun", nfe=nfe - 1, x_T=x * SIGMA_MAX),
-            "k-diffusion sample_heun": lambda: kd.sample_heun(free_d, x * SIGMA_MAX, sig_h, disable=True),
+            "sdeflow heun": lambda: sf.sample(edm, "heun", nfe=nfe - 1, x_T=xe),
+            "k-diffusion sample_heun": lambda: kd.sample_heun(free_d, xe, karras(nfe // 2 + 1), disable=True),
         }
         out["DPM-Solver++(2M) (EDM x0)"] = {
-            "sdeflow dpm_solver++": lambda: sf.sample(edm, "dpm_solver++", nfe=nfe, x_T=x * SIGMA_MAX, grid="karras"),
-            "k-diffusion sample_dpmpp_2m": lambda: kd.sample_dpmpp_2m(free_d, x * SIGMA_MAX, sig_2m, disable=True),
+            "sdeflow dpm_solver++": lambda: sf.sample(edm, "dpm_solver++", nfe=nfe, x_T=xe, grid="karras"),
+            "k-diffusion sample_dpmpp_2m": lambda: kd.sample_dpmpp_2m(free_d, xe, karras(nfe), disable=True),
         }
     return out
 

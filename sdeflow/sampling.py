@@ -22,6 +22,9 @@ from .noise import IIDNoise, NoiseSource, PerSampleGenerator, randn
 from .solvers import SOLVERS, available
 from .solvers.base import Solver, SolverError, Stepper
 from .solvers.record import Callback, SampleResult
+from .solvers.state import memo_per_grid
+
+_EMPTY = torch.empty(0, dtype=torch.float64)
 
 __all__ = ["available", "make_solver", "make_stepper", "sample"]
 
@@ -167,7 +170,13 @@ def _sample(
             raise ValueError(f"nfe={nfe} leaves no net call for the solver after the final denoising step")
         steps = s.num_steps(budget)
         kind = grid if grid is not None else s.default_grid
-        g = time_grid(sde, steps, kind, t_end=t_end)
+        if isinstance(kind, str):  # a named grid is a function of (sde, steps, kind, t_end): built once
+            g = memo_per_grid(
+                sde, ("time_grid", steps, kind, t_end), _EMPTY, lambda: time_grid(sde, steps, kind, t_end=t_end)
+            )
+            g = g.clone()
+        else:
+            g = time_grid(sde, steps, kind, t_end=t_end)
         if isinstance(kind, torch.Tensor):
             t_end = float(g[-1])
         if whole is not None:

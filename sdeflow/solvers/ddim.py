@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .base import GridCache, SingleStepper, StepResult, check_unit_interval, prediction_affine
+from .state import memo_per_grid
 
 
 def posterior_std(sde, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
@@ -56,6 +57,9 @@ class DDIM(SingleStepper):
         return c, c
 
     def init(self, x: torch.Tensor, grid: torch.Tensor) -> GridCache | None:
+        return memo_per_grid(self.den, (type(self), repr(self.opts)), grid, lambda: self._coefficients(grid))
+
+    def _coefficients(self, grid: torch.Tensor) -> GridCache | None:
         r"""Every step's coefficients once per grid: with :math:`\hat x_0 = p x + q\,\mathrm{out}`,
         :math:`\hat\varepsilon = r x + u\,\mathrm{out}` (:func:`~sdeflow.solvers.base.prediction_affine`) the step is
         :math:`x_1 = (a_1 p + k r) x + (a_1 q + k u)\,\mathrm{out} + \sigma z`, :math:`k = \sqrt{s_1^2 - c^2}`: one

@@ -8,7 +8,7 @@ import torch
 
 from ..denoiser import Prediction
 from .base import SingleStepper, Solver, StepResult, prediction_affine
-from .state import GridCache
+from .state import GridCache, memo_per_grid
 
 
 class Euler(SingleStepper):
@@ -24,6 +24,9 @@ class Euler(SingleStepper):
     nfe_per_step = 1
 
     def init(self, x: torch.Tensor, grid: torch.Tensor) -> GridCache | None:
+        return memo_per_grid(self.den, (type(self), repr(self.opts)), grid, lambda: self._coefficients(grid))
+
+    def _coefficients(self, grid: torch.Tensor) -> GridCache | None:
         r"""Every step's constants once per grid: with :math:`\hat\varepsilon = r x + u\,\mathrm{out}`
         (:func:`~sdeflow.solvers.base.prediction_affine`) the velocity is :math:`f x + \tfrac{g^2}{2s}\hat\varepsilon`,
         so :math:`x_1 = (1 + h f + h\tfrac{g^2}{2s} r)\,x + h\tfrac{g^2}{2s} u\,\mathrm{out}` (h = t1 - t0)."""

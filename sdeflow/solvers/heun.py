@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .base import SingleStepper, StepResult, prediction_affine
-from .state import GridCache
+from .state import GridCache, memo_per_grid
 from .window import HeunEvaluator, OverRanks, WindowEvaluator
 
 
@@ -67,6 +67,9 @@ class Heun(SingleStepper):
         return (int(nfe) + 1) // 2
 
     def init(self, x: torch.Tensor, grid: torch.Tensor) -> GridCache:
+        return memo_per_grid(self.den, (type(self), repr(self.opts)), grid, lambda: self._coefficients(grid))
+
+    def _coefficients(self, grid: torch.Tensor) -> GridCache:
         r"""Every step's constants once per grid (N = their count: the last step is Euler, churn's gamma = S_churn/N).
 
         With :math:`\hat\varepsilon = r x + u\,\mathrm{out}` and :math:`\hat x_0 = p x + q\,\mathrm{out}`

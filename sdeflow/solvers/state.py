@@ -3,9 +3,33 @@ window evaluators can use it without importing the stepper types)."""
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["GridCache"]
+import torch
+
+__all__ = ["GridCache", "memo_per_grid"]
+
+_MEMO: weakref.WeakKeyDictionary[Any, dict[tuple, Any]] = weakref.WeakKeyDictionary()
+_MEMO_MAX = 256
+
+
+def memo_per_grid(owner: Any, key: tuple, grid: torch.Tensor, build: Callable[[], Any]) -> Any:
+    """``build()`` once per (owner, key, grid values): a fixed grid's coefficients are computed once, also across
+    ``sample()`` calls that sample batch after batch on the same grid. ``owner`` (the denoiser) holds the memo weakly."""
+    try:
+        table = _MEMO.setdefault(owner, {})
+    except TypeError:  # not weakly referenceable: no memo
+        return build()
+    k = (*key, tuple(grid.detach().cpu().tolist()))
+    hit = table.get(k)
+    if hit is None:
+        if len(table) >= _MEMO_MAX:
+            table.clear()
+        hit = table[k] = build()
+    return hit
 
 
 @dataclass(frozen=True)
