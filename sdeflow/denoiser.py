@@ -99,7 +99,8 @@ def _from_flow(out, x, a, s, da=None, ds=None):
     return Prediction((ds * x - s * out) / det, (a * out - da * x) / det)
 
 
-_TABLE: dict[str, Callable[..., Prediction]] = {
+#: prediction type -> ``f(out, x, a, s) -> Prediction``: the conversion table (flow needs the derivatives, see convert)
+CONVERSIONS: dict[str, Callable[..., Prediction]] = {
     "eps": _from_eps,
     "x0": _from_x0,
     "score": _from_score,
@@ -108,7 +109,7 @@ _TABLE: dict[str, Callable[..., Prediction]] = {
 }
 
 
-def _to_target(
+def to_target(
     pred: Prediction,
     target: str,
     a: torch.Tensor,
@@ -151,8 +152,8 @@ def convert(
     if source == "flow":
         pred = _from_flow(out, x, a, s, da, ds)
     else:
-        pred = _TABLE[source](out, x, a, s)
-    return _to_target(pred, target, a, s, da, ds)
+        pred = CONVERSIONS[source](out, x, a, s)
+    return to_target(pred, target, a, s, da, ds)
 
 
 def _unwrap(out: Any) -> Any:
@@ -281,7 +282,7 @@ class Denoiser:
         a, s = self.coefficients(x, t)
         if self.prediction == "flow":
             return _from_flow(out, x, a, s, *self.derivatives(x, t))
-        return _TABLE[self.prediction](out, x, a, s)
+        return CONVERSIONS[self.prediction](out, x, a, s)
 
     def _target(self, x: torch.Tensor, t: TimeLike, target: str, **kwargs: Any) -> torch.Tensor:
         out = self.raw(x, t, **kwargs)
@@ -291,10 +292,10 @@ class Denoiser:
         if self.prediction == "flow" or target == "flow":
             da, ds = self.derivatives(x, t)
             pred = (
-                _from_flow(out, x, a, s, da, ds) if self.prediction == "flow" else _TABLE[self.prediction](out, x, a, s)
+                _from_flow(out, x, a, s, da, ds) if self.prediction == "flow" else CONVERSIONS[self.prediction](out, x, a, s)
             )
-            return _to_target(pred, target, a, s, da, ds)
-        return _to_target(_TABLE[self.prediction](out, x, a, s), target, a, s)
+            return to_target(pred, target, a, s, da, ds)
+        return to_target(CONVERSIONS[self.prediction](out, x, a, s), target, a, s)
 
     def eps(self, x: torch.Tensor, t: TimeLike, **kwargs: Any) -> torch.Tensor:
         """Noise prediction eps_hat(x, t)."""

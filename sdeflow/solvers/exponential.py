@@ -58,7 +58,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .._utils import append_dims
-from ..denoiser import _TABLE, Denoiser, Prediction
+from ..denoiser import CONVERSIONS, Denoiser, Prediction
 from .base import Stepper
 
 __all__ = [
@@ -443,7 +443,7 @@ class ExponentialStepper(Stepper):
         """``den.predict(x, p.t)``: one counted net call converted through the Denoiser's table."""
         if not self._table_predict or p.a is None:
             return self.den.predict(x, p.t)
-        return _TABLE[self.den.prediction](self.den.raw(x, p.t), x, p.a, p.s)
+        return CONVERSIONS[self.den.prediction](self.den.raw(x, p.t), x, p.a, p.s)
 
     def coefficients(self, p0: Point, p1: Point, nodes: Sequence[Point], rule: str) -> tuple[list[Num], Num | None]:
         """Float64 coefficients ``[c_x, c_out w_0, c_out w_1, ...]`` and the noise std of one update (memoized for

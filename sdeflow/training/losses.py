@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .._utils import check_choice, check_positive
-from ..denoiser import PREDICTIONS, Denoiser, Prediction, _to_target, convert
+from ..denoiser import PREDICTIONS, Denoiser, Prediction, convert, to_target
 from ..sdes import GaussianSDE
 
 __all__ = ["DenoisingScoreMatching", "EDMLoss", "DSMDraw", "WEIGHTINGS", "TIME_SAMPLINGS", "OBJECTIVES"]
@@ -193,7 +193,7 @@ class DenoisingScoreMatching:
         out = den.raw(x_t, t, **net_kwargs).to(x_t.dtype)  # autocast may hand back half precision
         a, s = den.coefficients(x_t, t)
         pred = convert(out, x_t, a, s, self.prediction, self.space)
-        target = _to_target(Prediction(x0, draw.noise), self.space, a, s)
+        target = to_target(Prediction(x0, draw.noise), self.space, a, s)
         err = (pred - target).square().reshape(x0.shape[0], -1).mean(dim=1)
         return (self.weight(t) * draw.ratio).to(err.dtype) * err
 
