@@ -363,12 +363,14 @@ class Trainer:
         if what:
             raise FloatingPointError(self._diverged_message(what))
 
-    def _check_out_dir(self) -> None:
-        """Refuse to replace a checkpoint of another run in out_dir (unless resumed or overwrite=True)."""
+    def _check_out_dir(self, collective: bool = True) -> None:
+        """Refuse to replace a checkpoint of another run in out_dir (unless resumed or overwrite=True).
+
+        ``collective`` (inside :meth:`fit`, which all ranks run together): every rank follows rank 0's view."""
         if self.out_dir is None or self._resumed or self.overwrite:
             return
         found = [p for p in (self.checkpoint_path, previous_path(self.checkpoint_path)) if p.exists()]
-        if self.world_size > 1:  # every rank decides as rank 0 does (the folder may be rank 0's alone)
+        if collective and self.world_size > 1:  # every rank decides as rank 0 does (the folder may be rank 0's alone)
             import torch.distributed as dist
 
             box = [found if self.rank == 0 else None]
@@ -490,8 +492,8 @@ class Trainer:
                 optimizer state hold NaN or inf; nothing is written.
             FileExistsError: ``out_dir`` holds another run's checkpoint (see ``overwrite``).
         """
-        if path is None:
-            self._check_out_dir()
+        if path is None and self.rank == 0:
+            self._check_out_dir(collective=False)
         path = Path(path) if path is not None else self.checkpoint_path
         if self.rank != 0:
             return path
