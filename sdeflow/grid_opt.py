@@ -114,33 +114,47 @@ class GridFit:
 
 # ------------------------------------------------------------------------------------------------ coordinates
 class _Coord:
-    """A monotone map between u in [0, 1] and times in [t_end, T]: linear in log-SNR when both ends have a finite
-    one (every VP/VE path with t_end > 0), else linear in t."""
+    r"""A monotone map between u in [0, 1] and times in [t_end, T]: :math:`u = (1 - m)\,u_\lambda + m\,u_t`, the
+    blend (weight m = ``mix``) of the position linear in log-SNR and the one linear in t (a log-SNR-uniform set
+    alone wastes candidates at high noise on schedules whose log-SNR plunges near T, e.g. the cosine one; a
+    t-uniform one starves the low-noise end). Without a finite log-SNR range (t_end = 0) it is linear in t."""
 
-    def __init__(self, sde: Any, T: float, t_end: float) -> None:
+    def __init__(self, sde: Any, T: float, t_end: float, mix: float = 0.5) -> None:
         self.sde, self.T, self.t_end = sde, T, t_end
         lam0 = float(sde.log_snr(torch.tensor(T, dtype=F64)))
         lam1 = float(sde.log_snr(torch.tensor(t_end, dtype=F64)))
         self.log_snr = math.isfinite(lam0) and math.isfinite(lam1) and lam1 > lam0
         self.lam0, self.lam1 = lam0, lam1
+        self.mix = float(mix) if self.log_snr else 1.0
+
+    def _u(self, t: torch.Tensor) -> torch.Tensor:
+        ut = (t - self.T) / (self.t_end - self.T)
+        if self.mix >= 1.0:
+            return ut
+        ul = (self.sde.log_snr(t).to(F64) - self.lam0) / (self.lam1 - self.lam0)
+        return (1.0 - self.mix) * ul + self.mix * ut
 
     def times(self, u: torch.Tensor) -> torch.Tensor:
         u = u.to(F64)
-        if self.log_snr:
-            t = self.sde.t_from_log_snr(self.lam0 + u * (self.lam1 - self.lam0)).to(F64)
-        else:
+        if self.mix >= 1.0:
             t = self.T + u * (self.t_end - self.T)
+        elif self.mix <= 0.0:
+            t = self.sde.t_from_log_snr(self.lam0 + u * (self.lam1 - self.lam0)).to(F64)
+        else:  # bisection: u(t) decreases in t
+            lo = torch.full_like(u, self.t_end)
+            hi = torch.full_like(u, self.T)
+            for _ in range(60):
+                mid = 0.5 * (lo + hi)
+                above = self._u(mid) > u  # mid is too early (too small a t)
+                lo = torch.where(above, mid, lo)
+                hi = torch.where(above, hi, mid)
+            t = 0.5 * (lo + hi)
         t = t.clone()
         t[0], t[-1] = self.T, self.t_end
         return t
 
     def u_of(self, grid: torch.Tensor) -> torch.Tensor:
-        g = grid.to(F64)
-        if self.log_snr:
-            u = (self.sde.log_snr(g).to(F64) - self.lam0) / (self.lam1 - self.lam0)
-        else:
-            u = (g - self.T) / (self.t_end - self.T)
-        u = u.clone()
+        u = self._u(grid.to(F64)).clone()
         u[0], u[-1] = 0.0, 1.0
         return u
 
@@ -248,10 +262,7 @@ def _family_u(coord: _Coord, steps: int, q: float, p: float) -> torch.Tensor:
     phi0, phi1 = bc(ls0), bc(ls1)
     phi = phi0 + w * (phi1 - phi0)
     ls = phi if abs(q) < 1e-12 else torch.log1p(q * torch.as_tensor(phi)) / q
-    u = (-ls - coord.lam0) / (coord.lam1 - coord.lam0)
-    u = u.clone()
-    u[0], u[-1] = 0.0, 1.0
-    return u
+    return coord.u_of(coord.sde.t_from_log_snr(-ls).to(F64))
 
 
 def _fit_family(obj: _Objective, steps: int, iters: int, sweeps: int = 2) -> tuple[float, float]:
@@ -316,7 +327,7 @@ class Reference:
 
     Attributes:
         x_T: the starting noises; trajectory: the states at ``times`` (steps + 1, *x_T.shape), float64 by default.
-        times: the reference grid (uniform in log-SNR when finite, else in t); t_end: its last time.
+        times: the reference grid (uniform in the fit's coordinate); t_end: its last time.
         error: estimated RMS error of the end states (Richardson: half-resolution difference / 7), NaN if unchecked.
         nfe: net calls spent.
     """
@@ -336,15 +347,17 @@ def reference_solve(
     steps: int = 240,
     dtype: torch.dtype = torch.float64,
     check: bool = True,
+    mix: float = 0.5,
 ) -> Reference:
     r"""Fine DPM-Solver++(3M) solve (Lu et al. 2022b; no lower-order final steps) of the probability-flow ODE from
-    ``x_T`` at ``sde.T`` to ``t_end`` on ``steps`` steps uniform in log-SNR, in ``dtype``, keeping every state; with
+    ``x_T`` at ``sde.T`` to ``t_end`` on ``steps`` steps uniform in the blend ``mix`` of log-SNR and t (the fit's
+    candidate coordinate, see ``fit_grid``), in ``dtype``, keeping every state; with
     ``check``, a half-resolution solve estimates its error (third order: :math:`e_h \approx (x_{2h} - x_h)/7`)."""
     sde = den.sde
     t_end = float(sde.eps if t_end is None else t_end)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2 or steps % 2:
         raise ValueError(f"steps must be an even integer >= 2, got {steps!r}")
-    coord = _Coord(sde, float(sde.T), t_end)
+    coord = _Coord(sde, float(sde.T), t_end, mix)
     nfe0 = den.nfe
     ref_stepper = make_stepper(den, "dpm_solver++", order=3, lower_order_final=False)
     x = x_T.to(dtype)
@@ -395,6 +408,7 @@ def fit_grid(
     dp_samples: int = 64,
     refine: bool = True,
     validation: float = 0.25,
+    mix: float = 0.5,
     sweeps: int = 3,
     golden_iters: int = 8,
     tol: float = 1e-3,
@@ -422,6 +436,8 @@ def fit_grid(
         candidates: number of candidate intervals of the DP (``"dp"``).
         dp_samples: noises used for the DP's one-step costs (the refinement uses all of them).
         refine: run the coordinate descent on the true end error after the DP.
+        mix: the search coordinate u = (1 - mix) u_log-SNR + mix u_t in which candidates and the reference grid are
+            uniform (0: log-SNR, 1: t).
         validation: the fraction of the noises kept out of the search: of the grids that improved the fitting
             error, the one best on these is returned (early stopping against over-fitting a small noise set).
         sweeps, golden_iters, tol: coordinate-descent sweeps, golden-section evaluations per knot, and the
@@ -450,6 +466,8 @@ def fit_grid(
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     if not (isinstance(validation, (int, float)) and 0.0 <= validation <= 0.5):
         raise ValueError(f"validation must be a fraction in [0, 0.5], got {validation!r}")
+    if not (isinstance(mix, (int, float)) and 0.0 <= mix <= 1.0):
+        raise ValueError(f"mix must lie in [0, 1], got {mix!r}")
     if candidates < steps:
         raise ValueError(f"candidates={candidates} must be >= the number of steps {steps}")
     if reference is not None:
@@ -474,7 +492,7 @@ def fit_grid(
             raise ValueError(f"x_T has data shape {tuple(x_T.shape[1:])}, but shape={tuple(shape)} was given")
         if not bool(torch.isfinite(x_T).all()):
             raise ValueError("x_T must be finite")
-    coord = _Coord(sde, T, t_end)
+    coord = _Coord(sde, T, t_end, mix)
 
     # the default grid, and the budget check: the solver must spend exactly nfe on it
     default = time_grid(sde, steps, stepper.default_grid, t_end=t_end)
@@ -492,7 +510,7 @@ def fit_grid(
     # the reference: a fine solve whose grid holds the DP candidates
     if reference is None:
         sub = -(-reference_steps // (2 * candidates)) * 2
-        reference = reference_solve(den, x_T, t_end, sub * candidates, reference_dtype, check_reference)
+        reference = reference_solve(den, x_T, t_end, sub * candidates, reference_dtype, check_reference, mix)
     sub = (reference.times.numel() - 1) // candidates
     traj, ref = reference.trajectory, reference.trajectory[-1]
     u_fine = coord.u_of(reference.times)
