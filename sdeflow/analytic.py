@@ -122,9 +122,9 @@ class GaussianMixture:
             )
         return x.reshape(x.shape[0], self.d)
 
-    def _params(self, x: torch.Tensor):
-        p = dict(dtype=x.dtype, device=x.device)
-        return self.means.to(**p), self.stds.to(**p), self.weights.to(**p)
+    def _params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dt, dev = x.dtype, x.device
+        return self.means.to(dev, dt), self.stds.to(dev, dt), self.weights.to(dev, dt)
 
     def _components(self, x: torch.Tensor, a: torch.Tensor, s: torch.Tensor):
         """x (B, d); a, s scalar or (B,). Returns logits (B, K), diff (B, K, d), var (B or 1, K, d)."""
