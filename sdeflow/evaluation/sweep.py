@@ -194,7 +194,7 @@ class LowDimScorer:
         n_projections: directions for ``sw2``. seed: seeds those directions.
     """
 
-    metrics = ("sw2", "mmd2", "fd")
+    metrics: tuple[str, ...] = ("sw2", "mmd2", "fd")
 
     def __init__(
         self,
@@ -267,7 +267,8 @@ class FeatureScorer:
         device: torch.device | str | None = None,
         info: dict[str, Any] | None = None,
     ) -> None:
-        self.extractor, self.metrics = extractor, (name,)
+        self.extractor = extractor
+        self.metrics: tuple[str, ...] = (name,)
         self.batch_size, self.device = batch_size, device
         self.info = dict(info or {})
         if isinstance(reference, GaussianStats):
@@ -317,7 +318,7 @@ def make_scorer(
       ``"auto"`` (digits CNN for ``digits``, Inception when ``inception_weights`` is given, else raw pixels),
       ``"digits"``, ``"inception"`` or ``"raw"``.
     """
-    from ..training.data import SampledData, make_data
+    from ..training.data import SampledData, TensorData, make_data
 
     extractors = ("auto", "digits", "inception", "raw")
     if extractor not in extractors:
@@ -343,6 +344,8 @@ def make_scorer(
             return LowDimScorer(reference, [data.sample(n, gen)[0] for _ in range(floor_draws)], seed=seed)
         pairs = [(data.sample(n, gen)[0], data.sample(n, gen)[0]) for _ in range(floor_draws)]
     else:
+        if not isinstance(data, TensorData):
+            raise ValueError(f"data={spec!r} is neither drawn from a law nor a finite data set")
         x = data.x
         half = x.shape[0] // 2
         perms = [torch.randperm(x.shape[0], generator=gen) for _ in range(max(floor_draws, 1))]
@@ -358,23 +361,23 @@ def make_scorer(
     if kind == "digits":
         from .extractors import digits_extractor
 
-        net = digits_extractor(cache_dir, device=device)
+        digits_net = digits_extractor(cache_dir, device=device)
         return FeatureScorer(
-            net,
+            digits_net,
             reference,
             pairs,
             name="fd_digits",
             device=device,
-            info={"name": "digits CNN (sdeflow.evaluation.extractors)", "accuracy": net.accuracy},
+            info={"name": "digits CNN (sdeflow.evaluation.extractors)", "accuracy": digits_net.accuracy},
         )
     if kind == "inception":
         if not inception_weights:
             raise ValueError("extractor='inception' needs inception_weights (pytorch-fid's weight file)")
         from .inception import load_fid_inception
 
-        net = load_fid_inception(inception_weights, device=device)
+        inception_net = load_fid_inception(inception_weights, device=device)
         return FeatureScorer(
-            net,
+            inception_net,
             reference,
             pairs,
             name="fid",
