@@ -177,7 +177,7 @@ def solve_adaptive(
             end = torch.full_like(t0, t_end)
             t1 = torch.maximum(t1, end) if direction < 0 else torch.minimum(t1, end)
             xs = x[idx]
-            z = noise(rounds - 1, t0, t1, xs, draws) if noise is not None and draws else None
+            z = noise(rounds - 1, t0, t1, xs, draws, index=idx) if noise is not None and draws else None
             res, k_order = _adaptive_step(stepper, t0, t1, xs, z)
             x_new, err = res.x, res.error
             if err is None:

@@ -38,13 +38,21 @@ class PerSampleGenerator:
     def __len__(self) -> int:
         return len(self.generators)
 
-    def randn(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
+    def randn(
+        self,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+        index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Normals of ``shape`` (batch first), row b from sample b's generator; with ``index`` (the batch rows the
+        draw is for, e.g. the samples an adaptive solver still steps) only those samples' generators advance."""
         shape = tuple(shape)
-        if shape[0] != len(self.generators):
-            raise ValueError(f"batch size {shape[0]} does not match the {len(self.generators)} per-sample seeds")
-        out = torch.stack(
-            [torch.randn(shape[1:], generator=g, dtype=dtype, device=self.device) for g in self.generators]
-        )
+        gens = self.generators if index is None else [self.generators[int(b)] for b in index.tolist()]
+        if shape[0] != len(gens):
+            what = "per-sample seeds" if index is None else "rows of the index"
+            raise ValueError(f"batch size {shape[0]} does not match the {len(gens)} {what}")
+        out = torch.stack([torch.randn(shape[1:], generator=g, dtype=dtype, device=self.device) for g in gens])
         return out.to(device) if device is not None else out
 
 
@@ -63,9 +71,20 @@ def randn(
 
 
 class NoiseSource:
-    """Base class: ``__call__(i, t0, t1, like, draws) -> (draws, *like.shape)`` standard normals."""
+    """Base class: ``__call__(i, t0, t1, like, draws, index=None) -> (draws, *like.shape)`` standard normals.
 
-    def __call__(self, i: int, t0: torch.Tensor, t1: torch.Tensor, like: torch.Tensor, draws: int = 1) -> torch.Tensor:
+    ``index`` (a long tensor) says which rows of the full batch ``like`` holds when a driver steps a subset of the
+    batch (per-sample adaptive stepping): per-sample streams then advance for those samples only."""
+
+    def __call__(
+        self,
+        i: int,
+        t0: torch.Tensor,
+        t1: torch.Tensor,
+        like: torch.Tensor,
+        draws: int = 1,
+        index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -75,9 +94,9 @@ class IIDNoise(NoiseSource):
     def __init__(self, generator: Generatorish = None) -> None:
         self.generator = generator
 
-    def __call__(self, i, t0, t1, like, draws=1):
+    def __call__(self, i, t0, t1, like, draws=1, index=None):
         if isinstance(self.generator, PerSampleGenerator):  # batch axis first, so each sample owns its draws
-            z = randn((like.shape[0], draws, *like.shape[1:]), self.generator, like.dtype, like.device)
+            z = self.generator.randn((like.shape[0], draws, *like.shape[1:]), like.dtype, like.device, index=index)
             return z.transpose(0, 1)
         return randn((draws, *like.shape), self.generator, like.dtype, like.device)
 
@@ -131,7 +150,9 @@ class BrownianNoise(NoiseSource):
         """W(t_hi) - W(t_lo)."""
         return self.bm(t_lo, t_hi)
 
-    def __call__(self, i, t0, t1, like, draws=1):
+    def __call__(self, i, t0, t1, like, draws=1, index=None):
+        if index is not None:
+            raise ValueError("BrownianNoise is one path for the whole batch: it cannot serve a subset of the samples")
         if tuple(like.shape) != self.shape:
             raise ValueError(f"the Brownian path has shape {self.shape}, the state {tuple(like.shape)}")
         if t0.ndim != 0 or t1.ndim != 0:
@@ -152,10 +173,13 @@ class TensorNoise(NoiseSource):
     def __init__(self, noise: torch.Tensor) -> None:
         self.noise = noise
 
-    def __call__(self, i, t0, t1, like, draws=1):
+    def __call__(self, i, t0, t1, like, draws=1, index=None):
         if i >= self.noise.shape[0]:
             raise ValueError(f"TensorNoise holds {self.noise.shape[0]} steps, step {i} was asked for")
         z = self.noise[i]
+        if index is not None:  # the rows of the stepped subset
+            idx = index.to(z.device)
+            z = z[:, idx] if z.ndim == like.ndim + 1 else z[idx]
         if z.shape == like.shape:
             z = z[None]
         if z.shape[0] < draws or tuple(z.shape[1:]) != tuple(like.shape):

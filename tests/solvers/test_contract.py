@@ -99,3 +99,13 @@ def test_integrators_are_not_stepped(den):
     assert isinstance(make_stepper(den, "rk45"), Stepper)  # the DOPRI5 stepper also walks a grid
     assert make_stepper(den, "rk45").integrator() is not None  # ... and hands out its torchdiffeq bridge
     assert make_stepper(den, "rk45", backend="sdeflow").integrator() is None
+
+
+def test_adaptive_sde_with_per_sample_generators_is_batch_size_independent(den):
+    """Issue 16: the adaptive driver steps a subset of the batch; its noise comes from the subset's own streams."""
+    from sdeflow.noise import PerSampleGenerator
+
+    seeds = list(range(12))
+    big = sf.sample(den, "adaptive_sde", shape=(12, 2), generator=PerSampleGenerator(seeds), dtype=torch.float64)
+    small = sf.sample(den, "adaptive_sde", shape=(3, 2), generator=PerSampleGenerator(seeds[5:8]), dtype=torch.float64)
+    torch.testing.assert_close(big.x[5:8], small.x, rtol=0, atol=0)
