@@ -26,13 +26,20 @@ from .base import (
 from .bridges import TorchSDE
 from .control import PIController, Tolerances, error_norm
 from .ddim import DDIM, DDPM
+from .deis import DEIS
 from .dpm_solver import DPMSolver, DPMSolverPP
+from .dpmpp_ancestral import DPMSolverPP2SAncestral
+from .dpmpp_sde import DPMSolverPPSDE
+from .er_sde import ERSDE
 from .euler import Euler, EulerMaruyama
 from .heun import Heun
+from .ipndm import IPNDM
+from .lms import LMS
 from .pc import PredictorCorrector
 from .picard import Parallel
 from .record import SampleResult
 from .rk import RK45
+from .sa_solver import SASolver
 from .unipc import UniPC
 
 
@@ -69,6 +76,13 @@ STEPPERS: dict[str, type[Solver]] = {
     "heun": Heun,
     "rk45": RK45,
     "torchsde": TorchSDE,
+    "deis": DEIS,
+    "ipndm": IPNDM,
+    "lms": LMS,
+    "sa_solver": SASolver,
+    "er_sde": ERSDE,
+    "dpmpp_2s_ancestral": DPMSolverPP2SAncestral,
+    "dpmpp_sde": DPMSolverPPSDE,
 }
 
 #: every name accepted by ``sdeflow.sample(solver=...)`` -> a constructor ``(denoiser, **options) -> Solver``
