@@ -366,7 +366,7 @@ def _make_scheduler_class() -> type:
     class SdeflowScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc, valid-type]
         r"""A diffusers scheduler that runs a sdeflow solver, one model call per :meth:`step`.
 
-        ``set_timesteps(n)`` takes ``n`` as the NFE budget (what ``sf.sample(nfe=n)`` takes: heun makes n model
+        ``set_timesteps(n)`` takes ``n`` as the NFE budget (what ``sf.sample(nfe=n)`` takes: heun makes at most n model
         calls, not n steps) and builds the grid ``sf.sample`` builds: ``grid`` (a sdeflow grid name, diffusers'
         spacing ``"leading" | "trailing" | "linspace"``, or None for the solver's default) from ``sde.T`` to
         ``t_end`` (None: ``sde.eps``; 0 is diffusers' ``final_sigmas_type="zero"``). ``timesteps`` are then the
