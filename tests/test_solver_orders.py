@@ -54,6 +54,15 @@ DETERMINISTIC_VARIANTS: dict[str, list[dict]] = {
         {"order": 2, "corrector": False},
         {"order": 2, "predict_x0": False},
     ],
+    # DEIS-3 "logrho" (exact in log-SNR, like 3M) and LMS-4 are fitted on mixtures with more steps in
+    # tests/solvers/test_new_solvers.py (3M's telescoping on Gaussian data; LMS-4 is pre-asymptotic below 128 steps)
+    "deis": [{"order": 1}, {"order": 2}, {"order": 2, "solver_type": "tab"}, {"order": 3, "solver_type": "tab"}],
+    "lms": [{"order": 2}, {"order": 3}],
+    "ipndm": [{"max_order": 1}, {"max_order": 2}, {"max_order": 4}],
+    "dpmpp_2s_ancestral": [{"eta": 0.0}],
+    "dpmpp_sde": [{"eta": 0.0}, {"eta": 0.0, "r": 0.3}],
+    "er_sde": [{"noise_scaler": "ode", "max_stage": 2}, {"noise_scaler": "ode", "max_stage": 3}],
+    "sa_solver": [{"tau": 0.0}, {"tau": 0.0, "predictor_order": 1}, {"tau": 0.0, "corrector_order": 3}],
 }
 #: option variants of stochastic solvers for the exact weak-order test (samplers affine in x for Gaussian data).
 STOCHASTIC_VARIANTS: dict[str, list[dict]] = {
@@ -65,7 +74,11 @@ STOCHASTIC_VARIANTS: dict[str, list[dict]] = {
         {"predictor": "euler_maruyama", "corrector": "none"},
     ],
     "heun": [{"S_churn": 20.0}, {"S_churn": 5.0, "S_tmin": 0.05, "S_tmax": 1.0}],
-    "dpm_solver++": [{"sde": True, "order": 1}, {"sde": True, "order": 2}],
+    "dpm_solver++": [{"sde": True, "order": 1}, {"sde": True, "order": 2}, {"sde": True, "order": 3}],
+    "dpmpp_2s_ancestral": [{}, {"eta": 0.5}],
+    "dpmpp_sde": [{}],
+    "er_sde": [{}, {"max_stage": 1}],
+    "sa_solver": [{}, {"tau": 0.5, "tau_window": (0.0, 1.0), "predictor_order": 1, "corrector_order": 1}],
 }
 #: solvers the weak-order probe cannot drive (they draw their own noise); they are checked in test_solvers.py.
 EXTERNAL_NOISE = {"torchsde"}
