@@ -24,9 +24,12 @@ noise (:class:`~sdeflow.sdes.FlowMatchingPath`, zero-terminal-SNR schedules) the
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from .sdes import GaussianSDE
 
@@ -39,6 +42,8 @@ SPACINGS = ("leading", "trailing", "linspace")
 
 
 def diffusers_timesteps(num_train_timesteps: int, steps: int, spacing: str, steps_offset: int = 0) -> np.ndarray:
+    import numpy as np  # diffusers' own arithmetic (float64 numpy), imported only for these spacings
+
     """diffusers' integer timesteps (decreasing, int64) of ``DPMSolverMultistepScheduler.set_timesteps(steps)`` /
     ``UniPCMultistepScheduler`` for a ``timestep_spacing`` (diffusers 0.2x-0.4x, ``lambda_min_clipped = -inf``)."""
     N = int(num_train_timesteps)

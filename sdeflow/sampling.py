@@ -11,6 +11,7 @@ arithmetic. Sampling records no autograd graph unless ``enable_grad=True``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -49,7 +50,7 @@ make_stepper = make_solver
 def sample(
     den: Denoiser,
     solver: str | Solver = "dpm_solver++",
-    nfe: int | None = 10,
+    nfe: int | None = None,
     x_T: torch.Tensor | None = None,
     shape: tuple[int, ...] | None = None,
     generator: torch.Generator | PerSampleGenerator | None = None,
@@ -67,6 +68,7 @@ def sample(
     atol: float | None = None,
     max_steps: int = 100_000,
     enable_grad: bool = False,
+    t_start: float | None = None,
     **solver_options: Any,
 ) -> SampleResult:
     """Sample from ``den`` by integrating its reverse dynamics from ``sde.T`` to ``t_end`` (default ``sde.eps``).
@@ -74,12 +76,17 @@ def sample(
     Args:
         den: the :class:`~sdeflow.Denoiser`.
         solver: a name in ``sdeflow.solvers.SOLVERS`` (see ``sdeflow.solvers.available()``) or a solver instance.
-        nfe: budget of net calls; fixed-step solvers take ``nfe // nfe_per_step`` steps (one fewer NFE when
-            ``denoise_final``). Ignored by adaptive solvers (they take rtol/atol).
-        x_T: the starting noise; drawn from the prior (with ``generator``) when None, then ``shape`` is required.
+        nfe: budget of net calls (default 10); fixed-step solvers take ``nfe // nfe_per_step`` steps (one fewer NFE
+            when ``denoise_final``). With a grid tensor the grid sets the steps: leave nfe None, or give the budget
+            that makes exactly that many steps (anything else raises). Ignored by adaptive solvers (rtol/atol).
+        x_T: the state at ``t_start``: drawn from the prior (with ``generator``) when None, then ``shape`` is
+            required (only at t_start = T: below T pass the state, e.g. ``sde.marginal(x0, t_start, noise)``).
         generator: a torch.Generator or a :class:`~sdeflow.noise.PerSampleGenerator` for x_T and the solver's noise.
-        t_end: the final time, in [0, T).
-        grid: ``"uniform" | "logsnr" | "quadratic" | "karras"`` or a tensor of times (default: the solver's).
+        t_end: the final time, in [0, T) (default ``sde.eps``; a grid tensor's last time, which must then agree).
+        grid: ``"uniform" | "logsnr" | "quadratic" | "karras"``, diffusers' spacings for discrete models, or a
+            decreasing tensor of times from ``t_start`` to ``t_end`` (default: the solver's grid kind).
+        t_start: the start time (default ``sde.T``); below T the sampler starts from the given x_T at t_start
+            (SDEdit-style partial sampling; Meng et al. 2022).
         denoise_final: finish with the Tweedie denoising step x0_hat(x, t_end) (one more net call).
         noise: a noise source for stochastic solvers (default IID from ``generator``).
         rtol, atol: tolerances of adaptive solvers.
@@ -96,8 +103,43 @@ def sample(
     with torch.set_grad_enabled(bool(enable_grad)):
         return _sample(
             den, solver, nfe, x_T, shape, generator, t_end, grid, return_trajectory, progress, denoise_final, noise,
-            callback, dtype, device, rtol, atol, max_steps, solver_options,
+            callback, dtype, device, rtol, atol, max_steps, t_start, solver_options,
         )  # fmt: skip
+
+
+def _check_nfe(nfe: Any) -> None:
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
+
+
+def _span(sde: Any, grid: str | torch.Tensor | None, t_start: float | None, t_end: float | None) -> tuple[float, float]:
+    """(t_start, t_end), checked against each other and against a grid tensor's ends (a conflict raises)."""
+    T = float(sde.T)
+    for name, v in (("t_start", t_start), ("t_end", t_end)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if isinstance(grid, torch.Tensor):
+        if grid.ndim != 1 or grid.numel() < 2:
+            raise ValueError(f"grid must be a 1-D tensor of at least 2 times, got shape {tuple(grid.shape)}")
+        g0, g1 = float(grid[0]), float(grid[-1])
+        tol = 1e-9 * max(1.0, T)
+        if t_start is None and abs(g0 - T) > tol:
+            raise ValueError(
+                f"the grid starts at t={g0:.6g}, not at T={T}, where x_T is drawn from the prior: pass t_start={g0:.6g} "
+                "and x_T = the state at that time (SDEdit-style), or a grid from T"
+            )
+        if t_start is not None and abs(g0 - t_start) > tol:
+            raise ValueError(f"the grid starts at t={g0:.6g} but t_start={t_start}: they must agree")
+        if t_end is not None and abs(g1 - t_end) > tol:
+            raise ValueError(f"the grid ends at t={g1:.6g} but t_end={t_end}: they must agree (or leave t_end None)")
+        t_start, t_end = g0, g1
+    t_start = T if t_start is None else float(t_start)
+    t_end = float(sde.eps if t_end is None else t_end)
+    if not 0.0 <= t_end < sde.T:
+        raise ValueError(f"t_end must lie in [0, T) = [0, {sde.T}), got t_end={t_end}")
+    if not t_end < t_start <= T + 1e-9 * max(1.0, T):
+        raise ValueError(f"t_start must satisfy t_end < t_start <= T = {T}, got t_start={t_start}, t_end={t_end}")
+    return t_start, t_end
 
 
 def _sample(
@@ -119,6 +161,7 @@ def _sample(
     rtol: float | None,
     atol: float | None,
     max_steps: int,
+    t_start: float | None,
     solver_options: dict[str, Any],
 ) -> SampleResult:
     sde = den.sde
@@ -127,12 +170,15 @@ def _sample(
     if atol is not None:
         solver_options["atol"] = atol
     s = make_solver(den, solver, **solver_options)
-    t_end = float(sde.eps if t_end is None else t_end)
-    if not 0.0 <= t_end < sde.T:
-        raise ValueError(f"t_end must lie in [0, T) = [0, {sde.T}), got t_end={t_end}")
+    t_start, t_end = _span(sde, grid, t_start, t_end)
     if x_T is None:
         if shape is None:
             raise ValueError("pass either x_T or shape (batch, *data_shape)")
+        if t_start < sde.T:
+            raise ValueError(
+                f"t_start={t_start} < T={sde.T}: pass x_T, the state at t_start (e.g. sde.marginal(x0, t_start, "
+                "noise)); only at T is it drawn from the prior"
+            )
         x_T = sde.prior_std() * randn(tuple(shape), generator, dtype=dtype, device=device)
     else:
         if shape is not None and tuple(x_T.shape) != tuple(shape):
@@ -152,7 +198,7 @@ def _sample(
         res = solve_adaptive(
             s,  # type: ignore[arg-type]  # solve_adaptive checks the capability and raises a clear error
             x_T,
-            sde.T,
+            t_start,
             t_end,
             rtol=tol.rtol,
             atol=tol.atol,
@@ -163,22 +209,32 @@ def _sample(
             max_steps=max_steps,
         )
     else:
-        if nfe is None or isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
-            raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
-        budget = nfe - (1 if denoise_final else 0)
-        if budget < 1:
-            raise ValueError(f"nfe={nfe} leaves no net call for the solver after the final denoising step")
-        steps = s.num_steps(budget)
-        kind = grid if grid is not None else s.default_grid
-        if isinstance(kind, str):  # a named grid is a function of (sde, steps, kind, t_end): built once
-            g = memo_per_grid(
-                sde, ("time_grid", steps, kind, t_end), _EMPTY, lambda: time_grid(sde, steps, kind, t_end=t_end)
-            )
-            g = g.clone()
+        if isinstance(grid, torch.Tensor):
+            steps = grid.numel() - 1
+            if nfe is not None and tol is None:  # adaptive configurations take the grid as output times
+                _check_nfe(nfe)
+                budget = nfe - (1 if denoise_final else 0)
+                if budget < 1 or s.num_steps(budget) != steps:
+                    raise ValueError(
+                        f"nfe={nfe} does not fit the grid tensor of {steps} steps (solver {s.name!r} takes "
+                        f"{s.num_steps(budget) if budget >= 1 else 0} steps for it): pass nfe=None to let the grid set "
+                        "the steps, or a grid of that many steps"
+                    )
         else:
-            g = time_grid(sde, steps, kind, t_end=t_end)
-        if isinstance(kind, torch.Tensor):
-            t_end = float(g[-1])
+            nfe = 10 if nfe is None else nfe
+            _check_nfe(nfe)
+            budget = nfe - (1 if denoise_final else 0)
+            if budget < 1:
+                raise ValueError(f"nfe={nfe} leaves no net call for the solver after the final denoising step")
+            steps = s.num_steps(budget)
+        kind = grid if grid is not None else s.default_grid
+        if isinstance(kind, str):  # a named grid is a function of (sde, steps, kind, t_start, t_end): built once
+            key = ("time_grid", steps, kind, t_start, t_end)
+            start = None if t_start == float(sde.T) else t_start  # diffusers' spacings fix their own start
+            build = lambda: time_grid(sde, steps, kind, t_end=t_end, t_start=start)
+            g = memo_per_grid(sde, key, _EMPTY, build).clone()
+        else:
+            g = time_grid(sde, steps, kind, t_end=t_end, t_start=None if t_start == float(sde.T) else t_start)
         if whole is not None:
             res = whole.integrate(
                 x_T, g, noise=noise, callback=callback, return_trajectory=return_trajectory, progress=progress

@@ -159,10 +159,48 @@ def test_unknown_solver_lists_available():
         sf.sample(den, "rk4", shape=(2, 2))
 
 
-@pytest.mark.parametrize("nfe", [0, -3, 2.5, None])
+@pytest.mark.parametrize("nfe", [0, -3, 2.5, True, "10"])
 def test_bad_nfe(nfe):
     with pytest.raises(ValueError, match="nfe"):
         sf.sample(_setup()[3], "euler", nfe=nfe, shape=(2, 2))
+
+
+def test_nfe_none_is_the_default_budget_or_the_grid_s():
+    """nfe=None: 10 on a named grid; a grid tensor sets the steps itself (issue 16: nothing silently overridden)."""
+    den = _setup()[3]
+    assert sf.sample(den, "euler", nfe=None, shape=(2, 2)).nfe == 10
+    grid = time_grid(den.sde, 7, "uniform")
+    assert sf.sample(den, "euler", x_T=torch.zeros(2, 2), grid=grid).nfe == 7
+
+
+def test_grid_tensor_conflicts_raise():
+    den = _setup()[3]
+    sde = den.sde
+    grid = time_grid(sde, 7, "uniform")
+    x = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match="nfe=10 does not fit the grid tensor of 7 steps"):
+        sf.sample(den, "euler", nfe=10, x_T=x, grid=grid)
+    assert sf.sample(den, "euler", nfe=7, x_T=x, grid=grid).nfe == 7  # a budget that fits is fine
+    with pytest.raises(ValueError, match="the grid ends at .* but t_end=0.1"):
+        sf.sample(den, "euler", x_T=x, grid=grid, t_end=0.1)
+    late = time_grid(sde, 7, "uniform", t_start=0.5)
+    with pytest.raises(ValueError, match="the grid starts at t=0.5, not at T"):
+        sf.sample(den, "euler", x_T=x, grid=late)
+    with pytest.raises(ValueError, match="pass x_T, the state at t_start"):
+        sf.sample(den, "euler", shape=(2, 2), t_start=0.5)
+
+
+def test_t_start_samples_from_an_intermediate_time():
+    """SDEdit-style: from x at t_start the sampler integrates [t_start, t_end] only, and equals the tail of a full
+    solve on the same grid."""
+    den = _setup()[3]
+    sde = den.sde
+    grid = time_grid(sde, 10, "uniform")
+    x_T = sde.prior_sample((3, 2), torch.Generator().manual_seed(0), dtype=torch.float64)
+    full = sf.sample(den, "ddim", x_T=x_T, grid=grid, return_trajectory=True)
+    tail = sf.sample(den, "ddim", x_T=full.trajectory[4], grid=grid[4:], t_start=float(grid[4]))
+    torch.testing.assert_close(tail.x, full.x, rtol=0, atol=1e-12)
+    assert tail.nfe == 6
 
 
 def test_nfe_too_small_for_solver():

@@ -387,8 +387,10 @@ class ExponentialStepper(Stepper):
         # overrides predict() or coefficients() is always called through predict())
         cls = type(denoiser)
         self._table_predict = (
-            cls.predict is Denoiser.predict and cls.coefficients is Denoiser.coefficients and denoiser.prediction != "v"
-        )  # the v row needs tensor a, s
+            cls.predict is Denoiser.predict
+            and cls.coefficients is Denoiser.coefficients
+            and denoiser.prediction not in ("v", "flow")
+        )  # the v row needs tensor a, s; the flow row the derivatives a'(t), s'(t)
 
     # ---------------------------------------------------------------- options
     def _check_choice(self, name: str, allowed: Sequence[Any]) -> None:

@@ -199,7 +199,7 @@ def test_sdeflow_on_diffusers_grid_matches_diffusers(case, unet, x_T):
     x_start = x_T * den.sde.sigma(grid[0]).item() if not isinstance(den.sde, sf.DiscreteVPSDE) else x_T
     theirs = diffusers_loop(unet, make(), n, x_start)
     with torch.no_grad():
-        ours = sf.sample(den, solver, nfe=n, x_T=x_start, grid=grid, **opts)
+        ours = sf.sample(den, solver, nfe=n, x_T=x_start, grid=grid, t_start=float(grid[0]), **opts)
     assert ours.nfe == n
     assert rel(ours.x, theirs) < 1e-5
 

@@ -184,7 +184,7 @@ def test_solvers_on_the_flow_path_converge_to_the_reference(solver, opts, t_star
         steps = (nfe + 1) // 2 if solver == "heun" else nfe
         grid = torch.linspace(t_start, t_end, steps + 1, dtype=F64)
         try:
-            res = sf.sample(flow_den, solver, nfe=nfe, x_T=x_T, grid=grid, **opts)
+            res = sf.sample(flow_den, solver, nfe=nfe, x_T=x_T, grid=grid, t_start=t_start, **opts)
         except Exception as exc:
             if "derivatives" in str(exc):  # solvers/exponential.py's table fast path must skip "flow" (like "v")
                 pytest.xfail("the exponential solvers' fast path converts 'flow' without a'(t), s'(t)")
