@@ -9,7 +9,8 @@ eps-model with integer timesteps. Error: RMS over samples and coordinates of the
 reference of the same ODE from the same noise (``peers.reference``, rtol = atol = 1e-9).
 
 Generalisation is the test: grids are fitted (``sf.grid_opt.fit_grid``, method ``"dp"``) on ``--fit-n`` noises
-drawn with one seed and every error is measured on ``--eval-n`` other noises. sdeflow runs each configuration on its
+(fit_grid's default draw: stratified from a pool of 16x as many, ``stratified_noises``) drawn with one seed, and every
+error is measured on ``--eval-n`` other noises. sdeflow runs each configuration on its
 default grid (log-SNR uniform) and on the fitted grid; diffusers runs every solver order / variant / time spacing
 (the peers benchmark's list) at the same NFE and at 1.5x and 2x the NFE. Fitting cost: one shared reference solve
 per problem, then one fit per (configuration, NFE); wall times with one torch thread (``--threads``).
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 
 import sdeflow as sf
-from sdeflow.grid_opt import fit_grid, reference_solve
+from sdeflow.grid_opt import fit_grid, reference_solve, stratified_noises
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import reference, rms, run_peer
@@ -45,7 +46,6 @@ SCHEDULES = {"linear": ("linear", sf.DiscreteVPSDE.linear), "cosine": ("squaredc
 
 # sdeflow configurations: name -> (solver, options)
 SDEFLOW: dict[str, tuple[str, dict[str, Any]]] = {
-    "dpm_solver++(2M)": ("dpm_solver++", {"order": 2}),
     "dpm_solver++(3M)": ("dpm_solver++", {"order": 3}),
     "unipc(bh2,2)": ("unipc", {"order": 2, "variant": "bh2"}),
     "unipc(bh1,3)": ("unipc", {"order": 3, "variant": "bh1"}),
@@ -118,12 +118,14 @@ def run_problem(dim: int, schedule: str, args: argparse.Namespace) -> dict[str, 
     x32 = x_eval.float()
     out: dict[str, Any] = {"dim": dim, "schedule": schedule, "eval_reference_s": ref_s}
 
-    # the fitting reference: fit_n other noises, shared by every fit of this problem
+    # the fitting noises (fit_grid's default: fit_n of a pool of 16 fit_n, stratified by hardness) and their
+    # reference, shared by every fit of this problem
     g_fit = torch.Generator().manual_seed(args.seed + 200)
-    x_fit = sde.prior_std() * torch.randn(args.fit_n, dim, generator=g_fit, dtype=F64)
     t0 = time.perf_counter()
-    fit_ref = reference_solve(den, x_fit, t_end, steps=args.reference_steps)
-    out["fit_reference"] = {"s": time.perf_counter() - t0, "nfe": fit_ref.nfe, "error": fit_ref.error}
+    nfe0 = den.nfe
+    x_fit, w = stratified_noises(den, (dim,), args.fit_n, 16 * args.fit_n, 0.25, g_fit, t_end)
+    fit_ref = reference_solve(den, x_fit, t_end, steps=args.reference_steps, weights=w)
+    out["fit_reference"] = {"s": time.perf_counter() - t0, "nfe": den.nfe - nfe0, "error": fit_ref.error}
 
     rows: dict[str, dict[int, float]] = {}
     fits: dict[str, dict[int, Any]] = {}
@@ -218,7 +220,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (several threads on a loaded machine cost ms)")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--merge", nargs="+", help="only merge the results.json of these runs into --out's table")
     args = p.parse_args(argv)
+    if args.merge:
+        runs = [json.loads((Path(d) / "results.json").read_text()) for d in args.merge]
+        merged = dict(runs[0], problems=[q for r in runs for q in r["problems"]])
+        for q in merged["problems"]:  # JSON turned the NFE keys into strings
+            for lib in ("sdeflow", "diffusers"):
+                q[lib] = {k: {int(n): e for n, e in v.items()} for k, v in q[lib].items()}
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(merged, indent=1, default=str))
+        md = markdown(merged)
+        (out / "table.md").write_text(md)
+        print(md)
+        return merged
     torch.set_num_threads(args.threads)
     try:
         import diffusers

@@ -16,12 +16,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import sdeflow as sf
-from sdeflow.grid_opt import GridCache, fit_grid, load_grid, optimize_grid, reference_solve, save_grid
+from sdeflow.grid_opt import (
+    GridCache,
+    fit_grid,
+    load_grid,
+    optimize_grid,
+    reference_solve,
+    save_grid,
+    stratified_noises,
+)
 from sdeflow.grids import time_grid
 
 F64 = torch.float64
 # small, cheap fits: the tests check properties, the benchmark measures
 FAST = dict(n=128, candidates=16, reference_steps=96, dp_samples=32, sweeps=2, golden_iters=6)
+TINY = dict(n=32, candidates=8, reference_steps=32, dp_samples=16, sweeps=1, golden_iters=4)
 
 
 def _mixture() -> sf.GaussianMixture:
@@ -112,28 +121,46 @@ def test_reference_solve_matches_dop853():
 
 
 def test_shared_reference_gives_the_same_fit():
-    x = torch.randn(128, 2, generator=torch.Generator().manual_seed(5), dtype=F64)
-    opts = {k: v for k, v in FAST.items() if k not in ("n", "reference_steps")}
-    ref = reference_solve(DEN, x, steps=96)
+    x = torch.randn(32, 2, generator=torch.Generator().manual_seed(5), dtype=F64)
+    opts = {k: v for k, v in TINY.items() if k not in ("n", "reference_steps")}
+    ref = reference_solve(DEN, x, steps=32)
     a = fit_grid(DEN, "unipc", 5, reference=ref, dtype=F64, **opts)
-    b = fit_grid(DEN, "unipc", 5, x_T=x, reference_steps=96, dtype=F64, **opts)
+    b = fit_grid(DEN, "unipc", 5, x_T=x, reference_steps=32, dtype=F64, **opts)
     torch.testing.assert_close(a.grid, b.grid, rtol=0, atol=0)
     assert a.fit_nfe == b.fit_nfe - b.reference_nfe
 
 
+def test_stratified_noises_estimate_the_pool_error_without_bias():
+    """For every pool, the weighted squared errors of the stratified draw estimate the pool's mean squared error
+    (unbiased: the ratio averages to 1 over pools); the draw holds the proxy's hardest noises and is deterministic."""
+    pool, n, ratios = 256, 32, []
+    for seed in range(12):
+        x_pool = SDE.prior_std() * torch.randn(pool, 2, generator=torch.Generator().manual_seed(seed), dtype=F64)
+        ref = reference_solve(DEN, x_pool, steps=120, check=False).trajectory[-1]  # tested against DOP853 above
+        mse = (sf.sample(DEN, "dpm_solver++", nfe=5, x_T=x_pool).x - ref).pow(2).mean(1)
+        xs, w = stratified_noises(DEN, (2,), n, pool, 0.25, torch.Generator().manual_seed(seed), dtype=F64)
+        xs2, w2 = stratified_noises(DEN, (2,), n, pool, 0.25, torch.Generator().manual_seed(seed), dtype=F64)
+        torch.testing.assert_close((xs, w), (xs2, w2), rtol=0, atol=0)
+        assert xs.shape == (n, 2) and float(w.sum()) == pytest.approx(pool) and int((w == 1).sum()) == 8
+        idx = torch.cdist(xs, x_pool).argmin(1)  # the rows of the pool that were drawn
+        torch.testing.assert_close(xs, x_pool[idx], rtol=0, atol=0)
+        ratios.append(float((w * mse[idx]).sum() / w.sum() / mse.mean()))
+    assert sum(ratios) / len(ratios) == pytest.approx(1.0, abs=0.1)
+
+
 # ------------------------------------------------------------------------------------------------ determinism
 def test_deterministic_given_the_generator():
-    a = optimize_grid(DEN, "dpm_solver++", 5, shape=(2,), generator=torch.Generator().manual_seed(7), **FAST)
-    b = optimize_grid(DEN, "dpm_solver++", 5, shape=(2,), generator=torch.Generator().manual_seed(7), **FAST)
-    c = optimize_grid(DEN, "dpm_solver++", 5, shape=(2,), **FAST)  # no generator: a fixed seed
-    d = optimize_grid(DEN, "dpm_solver++", 5, shape=(2,), **FAST)
+    a = optimize_grid(DEN, "dpm_solver++", 5, shape=(2,), generator=torch.Generator().manual_seed(7), **TINY)
+    b = optimize_grid(DEN, "dpm_solver++", 5, shape=(2,), generator=torch.Generator().manual_seed(7), **TINY)
+    c = optimize_grid(DEN, "dpm_solver++", 5, shape=(2,), **TINY)  # no generator: a fixed seed
+    d = optimize_grid(DEN, "dpm_solver++", 5, shape=(2,), **TINY)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(c, d, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------ JSON and cache
 def test_json_round_trip_is_exact(tmp_path):
-    fit = fit_grid(DEN, "dpm_solver++", 4, shape=(2,), **FAST)
+    fit = fit_grid(DEN, "dpm_solver++", 4, shape=(2,), **TINY)
     path = tmp_path / "g.json"
     save_grid(path, fit.grid, SDE, fit)
     back = load_grid(path, SDE)
@@ -163,7 +190,7 @@ def test_save_refuses_a_bad_grid(tmp_path):
 
 def test_cache_fits_once_and_persists(tmp_path):
     cache = GridCache(tmp_path)
-    kw = dict(FAST, order=2)
+    kw = dict(TINY, order=2)
     g1 = cache.get(DEN, "dpm_solver++", 4, shape=(2,), **kw)
     g2 = cache.get(DEN, "dpm_solver++", 4, shape=(2,), **kw)
     assert cache.misses == 1 and cache.hits == 1 and g1 is g2
@@ -199,7 +226,7 @@ def test_refuses_stochastic_and_adaptive_solvers(solver, opts, match):
 def test_refuses_budgets_the_solver_cannot_split():
     with pytest.raises(ValueError, match="cannot be split"):
         fit_grid(DEN, "heun", 6, shape=(2,), **FAST)  # N steps spend 2N - 1 NFE
-    assert fit_grid(DEN, "heun", 5, shape=(2,), **FAST).grid.numel() == 4  # 3 steps spend 5
+    assert fit_grid(DEN, "heun", 5, shape=(2,), **TINY).grid.numel() == 4  # 3 steps spend 5
 
 
 @given(st.one_of(st.integers(-5, 0), st.just(2.5), st.just("4"), st.just(True)))
