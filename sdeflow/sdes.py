@@ -456,20 +456,28 @@ class VPSDE(_VPBase):
         if self.schedule == "cosine":
             s = self.cosine_s
             return torch.log(torch.cos(math.pi / 2 * (t + s) / (1 + s))) - self._cos_log_c0
-        u = (self.sig_start + t * (self.sig_end - self.sig_start)) / self.sig_tau
-        one_minus_gamma = self._sig_one_minus_gamma(u)
-        return 0.5 * torch.log1p(-(1 - self.delta) * one_minus_gamma)
+        omg, gam = self._sig_gammas(t)
+        # abar = 1 - (1 - delta)(1 - gamma) = delta + (1 - delta) gamma: from whichever side is accurate
+        d = self.delta
+        return 0.5 * torch.where(omg < 0.5, torch.log1p(-(1 - d) * omg), torch.log(d + (1 - d) * gam))
 
-    def _sig_one_minus_gamma(self, u: torch.Tensor) -> torch.Tensor:
-        # 1 - gamma = (sig(u) - v_s) / (v_e - v_s), with sig(u) - sig(u0) = -exp(-u0) expm1(u0 - u) sig(u) sig(u0)
-        u0 = self.sig_start / self.sig_tau
-        diff = -math.exp(-u0) * torch.expm1(u0 - u) * torch.sigmoid(u) * self.sig_vs
-        return diff / (self.sig_ve - self.sig_vs)
+    def _sig_gammas(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 - gamma, gamma), each to full relative accuracy: 1 - gamma = (sig(u) - v_s)/(v_e - v_s) and
+        gamma = (v_e - sig(u))/(v_e - v_s) with u = u0 + d0 = u1 - d1, d0 = t k, d1 = (1 - t) k, k = (end - start)/tau,
+        sig(u) - sig(u0) = -expm1(-d0) sig(u) sig(-u0) and sig(u1) - sig(u) = -expm1(-d1) sig(-u) sig(u1): d0 and d1
+        are formed directly (u0 + d0 rounds a tiny d0 away; 1 - gamma rounds a small gamma away near T)."""
+        k = (self.sig_end - self.sig_start) / self.sig_tau
+        u0, u1 = self.sig_start / self.sig_tau, self.sig_end / self.sig_tau
+        d0, d1 = t * k, (1 - t) * k
+        u = u0 + d0
+        span = self.sig_ve - self.sig_vs
+        omg = -torch.expm1(-d0) * torch.sigmoid(u) * (_sigmoid(-u0) / span)
+        gam = -torch.expm1(-d1) * torch.sigmoid(-u) * (_sigmoid(u1) / span)
+        return omg, gam
 
     def _log_sigma(self, t: torch.Tensor) -> torch.Tensor:
         if self.schedule == "sigmoid":
-            u = (self.sig_start + t * (self.sig_end - self.sig_start)) / self.sig_tau
-            return 0.5 * (math.log1p(-self.delta) + torch.log(self._sig_one_minus_gamma(u)))
+            return 0.5 * (math.log1p(-self.delta) + torch.log(self._sig_gammas(t)[0]))
         if self.schedule == "cosine":
             # 1 - a^2 = (cos^2 th0 - cos^2 th)/cos^2 th0 = sin(th - th0) sin(th + th0)/cos^2 th0: no cancellation, and
             # exactly 0 at t = 0 (log a can round to +1e-17 there, which would make log(1 - a^2) NaN)
@@ -643,6 +651,13 @@ class DiscreteVPSDE(_VPBase):
         self.N = int(betas.numel())
         la = 0.5 * torch.cumsum(torch.log1p(-betas), 0)
         self._la = torch.cat([torch.zeros(1, dtype=torch.float64), la])  # at t = 0, 1/N, ..., 1
+        flat = torch.nonzero(~(self._la[1:] < self._la[:-1]))
+        if flat.numel():  # a beta lost to rounding against the cumulative sum: log a flat, the inverse 0/0
+            n = int(flat[0])
+            raise ValueError(
+                f"betas[{n}] = {float(betas[n])} is too small against the steps before it: log a(t) does not decrease "
+                "over that step in float64 (the log-SNR must be strictly decreasing)"
+            )
         self._la_cache: dict[torch.device, torch.Tensor] = {}
         self.T, self.eps = 1.0, 1.0 / self.N
 
@@ -653,7 +668,10 @@ class DiscreteVPSDE(_VPBase):
         for name, b in (("beta_start", beta_start), ("beta_end", beta_end)):
             if not 0 < _real(name, b) < 1:
                 raise ValueError(f"{name} must lie in (0, 1), got {b}")
-        return cls(torch.linspace(beta_start, beta_end, n, dtype=torch.float64))
+        try:
+            return cls(torch.linspace(float(beta_start), float(beta_end), n, dtype=torch.float64))
+        except ValueError as err:
+            raise ValueError(f"beta_start={beta_start}, beta_end={beta_end} give unusable betas: {err}") from err
 
     @classmethod
     def cosine(cls, n: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> DiscreteVPSDE:
@@ -665,7 +683,10 @@ class DiscreteVPSDE(_VPBase):
         i = torch.arange(n + 1, dtype=torch.float64)
         abar = torch.cos((i / n + s) / (1 + s) * math.pi / 2) ** 2
         betas = (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
-        return cls(betas)
+        try:
+            return cls(betas)
+        except ValueError as err:
+            raise ValueError(f"s={s}, max_beta={max_beta} give unusable betas: {err}") from err
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
