@@ -304,4 +304,4 @@ class DPMSolverPP(ExponentialStepper, MultistepStepper):
         z = self.require_noise(noise)[0] if self.stochastic else None
         x1, _ = self.update(x, p0, p1, nodes[:k], self.rule, z)
         new = History(hist.i + 1, hist.plan, nodes[: int(self.opts["order"]) - 1])
-        return StepResult(x=x1, state=new, x0=pred.x0)
+        return StepResult(x=x1, state=new, x0=lambda: pred.x0)

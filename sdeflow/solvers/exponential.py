@@ -366,6 +366,37 @@ class History:
     prev_order: int = 0
 
 
+class DeferredPrediction:
+    """(x0, eps) = (p x + q out, r x + u out) with python-float coefficients, each computed on first read (and the
+    identity conversion costs nothing: x0 of an x0-prediction model is its output)."""
+
+    __slots__ = ("_coefs", "_eps", "_out", "_x", "_x0")
+
+    def __init__(self, x: torch.Tensor, out: torch.Tensor, coefs: tuple[float, float, float, float]) -> None:
+        self._x, self._out, self._coefs = x, out, coefs
+        self._x0: torch.Tensor | None = None
+        self._eps: torch.Tensor | None = None
+
+    def _combine(self, cx: float, co: float) -> torch.Tensor:
+        if cx == 0.0 and co == 1.0:
+            return self._out
+        if cx == 0.0:
+            return self._out * co
+        return torch.add(self._x * cx, self._out, alpha=co)
+
+    @property
+    def x0(self) -> torch.Tensor:
+        if self._x0 is None:
+            self._x0 = self._combine(self._coefs[0], self._coefs[1])
+        return self._x0
+
+    @property
+    def eps(self) -> torch.Tensor:
+        if self._eps is None:
+            self._eps = self._combine(self._coefs[2], self._coefs[3])
+        return self._eps
+
+
 # ------------------------------------------------------------------------------------------------ base stepper
 #: the dynamic-thresholding options every data-prediction solver shares (Saharia et al. 2022)
 THRESHOLD_OPTIONS: dict[str, Any] = {"thresholding": False, "threshold_ratio": 0.995, "threshold_max": 1.0}
@@ -386,6 +417,7 @@ class ExponentialStepper(Stepper):
         # same table is applied without recomputing the schedule (wrappers override raw() only; a subclass that
         # overrides predict() or coefficients() is always called through predict())
         cls = type(denoiser)
+        self._affine: dict[tuple[float, float], tuple[float, float, float, float]] = {}
         self._table_predict = (
             cls.predict is Denoiser.predict
             and cls.coefficients is Denoiser.coefficients
@@ -442,10 +474,25 @@ class ExponentialStepper(Stepper):
         return x0, pred
 
     def predict(self, x: torch.Tensor, p: Point) -> Prediction:
-        """``den.predict(x, p.t)``: one counted net call converted through the Denoiser's table."""
+        """``den.predict(x, p.t)``: one counted net call converted through the Denoiser's table. On a grid point
+        (python-float a, s) the two predictions are computed only when read (:class:`DeferredPrediction`): the
+        integrated one is usually the net's own output (x0 form, x0 model), and the other one is rarely needed."""
         if not self._table_predict or p.a is None:
             return self.den.predict(x, p.t)
-        return CONVERSIONS[self.den.prediction](self.den.raw(x, p.t), x, p.a, p.s)
+        out = self.den.raw(x, p.t)
+        coefs = self._affine.get((p.a, p.s))
+        if coefs is None:
+            one = torch.ones((), dtype=torch.float64)
+            a, s = one * p.a, one * p.s
+            unit_x, unit_out = (
+                CONVERSIONS[self.den.prediction](0 * one, one, a, s),
+                CONVERSIONS[self.den.prediction](one, 0 * one, a, s),
+            )
+            coefs = (float(unit_x.x0), float(unit_out.x0), float(unit_x.eps), float(unit_out.eps))
+            if len(self._affine) > LogSNRView._MAX_CACHE:
+                self._affine.clear()
+            self._affine[(p.a, p.s)] = coefs
+        return DeferredPrediction(x, out, coefs)  # type: ignore[return-value]  # duck-types Prediction's x0/eps
 
     def coefficients(self, p0: Point, p1: Point, nodes: Sequence[Point], rule: str) -> tuple[list[Num], Num | None]:
         """Float64 coefficients ``[c_x, c_out w_0, c_out w_1, ...]`` and the noise std of one update (memoized for

@@ -86,4 +86,4 @@ class UniPC(ExponentialStepper, MultistepStepper):
         k = min(hist.plan[hist.i], len(nodes))
         x1 = self.update(x, p0, p1, nodes[:k], rule)[0]
         new = History(hist.i + 1, hist.plan, nodes[: int(self.opts["order"])], x_prev=x, p_prev=p0, prev_order=k)
-        return StepResult(x=x1, state=new, x0=pred.x0)
+        return StepResult(x=x1, state=new, x0=lambda: pred.x0)
