@@ -5,6 +5,12 @@ With :math:`x_t = a x_0 + s\varepsilon` and data of per-coordinate scale :math:`
 paths. :class:`InputScaling` calls the inner net on :math:`c_{in}(t)\,x` with
 :math:`c_{in} = 1/\sqrt{a(t)^2\sigma_d^2 + s(t)^2}`; the output (whatever the prediction type) is not rescaled, so
 the wrapped module is still a plain ``net(x, t, **kwargs)`` for :class:`~sdeflow.denoiser.Denoiser`.
+
+Input scaling alone leaves the output unscaled. For an eps-predicting net on a VP path the data estimate is
+:math:`\hat x_0 = (x - s\hat\varepsilon)/a`, so an eps error :math:`\delta` becomes an x0 error :math:`\delta\,s/a =
+\delta\sigma` (up to 152 on the default VP path), and the eps loss weights that region by :math:`1/\sigma^2` in x0
+space. The probability-flow ODE carries that error to the samples (Karras et al. 2022, Sec. 5). The full EDM
+preconditioning, with c_skip and c_out as well, is :class:`sdeflow.preconditioning.EDMPreconditioning`.
 """
 
 from __future__ import annotations
