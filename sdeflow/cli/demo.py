@@ -31,9 +31,14 @@ from typing import Any
 
 import torch
 
+from .common import CLIError, check_output_dir, option_arg, progress_enabled, solver_specs
+
 #: exact differential entropy (nats) of the toys that have one: the lowest expected NLL any model can reach
 #: checkerboard: uniform on 8 unit squares scaled by sqrt(3)/2, area 8 * 3/4 = 6
 EXACT_ENTROPY: dict[str, float] = {"checkerboard": math.log(6.0)}
+
+#: the data sets the demo trains on: the 2-D toys and the Gaussian mixture
+DATA = ("8gaussians", "checkerboard", "moons", "swissroll", "2spirals", "rings", "gmm")
 
 QUICK = {
     "steps": 40,
@@ -50,34 +55,57 @@ QUICK = {
 
 def configure(p: argparse.ArgumentParser) -> None:
     """Add the demo's options to ``p``."""
+    from .common import add_force, add_progress, float_in, int_at_least
+
     p.description = __doc__
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--out", default="runs/demo", help="run folder (ckpt.pt is reused when present)")
     p.add_argument(
         "--data",
         default="checkerboard",
+        choices=DATA,
+        metavar="DATA",
         help="a 2-D toy: 8gaussians, checkerboard, moons, swissroll, 2spirals, rings, or gmm",
     )
-    p.add_argument("--steps", type=int, default=4000, help="training steps")
-    p.add_argument("--hidden", type=int, default=128, help="MLP width")
-    p.add_argument("--depth", type=int, default=3, help="MLP residual blocks")
-    p.add_argument("--n", type=int, default=2000, help="samples per (solver, NFE) cell")
-    p.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20, 50], help="NFE budgets")
+    p.add_argument("--steps", type=int_at_least(1), default=4000, help="training steps")
+    p.add_argument("--hidden", type=int_at_least(1), default=128, help="MLP width")
+    p.add_argument("--depth", type=int_at_least(0), default=3, help="MLP residual blocks")
+    p.add_argument("--n", type=int_at_least(2), default=2000, help="samples per (solver, NFE) cell")
+    p.add_argument("--nfe", type=int_at_least(1), nargs="+", default=[5, 10, 20, 50], help="NFE budgets")
     p.add_argument(
-        "--tolerances", type=float, nargs="+", default=[1e-1, 1e-2, 1e-3], help="rtol = atol of the adaptive solvers"
+        "--tolerances",
+        type=float_in(0.0, low_open=True),
+        nargs="+",
+        default=[1e-1, 1e-2, 1e-3],
+        help="rtol = atol of the adaptive solvers",
     )
     p.add_argument("--solvers", nargs="+", default=None, help="solver specs (default: every solver but parallel)")
-    p.add_argument("--nll-points", type=int, default=500, help="held-out points for the test NLL (0: skip)")
-    p.add_argument("--nll-tol", type=float, default=1e-5, help="rtol = atol of the likelihood ODE")
-    p.add_argument("--seed", type=int, default=0, help="training and sampling seed")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (small nets run fastest on one; default 1)")
+    p.add_argument(
+        "--option",
+        type=option_arg,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="solver option for every solver of --solvers, repeatable",
+    )
+    p.add_argument("--nll-points", type=int_at_least(0), default=500, help="held-out points for the test NLL (0: skip)")
+    p.add_argument(
+        "--nll-tol", type=float_in(0.0, low_open=True), default=1e-5, help="rtol = atol of the likelihood ODE"
+    )
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="training and sampling seed")
+    p.add_argument(
+        "--threads", type=int_at_least(1), default=1, help="torch threads (small nets run fastest on one; default 1)"
+    )
     p.add_argument("--quick", action="store_true", help="a tiny configuration that runs in seconds (tests)")
-    p.add_argument("--no-progress", action="store_true")
+    add_force(p)
+    add_progress(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m sdeflow.cli.demo``."""
-    p = argparse.ArgumentParser(prog="python -m sdeflow.cli.demo")
+    from .common import Parser
+
+    p = Parser(prog="python -m sdeflow.cli.demo")
     configure(p)
     return p
 
@@ -159,8 +187,39 @@ def plot_samples_grid(result: Any, reference: torch.Tensor, path: str | Path, ti
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m sdeflow.cli.demo``: parse ``argv`` and :func:`run`."""
-    return run(build_parser().parse_args(argv))
+    """``python -m sdeflow.cli.demo``: parse ``argv`` and :func:`run` (errors as one line, like ``sdeflow demo``)."""
+    from .common import debug_enabled, report_error
+
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except Exception as err:
+        if debug_enabled(args):
+            raise
+        return report_error("sdeflow demo", err)
+
+
+def _check_reuse(out: Path, args: argparse.Namespace) -> None:
+    """A checkpoint already in ``out`` is reused only when it was trained with the given --data, --hidden, --depth."""
+    from ..training import load_checkpoint
+
+    ckpt = out / "ckpt.pt"
+    if not ckpt.exists():
+        return
+    config = load_checkpoint(ckpt).get("config") or {}
+    saved = {
+        "--data": config.get("data", {}).get("spec"),
+        "--hidden": config.get("net", {}).get("hidden"),
+        "--depth": config.get("net", {}).get("depth"),
+    }
+    given = {"--data": args.data, "--hidden": args.hidden, "--depth": args.depth}
+    bad = [
+        f"{flag} {given[flag]} (it was trained on {flag} {saved[flag]})" for flag in given if given[flag] != saved[flag]
+    ]
+    if bad:
+        raise CLIError(
+            f"--out {out} holds a checkpoint trained on other settings: {'; '.join(bad)}; choose another --out"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -168,26 +227,29 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
-    torch.set_num_threads(max(1, args.threads))
     from ..evaluation import report, sweep
     from ..training import ensure_trained, load_run, make_data
 
+    out = check_output_dir(
+        args.out, "--out", args.force, ("table.md", "results.json", "nfe_vs_quality.png", "samples.png"), own="ckpt.pt"
+    )
+    specs = solver_specs(args.solvers, args.option)  # every solver and option checked before training
+    _check_reuse(out, args)
+    torch.set_num_threads(max(1, args.threads))
     t0 = time.perf_counter()
-    out = Path(args.out)
+    options = {
+        "data": args.data,
+        "net": "mlp",
+        "hidden": args.hidden,
+        "depth": args.depth,
+        "seed": args.seed,
+        "save_every": 1000,
+    }
     try:
-        options = {
-            "data": args.data,
-            "net": "mlp",
-            "hidden": args.hidden,
-            "depth": args.depth,
-            "seed": args.seed,
-            "save_every": 1000,
-        }
-        action = ensure_trained(out, options, args.steps, device="cpu", progress=not args.no_progress)
-        den, config, ckpt = load_run(out / "ckpt.pt")
-    except (ValueError, RuntimeError) as err:
-        print(f"sdeflow demo: error: {err}", file=sys.stderr)
-        return 2
+        action = ensure_trained(out, options, args.steps, device="cpu", progress=progress_enabled(args))
+    except RuntimeError as err:  # interrupted by a signal: the checkpoint it wrote resumes on the next run
+        raise CLIError(str(err)) from err
+    den, config, ckpt = load_run(out / "ckpt.pt")
     t_train = time.perf_counter() - t0
     print(f"[demo] {action}: {t_train:.1f} s", flush=True)
 
@@ -198,13 +260,13 @@ def run(args: argparse.Namespace) -> int:
         den,
         scorer,
         config["data"]["data_shape"],
-        solvers=args.solvers,
+        solvers=specs,
         nfes=args.nfe,
         tolerances=args.tolerances,
         n=args.n,
         seed=args.seed,
         keep=1000,
-        progress=not args.no_progress,
+        progress=progress_enabled(args),
     )
     t_sweep = time.perf_counter() - t1
     print(f"[demo] sampled and scored {sum(c.ok for c in result.cells)} cells: {t_sweep:.1f} s", flush=True)

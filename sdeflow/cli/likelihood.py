@@ -13,6 +13,9 @@ sample i draws its dequantization noise and Hutchinson probes from a generator s
 torchrun (``torchrun --nproc_per_node=N -m sdeflow.cli -- likelihood ...``) the chunks are split across the ranks and
 the per-sample values gathered on rank 0, which prints and writes the summary: the values are bitwise those of a
 one-process run with the same ``--batch-size``.
+
+Every input is checked before the first solve: the numbers, the data file (a readable array of the model's data
+shape, finite), the device and ``--out`` (not a folder; an existing file is replaced only with ``--force``).
 """
 
 from __future__ import annotations
@@ -28,78 +31,114 @@ from typing import Any
 import torch
 
 from ..distributed import DistributedContext, map_chunks, run_cli
-from ..likelihood import DIVERGENCES, METHODS, PROBES, UniformDequantization, log_likelihood
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+from ..likelihood import (
+    ADAPTIVE_METHODS,
+    DIVERGENCES,
+    FIXED_METHODS,
+    METHODS,
+    PROBES,
+    UniformDequantization,
+    log_likelihood,
+)
+from .common import (
+    DTYPES,
+    CLIError,
+    add_dtype,
+    add_force,
+    add_progress,
+    atomic_write_bytes,
+    check_output_file,
+    device_arg,
+    float_in,
+    int_at_least,
+    progress_enabled,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the subcommand's arguments."""
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    positive = float_in(0.0, low_open=True)
     parser.add_argument("--ckpt", required=True, help="checkpoint written by `sdeflow train`")
     parser.add_argument("--data", required=True, help="a .npy / .pt array (N, *data_shape), or 'digits'")
-    parser.add_argument("--n", type=int, default=None, help="use the first N samples (default: all)")
+    parser.add_argument("--n", type=int_at_least(1), default=None, help="use the first N samples (default: all)")
     parser.add_argument("--divergence", choices=DIVERGENCES, default="exact")
-    parser.add_argument("--n-probes", type=int, default=1, help="Hutchinson probes per sample")
+    parser.add_argument("--n-probes", type=int_at_least(1), default=1, help="Hutchinson probes per sample")
     parser.add_argument("--probe", choices=PROBES, default="rademacher")
-    parser.add_argument("--rtol", type=float, default=1e-5)
-    parser.add_argument("--atol", type=float, default=1e-5)
-    parser.add_argument("--t-eps", type=float, default=None, help="start time (default: the SDE's eps)")
+    parser.add_argument("--rtol", type=positive, default=1e-5, help="relative tolerance of the ODE (default 1e-5)")
+    parser.add_argument("--atol", type=positive, default=1e-5, help="absolute tolerance of the ODE (default 1e-5)")
+    parser.add_argument("--t-eps", type=positive, default=None, help="start time in (0, T) (default: the SDE's eps)")
     parser.add_argument("--method", choices=METHODS, default="dopri5", help="torchdiffeq method")
-    parser.add_argument("--step-size", type=float, default=None, help="step of the fixed-grid methods (rk4, ...)")
-    parser.add_argument("--batch-size", type=int, default=256, help="samples per solve (the unit split across ranks)")
-    parser.add_argument("--levels", type=int, default=None, help="integer levels (default 256; digits: 17)")
-    parser.add_argument("--low", type=float, default=None, help="model value of the lowest cell's lower edge")
-    parser.add_argument("--high", type=float, default=None, help="model value of the highest cell's upper edge")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the probes and the dequantization noise")
+    parser.add_argument("--step-size", type=positive, default=None, help="step of the fixed-grid methods (rk4, ...)")
+    parser.add_argument(
+        "--batch-size", type=int_at_least(1), default=256, help="samples per solve (the unit split across ranks)"
+    )
+    parser.add_argument("--levels", type=int_at_least(2), default=None, help="integer levels (default 256; digits: 17)")
+    parser.add_argument("--low", type=float_in(), default=None, help="model value of the lowest cell's lower edge")
+    parser.add_argument("--high", type=float_in(), default=None, help="model value of the highest cell's upper edge")
+    parser.add_argument(
+        "--seed", type=int_at_least(0), default=0, help="seed of the probes and the dequantization noise"
+    )
     parser.add_argument(
         "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="under torchrun, cuda means cuda:LOCAL_RANK",
+        type=device_arg,
+        default=None,
+        help="cpu, cuda, ... (default: cuda if available; under torchrun, cuda means cuda:LOCAL_RANK)",
     )
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="the net's dtype")
+    add_dtype(parser, "the net's floating-point type")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    parser.add_argument("--out", default=None, help="write a JSON summary with per-sample values here")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--out", default=None, help="write a JSON summary with per-sample values here (.json)")
+    add_force(parser)
+    add_progress(parser)
 
 
 def load_data(spec: str) -> tuple[torch.Tensor, UniformDequantization | None]:
-    """(data, default dequantization or None) from a file path or 'digits'."""
+    """(data, default dequantization or None) from a file path or 'digits'; errors name ``--data``."""
     if spec == "digits":
         try:
             from sklearn.datasets import load_digits
         except ImportError as err:  # pragma: no cover - depends on the environment
-            raise SystemExit("the digits data set needs scikit-learn: pip install 'sdeflow[digits]'") from err
+            raise CLIError("--data digits needs scikit-learn: pip install 'sdeflow[digits]'") from err
         k = torch.as_tensor(load_digits().images.reshape(-1, 1, 8, 8), dtype=torch.int64)
         # training maps k -> k/8 - 1: cells of width 1/8 with the training points on their lower edges
         return k, UniformDequantization(levels=17, low=-1.0, high=-1.0 + 17 / 8)
     path = Path(spec)
     if not path.is_file():
-        raise ValueError(f"--data {spec!r}: no such file (expected a .npy / .pt file or 'digits')")
-    if path.suffix == ".npy":
-        import numpy as np
+        raise CLIError(f"--data {spec!r}: no such file (expected a .npy / .pt file or 'digits')")
+    try:
+        if path.suffix == ".npy":
+            import numpy as np
 
-        x = torch.from_numpy(np.ascontiguousarray(np.load(path, allow_pickle=False)))
-    elif path.suffix in (".pt", ".pth"):
-        x = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"--data {spec!r}: the .pt file must hold one tensor, got {type(x).__name__}")
-    else:
-        raise ValueError(f"--data {spec!r}: unsupported suffix {path.suffix!r}; allowed: '.npy', '.pt', or 'digits'")
+            x = torch.from_numpy(np.ascontiguousarray(np.load(path, allow_pickle=False)))
+        elif path.suffix in (".pt", ".pth"):
+            x = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(x, torch.Tensor):
+                raise CLIError(f"--data {spec!r}: the .pt file must hold one tensor, got {type(x).__name__}")
+        else:
+            raise CLIError(f"--data {spec!r}: unsupported suffix {path.suffix!r}; allowed: '.npy', '.pt', or 'digits'")
+    except CLIError:
+        raise
+    except Exception as err:  # a damaged or foreign file: numpy / torch say why in their words
+        raise CLIError(f"--data {spec!r} cannot be read as an array ({type(err).__name__}: {err})") from err
     if x.dtype == torch.bool or x.is_complex():
-        raise ValueError(f"--data {spec!r}: expected real numbers, got dtype {x.dtype}")
+        raise CLIError(f"--data {spec!r}: expected real numbers, got dtype {x.dtype}")
+    if x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
+        raise CLIError(f"--data {spec!r} holds NaN or infinite values")
     return x, (None if x.is_floating_point() else UniformDequantization())
 
 
 def _dequantization(args: argparse.Namespace, default: UniformDequantization | None) -> UniformDequantization | None:
     if default is None:
         if any(v is not None for v in (args.levels, args.low, args.high)):
-            raise ValueError("--levels/--low/--high apply to integer data only; this data is floating-point")
+            raise CLIError("--levels/--low/--high apply to integer data only; this data is floating-point")
         return None
-    return UniformDequantization(
-        levels=args.levels if args.levels is not None else default.levels,
-        low=args.low if args.low is not None else default.low,
-        high=args.high if args.high is not None else default.high,
-    )
+    levels = args.levels if args.levels is not None else default.levels
+    low = args.low if args.low is not None else default.low
+    high = args.high if args.high is not None else default.high
+    if not low < high:
+        raise CLIError(f"--low must be below --high, got --low {low:g} --high {high:g}")
+    return UniformDequantization(levels=levels, low=low, high=high)
 
 
 def _summary(values: torch.Tensor) -> dict[str, float]:
@@ -116,18 +155,40 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, ctx: DistributedContext) -> int:
-    from ..training import load_denoiser
+    from ..training import load_run
 
-    dtype = _DTYPES[args.dtype]
-    device = ctx.device if ctx.distributed else torch.device(args.device)
-    if not (isinstance(args.batch_size, int) and args.batch_size >= 1):
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    den = load_denoiser(args.ckpt, ema=not args.no_ema, device=device, dtype=dtype)
+    dtype = DTYPES[args.dtype]
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = ctx.device if ctx.distributed else torch.device(args.device or default_device)
+    out_path = check_output_file(args.out, "--out", args.force, (".json",)) if args.out else None
+    if args.step_size is not None and args.method in ADAPTIVE_METHODS:
+        raise CLIError(f"--step-size applies to the fixed-grid methods (rk4, euler, ...), not --method {args.method}")
+    if args.step_size is None and args.method in FIXED_METHODS:
+        raise CLIError(f"--method {args.method} is a fixed-grid method: pass --step-size H (e.g. --step-size 0.01)")
+    try:
+        den, config, _ = load_run(args.ckpt, ema=not args.no_ema, device=device, dtype=dtype)
+    except FileNotFoundError as err:
+        raise CLIError(f"--ckpt {args.ckpt}: {err}") from err
+    except RuntimeError as err:  # CheckpointError
+        raise CLIError(f"--ckpt: {err}") from err
+    T = float(den.sde.T)
+    if args.t_eps is not None and not args.t_eps < T:
+        raise CLIError(f"--t-eps must lie in (0, T) = (0, {T:g}), got {args.t_eps:g}")
     data, default_deq = load_data(args.data)
     deq = _dequantization(args, default_deq)
+    shape = tuple(config.get("data", {}).get("data_shape", ()))
+    if data.ndim < 1 or data.shape[0] < 1:
+        raise CLIError(f"--data {args.data!r} holds no samples (shape {tuple(data.shape)})")
+    if shape and tuple(data.shape[1:]) != shape:
+        raise CLIError(
+            f"--data {args.data!r} has samples of shape {tuple(data.shape[1:])}, the model's data shape is {shape}"
+        )
+    if deq is not None and (int(data.min()) < 0 or int(data.max()) >= deq.levels):
+        raise CLIError(
+            f"--data {args.data!r} holds integers in [{int(data.min())}, {int(data.max())}], outside the "
+            f"--levels range 0..{deq.levels - 1}"
+        )
     if args.n is not None:
-        if args.n < 1:
-            raise ValueError(f"--n must be >= 1, got {args.n}")
         data = data[: args.n]
     options = None if args.step_size is None else {"step_size": args.step_size}
 
@@ -160,7 +221,9 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> int:
         }
 
     start = time.perf_counter()
-    parts = map_chunks(chunk, int(data.shape[0]), args.batch_size, progress=not args.no_progress, desc="log-likelihood")
+    parts = map_chunks(
+        chunk, int(data.shape[0]), args.batch_size, progress=progress_enabled(args), desc="log-likelihood"
+    )
     if parts is None:  # not rank 0
         return 0
     seconds = time.perf_counter() - start
@@ -198,9 +261,8 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> int:
         f"nfe {nfe}, {seconds:.2f} s ({seconds / out['n'] * 1e3:.3g} ms/sample)"
         + (f" on {ctx.world_size} ranks" if ctx.distributed else "")
     )
-    if args.out:
+    if out_path is not None:
         out["per_sample"] = {"log_prob": log_prob.tolist(), "bits_per_dim": bits_per_dim.tolist()}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=2))
-        print(f"wrote {args.out}", file=sys.stderr)
+        atomic_write_bytes(out_path, (json.dumps(out, indent=2) + "\n").encode())
+        print(f"wrote {out_path}", file=sys.stderr)
     return 0

@@ -16,12 +16,15 @@ the ranks and gathered on rank 0, which writes the file: the output is bitwise t
 ``--batch-size`` (a batch's floating-point rounding can depend on its size, so keep it fixed to compare runs).
 ``--split window`` instead splits each Picard window of ``--solver parallel`` across the ranks (every rank then
 draws every sample).
+
+Everything is checked before sampling starts: the numbers, the solver and its ``--option`` values, the device, and the
+output files (``--out`` and ``--plot`` must not be folders, and existing files are replaced only with ``--force``).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
+import io
 import math
 import sys
 import time
@@ -32,58 +35,85 @@ import numpy as np
 import torch
 
 from ..distributed import DistributedContext, run_cli, sample_sharded
-from ..training.checkpoint import CheckpointError
 from ..training.config import load_run
 from ..training.data import to_unit_range
+from .common import (
+    DTYPES,
+    CLIError,
+    add_dtype,
+    add_force,
+    add_progress,
+    atomic_write_bytes,
+    check_output_file,
+    device_arg,
+    float_in,
+    int_at_least,
+    option_arg,
+    progress_enabled,
+    solver_option_error,
+)
 
 DEFAULT_BATCH = 1024  # samples per solver call unless --batch-size says otherwise (independent of the world size)
-
-
-def _option(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
+GRIDS = ("uniform", "logsnr", "quadratic", "karras")
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the `sample` options to ``parser``."""
+    from ..solvers import available
+
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--ckpt", required=True, help="checkpoint written by `sdeflow train`")
-    parser.add_argument("--solver", default="dpm_solver++", help="a name from sdeflow.solvers.available()")
-    parser.add_argument("--nfe", type=int, default=10, help="net-evaluation budget (fixed-step solvers)")
-    parser.add_argument("--n", type=int, default=1000, help="number of samples")
+    parser.add_argument(
+        "--solver",
+        default="dpm_solver++",
+        choices=available(),
+        metavar="SOLVER",
+        help="one of: " + ", ".join(available()) + " (default dpm_solver++)",
+    )
+    parser.add_argument("--nfe", type=int_at_least(1), default=10, help="net-evaluation budget (fixed-step solvers)")
+    parser.add_argument("--n", type=int_at_least(1), default=1000, help="number of samples")
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=int_at_least(1),
         default=None,
         help=f"samples per solver call (default: min(n, {DEFAULT_BATCH})); the unit split across ranks",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="sample i uses the seed --seed + i")
     parser.add_argument("--out", required=True, help="output .npy file")
-    parser.add_argument("--plot", default=None, help="optional PNG: scatter plot (2-D) or image grid")
-    parser.add_argument("--grid", default=None, help="time grid: uniform, logsnr, quadratic, karras")
-    parser.add_argument("--t-end", type=float, default=None, help="final time (default sde.eps)")
+    parser.add_argument("--plot", default=None, help="optional image (.png, .pdf, .svg): scatter plot (2-D) or grid")
+    add_force(parser)
+    parser.add_argument("--grid", default=None, choices=GRIDS, help="time grid (default: the solver's)")
+    parser.add_argument(
+        "--t-end", type=float_in(0.0, low_open=True), default=None, help="final time (default sde.eps), below T"
+    )
     parser.add_argument("--denoise-final", action="store_true", help="finish with the Tweedie denoising step")
-    parser.add_argument("--rtol", type=float, default=None, help="adaptive solvers")
-    parser.add_argument("--atol", type=float, default=None, help="adaptive solvers")
+    parser.add_argument("--rtol", type=float_in(0.0, low_open=True), default=None, help="adaptive solvers")
+    parser.add_argument("--atol", type=float_in(0.0, low_open=True), default=None, help="adaptive solvers")
+    parser.add_argument(
+        "--max-steps", type=int_at_least(1), default=None, help="adaptive solvers: cap on the steps (default 100000)"
+    )
     parser.add_argument(
         "--option",
-        type=_option,
+        type=option_arg,
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="solver option, repeatable (e.g. eta=1.0, order=3)",
+        help="solver option, repeatable (e.g. --option eta=1.0 --option order=3)",
     )
-    parser.add_argument("--class", dest="label", type=int, default=None, help="class label (conditional nets)")
-    parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance weight (with --class)")
+    parser.add_argument(
+        "--class", dest="label", type=int_at_least(0), default=None, help="class label (conditional nets)"
+    )
+    parser.add_argument(
+        "--cfg-scale", type=float_in(), default=None, help="classifier-free guidance weight (with --class)"
+    )
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     parser.add_argument(
-        "--device", default=None, help="cpu, cuda, ... (default: cuda if available; under torchrun: cuda:LOCAL_RANK)"
+        "--device",
+        type=device_arg,
+        default=None,
+        help="cpu, cuda, ... (default: cuda if available; under torchrun: cuda:LOCAL_RANK)",
     )
     parser.add_argument(
         "--split",
@@ -91,8 +121,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default="samples",
         help="under torchrun: split the samples across ranks (default), or the Picard windows of --solver parallel",
     )
-    parser.add_argument("--float64", action="store_true", help="sample in float64")
-    parser.add_argument("--progress", action="store_true")
+    add_dtype(parser, "floating-point type of sampling")
+    add_progress(parser)
 
 
 def plot_samples(x: torch.Tensor | np.ndarray, path: str | Path, title: str = "") -> None:
@@ -135,78 +165,91 @@ def run(args: argparse.Namespace) -> int:
     return run_cli("sdeflow sample", lambda ctx: _run(args, ctx), device=args.device)
 
 
+def _guided(den: Any, args: argparse.Namespace) -> Any:
+    num_classes = getattr(den.net, "num_classes", None)
+    if args.label is None:
+        return den
+    if num_classes is None:
+        raise CLIError("--class needs a class-conditional checkpoint (trained with --conditional)")
+    if not 0 <= args.label < num_classes:
+        raise CLIError(f"--class must lie in 0..{num_classes - 1}, got {args.label}")
+    from ..guidance import ClassifierFreeGuidance, ConditionalDenoiser
+
+    if args.cfg_scale is None:
+        return ConditionalDenoiser(den, args.label)
+    return ClassifierFreeGuidance(den, args.label, scale=args.cfg_scale)
+
+
 def _run(args: argparse.Namespace, ctx: DistributedContext) -> int:
+    from ..sampling import make_solver
+
     main = ctx.is_main
-
-    def error(message: Any) -> int:
-        if main:
-            print(f"sdeflow sample: error: {message}", file=sys.stderr)
-        return 2
-
-    if args.n < 1:
-        return error(f"--n must be >= 1, got {args.n}")
-    if args.batch_size is not None and args.batch_size < 1:
-        return error(f"--batch-size must be >= 1, got {args.batch_size}")
     options = dict(args.option)
+    if args.cfg_scale is not None and args.label is None:
+        raise CLIError("--cfg-scale needs --class")
     if args.split == "window":
         if args.solver != "parallel":
-            return error(f"--split window needs --solver parallel, got --solver {args.solver}")
+            raise CLIError(f"--split window needs --solver parallel, got --solver {args.solver}")
         if ctx.distributed:
             options["group"] = True
     elif "group" in options:
-        return error("the option group= splits Picard windows: pass --split window instead")
+        raise CLIError("--option group=... splits Picard windows: pass --split window instead")
+    for key, flag in (("rtol", "--rtol"), ("atol", "--atol"), ("max_steps", "--max-steps")):
+        if key in options:
+            raise CLIError(f"--option {key}=... : pass {flag} instead")
+    out = check_output_file(args.out, "--out", args.force, (".npy",))
+    plot = check_output_file(args.plot, "--plot", args.force, PLOT_SUFFIXES) if args.plot else None
+    if plot is not None and plot.resolve() == out.resolve():
+        raise CLIError("--plot and --out name the same file")
     device = str(ctx.device) if ctx.distributed else (args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.float64 if args.float64 else torch.float32
+    dtype = DTYPES[args.dtype]
     try:
         den, config, _ = load_run(args.ckpt, ema=not args.no_ema, device=device, dtype=dtype)
-        num_classes = getattr(den.net, "num_classes", None)
-        if args.cfg_scale is not None and args.label is None:
-            raise ValueError("--cfg-scale needs --class")
-        if args.label is not None:
-            if num_classes is None:
-                raise ValueError("--class needs a class-conditional checkpoint (trained with --conditional)")
-            if not 0 <= args.label < num_classes:
-                raise ValueError(f"--class must lie in 0..{num_classes - 1}, got {args.label}")
-            from ..guidance import ClassifierFreeGuidance, ConditionalDenoiser
-
-            if args.cfg_scale is None:
-                den = ConditionalDenoiser(den, args.label)
-            else:
-                den = ClassifierFreeGuidance(den, args.label, scale=args.cfg_scale)
-    except (FileNotFoundError, CheckpointError, ValueError) as err:
-        return error(err)
+    except FileNotFoundError as err:
+        raise CLIError(f"--ckpt {args.ckpt}: {err}") from err
+    except RuntimeError as err:  # CheckpointError and friends
+        raise CLIError(f"--ckpt: {err}") from err
+    if args.t_end is not None and not args.t_end < float(den.sde.T):
+        raise CLIError(f"--t-end must lie in (0, T) = (0, {float(den.sde.T):g}), got {args.t_end:g}")
+    den = _guided(den, args)
+    tolerances = {k: v for k, v in (("rtol", args.rtol), ("atol", args.atol)) if v is not None}
+    try:  # the solver refuses unknown or bad options here, before any sampling
+        make_solver(den, args.solver, **options, **tolerances)
+    except (ValueError, TypeError) as err:
+        raise CLIError(
+            solver_option_error(den, args.solver, {**options, **tolerances}, err, {"rtol": "--rtol", "atol": "--atol"})
+        ) from err
     shape = tuple(config["data"]["data_shape"])
     batch = args.batch_size or min(args.n, DEFAULT_BATCH)
+    extra = {} if args.max_steps is None else {"max_steps": args.max_steps}
     start = time.perf_counter()
-    try:
-        x, nfe = sample_sharded(
-            den,
-            args.n,
-            shape,
-            seed=args.seed,
-            batch_size=batch,
-            device=device,
-            progress=args.progress,
-            shard=args.split == "samples",
-            solver=args.solver,
-            nfe=args.nfe,
-            t_end=args.t_end,
-            grid=args.grid,
-            denoise_final=args.denoise_final,
-            dtype=dtype,
-            rtol=args.rtol,
-            atol=args.atol,
-            **options,
-        )
-    except ValueError as err:
-        return error(err)
+    x, nfe = sample_sharded(
+        den,
+        args.n,
+        shape,
+        seed=args.seed,
+        batch_size=batch,
+        device=device,
+        progress=progress_enabled(args),
+        shard=args.split == "samples",
+        solver=args.solver,
+        nfe=args.nfe,
+        t_end=args.t_end,
+        grid=args.grid,
+        denoise_final=args.denoise_final,
+        dtype=dtype,
+        rtol=args.rtol,
+        atol=args.atol,
+        **extra,
+        **options,
+    )
     if not main:
         return 0
     assert x is not None  # sample_sharded gathers the samples on rank 0
     seconds = time.perf_counter() - start
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, x.numpy().astype(np.float32))
+    buf = io.BytesIO()
+    np.save(buf, x.numpy().astype(np.float32))
+    atomic_write_bytes(out, buf.getvalue())  # the exact --out name (np.save would append .npy), never half written
     if not bool(torch.isfinite(x).all()):
         print("sdeflow sample: warning: some samples are not finite", file=sys.stderr)
     label = (
@@ -220,7 +263,7 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> int:
         f"{seconds:.2f} s{ranks} -> {out}",
         flush=True,
     )
-    if args.plot:
-        plot_samples(x, args.plot, f"{args.solver}, NFE {args.nfe}{label} ({Path(args.ckpt).parent.name})")
-        print(f"sdeflow sample: plot -> {args.plot}", flush=True)
+    if plot is not None:
+        plot_samples(x, plot, f"{args.solver}, NFE {args.nfe}{label} ({Path(args.ckpt).parent.name})")
+        print(f"sdeflow sample: plot -> {plot}", flush=True)
     return 0
