@@ -26,6 +26,15 @@ computes :math:`\sigma = s(t)/a(t)`, feeds :math:`D_\theta` the EDM variable :ma
 :math:`D_\theta(x/a;\sigma)`, the **data prediction** :math:`\hat x_0`. The same wrapper therefore serves VE paths
 (a = 1), VP, sub-VP and discrete schedules, and plugs into ``Denoiser(precond, sde, prediction="x0")`` (or
 :func:`edm_denoiser`), through which every solver uses it.
+
+**Why c_out matters for ODE samplers.** An eps-predicting net on a VP path turns an eps error :math:`\delta` into the
+data-estimate error :math:`\delta\sigma` (sigma up to 152 on the default VP path), and the plain eps loss weights
+that region by :math:`1/\sigma^2` in x0 space; the probability-flow ODE, :math:`d\hat x/d\ln\sigma = \hat x - D`,
+carries the resulting error into the samples, while SDE samplers' noise washes it out. Measured on ``make bench``'s
+digits U-Net (3000 steps, same net and budget; FD_digits, data floor 4.8): with eps prediction the x0 error at
+sigma = 100 is 6.9 per pixel (the data mean scores 0.29) and every ODE solver ends near FD 80 (the SDE at 2.1); with
+this preconditioning and the EDM loss the x0 error there is 0.34 and the ODE reaches FD 3.1 (dpm_solver++ 3.5 at
+NFE 10, UniPC 3.3).
 """
 
 from __future__ import annotations
