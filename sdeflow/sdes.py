@@ -42,6 +42,16 @@ def _real(name: str, value: object) -> float:
     return float(value)
 
 
+def _real_scalar(name: str, value: object) -> float:
+    """A time-like python value as a float (a real number, a numpy scalar or one-element array), else TypeError."""
+    if isinstance(value, (bool, str, bytes, complex)) or value is None:
+        raise TypeError(f"{name} must be a real number or tensor, got {type(value).__name__} {value!r}")
+    try:
+        return float(value)  # type: ignore[arg-type]  # anything with __float__ (numpy scalars and 0-d arrays)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be a real number or tensor, got {type(value).__name__} {value!r}") from err
+
+
 def _finite_real(name: str, value: object) -> float:
     v = _real(name, value)
     if not math.isfinite(v):
@@ -138,8 +148,8 @@ class GaussianSDE:
         if isinstance(t, torch.Tensor):
             if t.is_complex() or t.dtype == torch.bool:
                 raise TypeError(f"{name} must be a real tensor or number, got dtype {t.dtype}")
-        elif isinstance(t, bool) or not isinstance(t, numbers.Real):
-            raise TypeError(f"{name} must be a real number or tensor, got {type(t).__name__} {t!r}")
+        else:
+            t = _real_scalar(name, t)
         t = as_time(t)
         check_time(t, self.T, name)
         if t.device.type == "cpu" and t.numel():  # checked above: only check_time's few-ulp slack is clamped away
@@ -172,8 +182,8 @@ class GaussianSDE:
         if isinstance(lam, torch.Tensor):
             if lam.is_complex() or lam.dtype == torch.bool:
                 raise TypeError(f"lam must be a real tensor or number, got dtype {lam.dtype}")
-        elif isinstance(lam, bool) or not isinstance(lam, numbers.Real):
-            raise TypeError(f"lam must be a real number or tensor, got {type(lam).__name__} {lam!r}")
+        else:
+            lam = _real_scalar("lam", lam)
         lam = as_time(lam)
         if lam.device.type == "cpu" and bool(torch.isnan(lam).any()):  # +-inf are the ends of the path, NaN is not
             raise ValueError(f"lam must not be NaN, got {lam}")
