@@ -25,6 +25,21 @@ from pathlib import Path
 import torch
 
 from ..evaluation import report, sweep
+from .common import (
+    DTYPES,
+    CLIError,
+    add_dtype,
+    add_force,
+    add_progress,
+    check_output_dir,
+    device_arg,
+    float_in,
+    int_at_least,
+    one_line,
+    option_arg,
+    progress_enabled,
+    solver_specs,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -39,24 +54,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help="solver specs, e.g. ddim 'ddim:eta=1.0' 'dpm_solver:order=3' (default: all but parallel)",
     )
-    parser.add_argument("--nfe", type=int, nargs="+", default=list(sweep.DEFAULT_NFES), help="NFE budgets")
+    parser.add_argument("--nfe", type=int_at_least(1), nargs="+", default=list(sweep.DEFAULT_NFES), help="NFE budgets")
     parser.add_argument(
         "--tolerances",
-        type=float,
+        type=float_in(0.0, low_open=True),
         nargs="+",
         default=list(sweep.DEFAULT_TOLERANCES),
         help="rtol = atol values of the tolerance-driven solvers",
     )
     parser.add_argument(
         "--nfe-cap",
-        type=float,
+        type=float_in(0.0, low_open=True),
         default=None,
         help="stop tightening a tolerance once a cell spends more NFE (default 2 x max --nfe)",
     )
-    parser.add_argument("--n", type=int, default=2000, help="samples per cell")
-    parser.add_argument("--batch-size", type=int, default=None, help="samples per solver call (default --n)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (the same x_T for every cell)")
-    parser.add_argument("--ref-seed", type=int, default=12345, help="seed of the reference / held-out data")
+    parser.add_argument("--n", type=int_at_least(2), default=2000, help="samples per cell")
+    parser.add_argument(
+        "--batch-size", type=int_at_least(1), default=None, help="samples per solver call (default --n)"
+    )
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="sampling seed (the same x_T for every cell)")
+    parser.add_argument("--ref-seed", type=int_at_least(0), default=12345, help="seed of the reference / held-out data")
     parser.add_argument(
         "--extractor",
         default="auto",
@@ -67,10 +84,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="where the digits extractor is cached (~/.cache/sdeflow)")
     parser.add_argument("--out", default="runs/bench", help="output folder")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    parser.add_argument("--float64", action="store_true", help="sample in float64")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--device", type=device_arg, default=None, help="cpu, cuda, ... (default: cuda if available)")
+    add_dtype(parser, "floating-point type of sampling")
+    parser.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--option",
+        type=option_arg,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="solver option for every solver of --solvers, repeatable (e.g. --option eta=1.0)",
+    )
+    add_force(parser)
+    add_progress(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,10 +106,13 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float64 if args.float64 else torch.float32
+    dtype = DTYPES[args.dtype]
+    specs = solver_specs(args.solvers, args.option)  # every solver and option checked before any sampling
+    check_output_dir(args.out, "--out", args.force, ("results.json", "table.md", "nfe_vs_quality.png"))
+    if not Path(args.ckpt).is_file():
+        raise CLIError(f"--ckpt {args.ckpt}: no such file (a checkpoint written by `sdeflow train`)")
     start = time.perf_counter()
     try:
-        specs = [sweep.parse_solver(s) for s in args.solvers] if args.solvers else None
         den, config, ckpt = load_run(args.ckpt, ema=not args.no_ema, device=device, dtype=dtype)
         scorer = sweep.make_scorer(
             config,
@@ -107,10 +136,10 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             device=device,
             dtype=dtype,
-            progress=not args.no_progress,
+            progress=progress_enabled(args),
         )
     except (FileNotFoundError, CheckpointError, ValueError) as err:
-        print(f"sdeflow bench: error: {err}", file=sys.stderr)
+        print(f"sdeflow bench: error: {one_line(err)}", file=sys.stderr)
         return 2
     protocol = report.base_protocol(
         n=args.n,
