@@ -15,7 +15,21 @@ import torch
 
 from .sweep import EXCLUDED_BY_DEFAULT, Cell, Scorer, SweepResult
 
-__all__ = ["markdown_grid", "markdown_adaptive", "markdown_cells", "plot_sweep", "base_protocol", "write_outputs"]
+__all__ = [
+    "METRIC_NAMES",
+    "SOLVER_FAMILIES",
+    "metric_label",
+    "solver_styles",
+    "robust_top",
+    "markdown_grid",
+    "markdown_adaptive",
+    "markdown_cells",
+    "plot_sweep",
+    "plot_sample_grid",
+    "require_extras",
+    "base_protocol",
+    "write_outputs",
+]
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
@@ -36,7 +50,8 @@ def _floor_text(result: SweepResult, metric: str) -> str:
 
 def markdown_grid(result: SweepResult, metric: str | None = None) -> str:
     """Solver x NFE table of one metric (default the primary one) for the budget-driven solvers, with the best
-    solver per column; a cell whose spent NFE differs from the budget shows it in brackets."""
+    solver per column; a cell whose spent NFE differs from the budget shows it in brackets, one with a spread over
+    several seeds shows it as ``mean ± std``."""
     metric = metric or result.metrics[0]
     rows = {s: cs for s, cs in result.by_solver().items() if any(c.budget is not None for c in cs)}
     head = "| solver | " + " | ".join(f"NFE {b}" for b in result.nfes) + " |"
@@ -54,6 +69,9 @@ def markdown_grid(result: SweepResult, metric: str | None = None) -> str:
             else:
                 v = c.metrics[metric]
                 text = _fmt(v)
+                spread = c.metrics.get(f"{metric}_std")
+                if spread is not None and math.isfinite(spread):
+                    text += f" ± {_fmt(spread, 2)}"
                 if c.nfe is not None and abs(c.nfe - b) > 1e-9:
                     text += f" ({c.nfe:g})"
                 cells.append(text)
@@ -61,6 +79,8 @@ def markdown_grid(result: SweepResult, metric: str | None = None) -> str:
                     best[b] = (v, solver)
         lines.append(f"| {solver} | " + " | ".join(cells) + " |")
     lines.append("| **best** | " + " | ".join(best[b][1] if b in best else "-" for b in result.nfes) + " |")
+    if len(result.seeds) > 1:
+        lines.append(f"\nMean ± standard deviation over the sampling seeds {list(result.seeds)}.")
     if metric in result.floor:
         lines.append(f"\nData floor (real data scored by the same protocol): {metric} = {_floor_text(result, metric)}.")
     return "\n".join(lines)
@@ -99,54 +119,159 @@ def markdown_cells(result: SweepResult) -> str:
     return "\n".join(lines)
 
 
+#: full names of the metrics (axis labels, table headings)
+METRIC_NAMES: dict[str, str] = {
+    "sw2": "sliced 2-Wasserstein distance",
+    "mmd2": "MMD² (multi-scale Gaussian kernel)",
+    "fd": "Fréchet distance (raw coordinates)",
+    "fd_digits": "Fréchet distance (digits-CNN features)",
+    "fid": "FID (Inception-v3 features)",
+    "fd_raw": "Fréchet distance (raw pixels)",
+}
+
+#: solver families: (family, colormap); members of a family share a hue and differ in shade and marker
+SOLVER_FAMILIES: dict[str, tuple[str, str]] = {
+    "ddim": ("ODE, first order", "Blues"),
+    "euler": ("ODE, first order", "Blues"),
+    "dpm_solver": ("ODE, exponential integrators", "Greens"),
+    "dpm_solver++": ("ODE, exponential integrators", "Greens"),
+    "unipc": ("ODE, exponential integrators", "Greens"),
+    "deis": ("ODE, exponential integrators", "Greens"),
+    "ipndm": ("ODE, linear multistep", "Purples"),
+    "lms": ("ODE, linear multistep", "Purples"),
+    "heun": ("ODE, Runge-Kutta", "Oranges"),
+    "rk45": ("ODE, Runge-Kutta", "Oranges"),
+    "ddpm": ("SDE", "Reds"),
+    "euler_maruyama": ("SDE", "Reds"),
+    "pc": ("SDE", "Reds"),
+    "adaptive_sde": ("SDE", "Reds"),
+    "torchsde": ("SDE", "Reds"),
+    "dpmpp_sde": ("SDE, exponential integrators", "RdPu"),
+    "dpmpp_2s_ancestral": ("SDE, exponential integrators", "RdPu"),
+    "er_sde": ("SDE, exponential integrators", "RdPu"),
+    "sa_solver": ("SDE, exponential integrators", "RdPu"),
+    "parallel": ("parallel in time", "Greys"),
+}
+_MARKERS = "osD^vP*Xph<>"
+
+
+def metric_label(metric: str) -> str:
+    """The full name of a metric with the reading direction, e.g. ``"FID (Inception-v3 features)\n(lower is
+    better)"``; an unknown key (``*_std`` included) is used as it is."""
+    return f"{METRIC_NAMES.get(metric, metric)}\n(lower is better)"
+
+
+def solver_styles(labels: list[str]) -> dict[str, dict[str, Any]]:
+    """A distinct (colour, marker) per solver label, grouped by :data:`SOLVER_FAMILIES`: one hue per family (shades
+    from dark to mid for its members), one marker per member; unknown solvers are the family "other" (grey).
+    Returns ``{label: {"color", "marker", "family"}}``."""
+    import matplotlib
+
+    members: dict[str, list[str]] = {}
+    for label in labels:
+        family = SOLVER_FAMILIES.get(label.split(":")[0], ("other", "Greys"))[0]
+        members.setdefault(family, []).append(label)
+    cmaps = {fam: cm for fam, cm in SOLVER_FAMILIES.values()}
+    out: dict[str, dict[str, Any]] = {}
+    for family, group in members.items():
+        cmap = matplotlib.colormaps[cmaps.get(family, "Greys")]
+        k = len(group)
+        for i, label in enumerate(group):
+            shade = 0.95 - 0.45 * (i / max(k - 1, 1)) if k > 1 else 0.8  # dark to mid: light shades are unreadable
+            out[label] = {"color": cmap(shade), "marker": _MARKERS[i % len(_MARKERS)], "family": family}
+    return out
+
+
+def robust_top(values: list[float], log: bool, quantile: float = 0.9, factor: float = 3.0) -> float | None:
+    """The top of a y range that one outlier cannot stretch: None (no clipping) unless the largest value lies beyond
+    ``q + factor * (q - min)`` with q the ``quantile`` of the values (in log10 units for a log axis); the top is
+    then q + (q - min) (at least a quarter decade above q on a log axis, a quarter of |q| on a linear one)."""
+    v = sorted(math.log10(x) if log else x for x in values if math.isfinite(x) and (x > 0 or not log))
+    if len(v) < 4:
+        return None
+    pos = quantile * (len(v) - 1)
+    lo_i = int(math.floor(pos))
+    q = v[lo_i] + (v[min(lo_i + 1, len(v) - 1)] - v[lo_i]) * (pos - lo_i)
+    span = q - v[0]
+    if v[-1] <= q + factor * span + (1e-12 if log else 0.0):
+        return None
+    top = q + max(span, 0.25 if log else 0.25 * abs(q))
+    if v[-1] <= top:
+        return None
+    return 10.0**top if log else top
+
+
 def plot_sweep(result: SweepResult, path: str | Path, title: str = "") -> None:
-    """One panel per metric: metric against the NFE actually spent (log x; log y when every value is positive),
-    one line per solver (dashed with open markers for tolerance-driven solvers), the data floor dashed grey."""
+    """One panel per metric: the metric (full name, lower is better) against the network evaluations spent (log x;
+    log y when every value is positive), one line per solver with a colour and marker of its family
+    (:func:`solver_styles`; tolerance-driven solvers dashed with open markers), the seed spread as error bars when
+    the cells have one (``metric_std``), the data floor as a grey band (mean +- std). The y range ignores outliers
+    (:func:`robust_top`): values above it are drawn as triangles on the top edge with their value."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = result.by_solver()
+    styles = solver_styles(list(groups))
     k = len(result.metrics)
-    fig, axes = plt.subplots(1, k, figsize=(4.2 * k + 2.2, 4.0), squeeze=False)
-    cmap = plt.get_cmap("tab20")
-    markers = "os^vD<>ph*Xd"
+    legend_w = 2.6
+    fig, axes = plt.subplots(1, k, figsize=(4.8 * k + legend_w, 4.4), squeeze=False)
     for j, metric in enumerate(result.metrics):
         ax = axes[0, j]
+        lines: list[tuple[str, list[float], list[float], list[float], bool]] = []
         values: list[float] = []
-        for i, (solver, cs) in enumerate(groups.items()):
+        for solver, cs in groups.items():
             pts = sorted(
-                (c.nfe, c.metrics[metric])
+                (c.nfe, c.metrics[metric], c.metrics.get(f"{metric}_std", float("nan")))
                 for c in cs
                 if c.ok and c.nfe is not None and math.isfinite(c.metrics.get(metric, float("nan")))
             )
             if not pts:
                 continue
-            adaptive = any(c.tol is not None for c in cs)
-            xs, ys = zip(*pts)
+            xs, ys, es = (list(t) for t in zip(*pts))
             values += ys
-            color = cmap((2 * i) % 20 + (2 * i // 20) % 2)  # the ten dark shades first, then the light ones
+            lines.append((solver, xs, ys, es, any(c.tol is not None for c in cs)))
+        floor, std = result.floor.get(metric, float("nan")), result.floor_std.get(metric, float("nan"))
+        band = [floor - std, floor + std] if math.isfinite(floor) and math.isfinite(std) else []
+        log_y = bool(values) and min(values + ([floor] if math.isfinite(floor) else [])) > 0
+        top = robust_top(values, log_y)
+        for solver, xs, ys, es, adaptive in lines:
+            st = styles[solver]
+            shown = [min(y, top) if top is not None else y for y in ys]
             ax.plot(
                 xs,
-                ys,
+                shown,
                 ls="--" if adaptive else "-",
-                marker=markers[i % len(markers)],
-                ms=4,
-                color=color,
-                mfc="none" if adaptive else color,
-                lw=1.2,
-                label=solver + (" (tol)" if adaptive else ""),
+                marker=st["marker"],
+                ms=5,
+                color=st["color"],
+                mfc="white" if adaptive else st["color"],
+                lw=1.4,
+                label=solver + (" (tolerance)" if adaptive else ""),
             )
-        floor, std = result.floor.get(metric, float("nan")), result.floor_std.get(metric, float("nan"))
+            if any(math.isfinite(e) and e > 0 for e in es):
+                err = [e if math.isfinite(e) else 0.0 for e in es]
+                ax.errorbar(xs, shown, yerr=err, fmt="none", ecolor=st["color"], elinewidth=1.0, capsize=2.5)
+            if top is not None:
+                for x, y in zip(xs, ys):
+                    if y > top:
+                        ax.plot([x], [top], marker="^", ms=8, color=st["color"], mec="k", mew=0.6, clip_on=False)
+                        ax.annotate(
+                            f"{y:.3g}",
+                            (x, top),
+                            xytext=(0, 6),
+                            textcoords="offset points",
+                            ha="center",
+                            fontsize=7,
+                            color=st["color"],
+                            annotation_clip=False,
+                        )
         if math.isfinite(floor):
-            values.append(floor)
-        log_y = bool(values) and min(values) > 0
-        if math.isfinite(floor):
-            ax.axhline(floor, color="0.5", ls=":", lw=1.2, label="real data (mean, +- std band)")
-            if math.isfinite(std) and std > 0:
-                lo = max(floor - std, 0.1 * floor) if log_y else floor - std
-                ax.axhspan(lo, floor + std, color="0.5", alpha=0.15, lw=0)
+            ax.axhline(floor, color="0.35", ls=":", lw=1.4, label="real data (data floor)")
+            if band and std > 0:
+                lo = max(band[0], 0.2 * floor) if log_y else band[0]
+                ax.axhspan(lo, band[1], color="0.5", alpha=0.18, lw=0, label="real data: mean ± std")
         ax.set_xscale("log")
         if log_y:
             ax.set_yscale("log")
@@ -155,16 +280,150 @@ def plot_sweep(result: SweepResult, path: str | Path, title: str = "") -> None:
             thresh = 10.0 ** math.ceil(math.log10(max(scale, 1e-12)))
             ax.set_yscale("symlog", linthresh=thresh, linscale=0.5)
             ax.set_ylim(bottom=-thresh)
-        ax.set_xlabel("NFE spent (res.nfe)")
-        ax.set_ylabel(metric)
-        ax.grid(True, which="both", alpha=0.25)
+        if top is not None:
+            ax.set_ylim(top=top)
+            ax.text(
+                0.99,
+                0.99,
+                "▲ = beyond the axis (value shown)",
+                transform=ax.transAxes,
+                ha="right",
+                va="top",
+                fontsize=7,
+                color="0.3",
+            )
+        ax.set_xlabel("network evaluations (NFE)", fontsize=10)
+        ax.set_ylabel(metric_label(metric), fontsize=10)
+        ax.tick_params(labelsize=9)
+        ax.grid(True, which="major", alpha=0.35)
+        ax.grid(True, which="minor", alpha=0.12)
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
+    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False, title="solver", title_fontsize=9)
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1 - 2.0 / (4.2 * k + 2.2), 1))
+        fig.suptitle(title, fontsize=12)
+    fig.tight_layout(rect=(0, 0, 1 - legend_w / (4.8 * k + legend_w), 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _tile(x: torch.Tensor) -> Any:
+    """Images (B, C, H, W) in [-1, 1] as one (h, w[, 3]) array in [0, 1], tiled in a near-square grid."""
+    import numpy as np
+
+    x = ((x.float() + 1) / 2).clamp(0, 1)
+    b, c, h, w = x.shape
+    cols = math.ceil(math.sqrt(b))
+    rows = math.ceil(b / cols)
+    canvas = torch.ones(c, rows * (h + 1) - 1, cols * (w + 1) - 1)
+    for i in range(b):
+        r, q = divmod(i, cols)
+        canvas[:, r * (h + 1) : r * (h + 1) + h, q * (w + 1) : q * (w + 1) + w] = x[i]
+    arr = canvas.numpy()
+    return arr[0] if c == 1 else np.transpose(arr, (1, 2, 0))
+
+
+def plot_sample_grid(
+    result: SweepResult,
+    path: str | Path,
+    *,
+    reference: torch.Tensor | None = None,
+    title: str = "",
+) -> bool:
+    """The kept samples (``run_sweep(keep=...)``): one row per solver, one column per NFE budget (tolerance-driven
+    solvers: one per tolerance, the NFE spent in the title), each panel titled with its NFE and primary metric.
+    2-D samples are scatter plots on one fixed square (from ``reference`` when given, else the samples' 99.5th
+    percentile, points beyond it drawn on the edge); images are tiled. A first row shows ``reference`` when given.
+    Returns False (and writes nothing) when no samples were kept."""
+    if not result.samples:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    primary = result.metrics[0]
+    groups = result.by_solver()
+    rows: list[tuple[str, list[Cell]]] = []
+    for solver, cs in groups.items():
+        kept = [c for c in cs if (c.solver, c.budget if c.budget is not None else c.tol) in result.samples]
+        if kept:
+            rows.append((solver, kept))
+    budgets = list(result.nfes)
+    ncols = max([len(budgets)] + [len(cs) for s, cs in rows if all(c.tol is not None for c in cs)])
+    first = next(iter(result.samples.values()))
+    is_2d = first.ndim == 2 and first.shape[1] == 2
+    lim = 1.0
+    if is_2d:
+        pool = reference if reference is not None else torch.cat(list(result.samples.values()))
+        lim = 1.08 * float(torch.quantile(pool.float().abs().flatten(), 0.995 if reference is None else 1.0))
+    nrows = len(rows) + (reference is not None)
+    size = 1.55
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols + 1.4, size * nrows + 0.7), squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_linewidth(0.5)
+
+    def draw(ax: Any, x: torch.Tensor) -> None:
+        if is_2d:
+            pts = x.float().clamp(-lim, lim).numpy()
+            ax.scatter(pts[:, 0], pts[:, 1], s=1.0, c="C0", linewidths=0)
+            ax.set_xlim(-lim, lim)
+            ax.set_ylim(-lim, lim)
+            ax.set_aspect("equal")
+        elif x.ndim == 4:
+            img = _tile(x[:16])
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+        else:
+            ax.plot(x.float().reshape(x.shape[0], -1).T.numpy(), lw=0.5)
+
+    r0 = 0
+    if reference is not None:
+        draw(axes[0, 0], reference[:2000] if is_2d else reference[:16])
+        axes[0, 0].set_title("real data", fontsize=9)
+        axes[0, 0].set_ylabel("real data", rotation=0, ha="right", va="center", fontsize=10)
+        for ax in axes[0, 1:]:
+            ax.axis("off")
+        r0 = 1
+    for i, (solver, cs) in enumerate(rows, start=r0):
+        by_col: dict[int, Cell] = {}
+        for c in cs:
+            if c.budget is not None and c.budget in budgets:
+                by_col[budgets.index(c.budget)] = c
+            elif c.tol is not None:
+                by_col[len(by_col)] = c
+        for j in range(ncols):
+            ax = axes[i, j]
+            c = by_col.get(j)
+            if c is None:
+                ax.set_facecolor("0.94")
+                continue
+            draw(ax, result.samples[(c.solver, c.budget if c.budget is not None else c.tol)])
+            value = c.metrics.get(primary, float("nan"))
+            head = f"NFE {c.nfe:g}" if c.tol is None else f"tol {c.tol:g} · NFE {c.nfe:g}"
+            ax.set_title(f"{head}\n{primary} {value:.3g}", fontsize=8)
+        axes[i, 0].set_ylabel(solver, rotation=0, ha="right", va="center", fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=12)
+    fig.tight_layout(pad=0.4, h_pad=0.5, w_pad=0.3)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
+
+
+def require_extras(command: str, modules: dict[str, str]) -> None:
+    """Raise ImportError, one line naming what to install, unless every module is importable; call it first in a
+    command, before any computation. ``modules`` maps an import name to the sdeflow extra that installs it, e.g.
+    ``require_extras("sdeflow bench", {"matplotlib": "plot"})``."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        extras = ",".join(sorted({modules[m] for m in missing}))
+        raise ImportError(
+            f"{command} needs {' and '.join(missing)}: pip install 'sdeflow[{extras}]' (make setup installs it)"
+        )
 
 
 def _json_safe(obj: Any) -> Any:
@@ -233,7 +492,8 @@ def write_outputs(
 ) -> dict[str, Path]:
     """Write ``results.json`` (protocol + every cell), ``table.md`` (protocol, the grids, every cell) and the plot.
 
-    Returns the paths by kind (``json``, ``markdown``, ``plot``).
+    When the sweep kept samples, also the sample grid (:func:`plot_sample_grid`) as ``<plot stem>_samples.png``.
+    Returns the paths by kind (``json``, ``markdown``, ``plot``, and ``grid`` when written).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -247,11 +507,20 @@ def write_outputs(
     paths = {"json": out / "results.json", "markdown": out / "table.md", "plot": out / plot_name}
     paths["json"].write_text(json.dumps(_json_safe(payload), indent=2) + "\n")
     plot_sweep(result, paths["plot"], title)
+    grid = out / (Path(plot_name).stem + "_samples.png")
+    if plot_sample_grid(result, grid, title=f"{title}: samples (rows: solver, columns: NFE)"):
+        paths["grid"] = grid
     md = [f"# {title}", ""]
     if extra_markdown:
         md += [extra_markdown, ""]
     for metric in result.metrics:
-        md += [f"## {metric} by solver and NFE budget (lower is better)", "", markdown_grid(result, metric), ""]
+        name = METRIC_NAMES.get(metric, metric)
+        md += [
+            f"## {name} (`{metric}`) by solver and NFE budget, lower is better",
+            "",
+            markdown_grid(result, metric),
+            "",
+        ]
     adaptive = markdown_adaptive(result)
     if adaptive:
         md += ["## Tolerance-driven solvers", "", adaptive, ""]

@@ -34,7 +34,7 @@ from __future__ import annotations
 import ast
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,6 +58,7 @@ __all__ = [
     "parse_solver",
     "default_solvers",
     "Scorer",
+    "StreamingScorer",
     "LowDimScorer",
     "FeatureScorer",
     "make_scorer",
@@ -165,6 +166,14 @@ class Scorer(Protocol):
     def score(self, x: torch.Tensor) -> dict[str, float]: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+
+class StreamingScorer(Scorer, Protocol):
+    """A :class:`Scorer` that also scores a sample set given batch by batch (``score_batches``), so that a sweep
+    never holds more than one batch of samples (the FID sweep at 50k samples: :class:`sdeflow.evaluation.fid_sweep.
+    FIDScorer`). :func:`run_sweep` uses ``score_batches`` whenever a scorer has it."""
+
+    def score_batches(self, batches: Iterable[torch.Tensor]) -> dict[str, float]: ...
 
 
 def _nan_scores(metrics: Iterable[str]) -> dict[str, float]:
@@ -412,7 +421,9 @@ class Cell:
 @dataclass
 class SweepResult:
     """The cells of a sweep (in run order), the scorer's metric names and floor, and kept samples
-    ``samples[(solver label, budget or tol)]`` (the first ``keep`` of each cell, on the CPU)."""
+    ``samples[(solver label, budget or tol)]`` (the first ``keep`` of each cell from the first seed, on the CPU).
+    With several ``seeds`` a cell's ``metrics[m]`` is the mean over the seeds and ``metrics[m + "_std"]`` their
+    standard deviation (ddof = 1); the per-seed values are in ``Cell.stats`` as ``"m@seed=s"``."""
 
     cells: list[Cell]
     metrics: tuple[str, ...]
@@ -421,6 +432,7 @@ class SweepResult:
     tolerances: tuple[float, ...]
     samples: dict[tuple[str, float], torch.Tensor] = field(default_factory=dict)
     floor_std: dict[str, float] = field(default_factory=dict)
+    seeds: tuple[int, ...] = (0,)
 
     def by_solver(self) -> dict[str, list[Cell]]:
         out: dict[str, list[Cell]] = {}
@@ -453,7 +465,7 @@ def model_device_dtype(den: Denoiser) -> tuple[torch.device, torch.dtype]:
     return param.device, param.dtype
 
 
-def _draw(
+def _sample_batches(
     den: Denoiser,
     spec: SolverSpec,
     shape: tuple[int, ...],
@@ -464,17 +476,19 @@ def _draw(
     dtype: torch.dtype,
     budget: int | None,
     tol: float | None,
-) -> tuple[torch.Tensor, float, float, dict[str, float]]:
-    """n samples of one cell: (x on the CPU, NFE per batch, seconds, scalar stats of the last batch)."""
+    tally: dict[str, Any],
+) -> Iterator[torch.Tensor]:
+    """Yield the n samples of one cell batch by batch (on the sampling device), adding to ``tally`` the net calls
+    (``calls``), batches, sampling seconds (the consumer's work between batches is not timed) and the scalar stats
+    of the last batch."""
     gen = torch.Generator(device).manual_seed(seed)
     opts = spec.kwargs
     if tol is not None:
         opts.update(rtol=tol, atol=tol)
-    chunks, calls, stats = [], 0, {}
-    _sync(device)
-    start = time.perf_counter()
     for lo in range(0, n, batch_size):
         b = min(batch_size, n - lo)
+        _sync(device)
+        start = time.perf_counter()
         res = sample(
             den,
             solver=spec.name,
@@ -485,13 +499,45 @@ def _draw(
             device=device,
             **opts,
         )
-        chunks.append(res.x)
-        calls += res.nfe
-        stats = res.stats
-    _sync(device)
-    seconds = time.perf_counter() - start
-    batches = len(chunks)
-    return torch.cat(chunks).detach().cpu(), calls / batches, seconds, _scalar_stats(stats)
+        _sync(device)
+        tally["seconds"] = tally.get("seconds", 0.0) + time.perf_counter() - start
+        tally["calls"] = tally.get("calls", 0) + res.nfe
+        tally["batches"] = tally.get("batches", 0) + 1
+        tally["stats"] = _scalar_stats(res.stats)
+        yield res.x.detach()
+
+
+def _score_cell(
+    scorer: Scorer,
+    batches: Iterator[torch.Tensor],
+    keep: int,
+) -> tuple[dict[str, float], bool, torch.Tensor | None]:
+    """Score one sample set: (metrics, every sample finite, the first ``keep`` samples on the CPU or None).
+
+    A scorer with ``score_batches`` (a :class:`StreamingScorer`) sees the batches one at a time, so no more than one
+    batch of samples exists at once; any other scorer gets them concatenated on the CPU."""
+    finite = True
+    kept: list[torch.Tensor] = []
+    n_kept = 0
+
+    def watch(stream: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        nonlocal finite, n_kept
+        for x in stream:
+            finite = finite and bool(torch.isfinite(x).all())
+            if n_kept < keep:
+                kept.append(x[: keep - n_kept].cpu().clone())
+                n_kept += kept[-1].shape[0]
+            yield x
+
+    score_batches = getattr(scorer, "score_batches", None)
+    if callable(score_batches):
+        metrics = dict(score_batches(watch(batches)))
+    else:
+        x = torch.cat([b.cpu() for b in watch(batches)])
+        metrics = scorer.score(x)
+    if not finite:
+        metrics = _nan_scores(scorer.metrics)
+    return metrics, finite, (torch.cat(kept) if kept else None)
 
 
 def run_sweep(
@@ -505,6 +551,7 @@ def run_sweep(
     nfe_cap: float | None = None,
     n: int = 2000,
     seed: int = 0,
+    seeds: Sequence[int] | None = None,
     batch_size: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
@@ -520,6 +567,8 @@ def run_sweep(
         nfes: the NFE budgets of budget-driven solvers. tolerances: rtol = atol values of tolerance-driven solvers,
             loosest first; tightening stops once a cell spends more than ``nfe_cap`` (default 2 * max(nfes)).
         n: samples per cell; seed: the sampling seed, the same for every cell (same x_T everywhere).
+        seeds: several sampling seeds instead of ``seed`` (e.g. ``(0, 1, 2)``, FID's usual three): every cell is
+            drawn once per seed and reports the mean and the standard deviation over the seeds (``m + "_std"``).
         batch_size: samples per solver call (default n). device, dtype: default the net's parameters'.
         keep: keep the first ``keep`` samples of every cell in ``SweepResult.samples`` (for plots).
         progress: a tqdm bar over the cells (on stderr).
@@ -536,6 +585,9 @@ def run_sweep(
         raise ValueError(f"tolerances must lie in (0, 1), got {tolerances}")
     if not (isinstance(n, int) and n >= 2):
         raise ValueError(f"n must be an int >= 2, got {n!r}")
+    seeds = (int(seed),) if seeds is None else tuple(int(v) for v in seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct integers, at least one, got {seeds}")
     batch_size = n if batch_size is None else batch_size
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -594,8 +646,20 @@ def run_sweep(
         if tol is not None and label in over_cap:
             cells.append(Cell(label, None, tol, status=f"skipped: a looser tolerance already spent > {cap:g} NFE"))
             continue
+        per_seed: list[dict[str, float]] = []
+        finite, nfe, seconds, stats = True, 0.0, 0.0, {}
         try:
-            x, nfe, seconds, stats = _draw(den, spec, shape, n, batch_size, seed, device, dtype, budget, tol)
+            for k, sd in enumerate(seeds):
+                tally: dict[str, Any] = {}
+                batches = _sample_batches(den, spec, shape, n, batch_size, sd, device, dtype, budget, tol, tally)
+                metrics, ok, kept = _score_cell(scorer, batches, keep if k == 0 else 0)
+                finite = finite and ok
+                per_seed.append(metrics)
+                nfe += tally["calls"] / tally["batches"] / len(seeds)
+                seconds += tally["seconds"] / len(seeds)
+                stats = tally["stats"]
+                if kept is not None:
+                    samples[(label, budget if budget is not None else tol)] = kept
         except ValueError as err:
             status = f"skipped: {err}" if "too small" in str(err) else f"error: {err}"
             cells.append(Cell(label, budget, tol, status=status))
@@ -603,11 +667,14 @@ def run_sweep(
         except SolverError as err:
             cells.append(Cell(label, budget, tol, status=f"error: {err}"))
             continue
-        metrics = scorer.score(x)
-        status = "ok" if bool(torch.isfinite(x).all()) else "nonfinite"
+        mean, std = _mean_std(per_seed)
+        metrics = dict(mean)
+        if len(seeds) > 1:
+            metrics.update({f"{m}_std": v for m, v in std.items()})
+            for sd, values in zip(seeds, per_seed):
+                stats.update({f"{m}@seed={sd}": v for m, v in values.items()})
+        status = "ok" if finite else "nonfinite"
         cells.append(Cell(label, budget, tol, nfe, seconds, metrics, status, stats))
-        if keep > 0:
-            samples[(label, budget if budget is not None else tol)] = x[:keep].clone()
         if tol is not None and nfe > cap:
             over_cap.add(label)
         primary = scorer.metrics[0]
@@ -621,4 +688,5 @@ def run_sweep(
         tolerances,
         samples,
         dict(getattr(scorer, "floor_std", {})),
+        seeds,
     )
