@@ -54,6 +54,7 @@ class DEIS(ExponentialStepper, MultistepStepper):
     """
 
     name = "deis"
+    starts_at_zero_signal = False  # the noise form has no limit at lambda = -inf (a(T) = 0)
     nfe_per_step = 1
     state_type = History
     options = {"order": 2, "solver_type": "logrho", "lower_order_final": True}

@@ -23,6 +23,7 @@ is an ancestral sampler of the reverse SDE family (weak order 2 measured on Gaus
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -35,6 +36,17 @@ def ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float)
         return sigma_to, torch.zeros_like(sigma_to)
     up = torch.minimum(sigma_to, eta * torch.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2))
     return torch.sqrt(sigma_to**2 - up**2), up
+
+
+def check_finite_log_snr(name: str, sde: Any, grid: torch.Tensor) -> None:
+    """The sigma-space steppers need a finite log-SNR at every grid time (sigma = s/a in (0, inf))."""
+    lam = sde.log_snr(grid.detach().to(device="cpu", dtype=torch.float64))
+    if not bool(torch.isfinite(lam).all()):
+        bad = int((~torch.isfinite(lam)).nonzero()[0])
+        raise ValueError(
+            f"solver {name!r} needs a finite log-SNR at every grid time; t = {float(grid[bad]):.6g} has lambda = "
+            f"{float(lam[bad])}: use t_end > 0 (e.g. sde.eps) and start below a point where a(t) = 0"
+        )
 
 
 def check_eta_noise(name: str, opts: dict) -> None:
@@ -70,6 +82,9 @@ class DPMSolverPP2SAncestral(SingleStepper):
         self.stochastic = float(self.opts["eta"]) > 0 and float(self.opts["s_noise"]) > 0
         self.order = 2.0
         self.strong_order = 0.5 if self.stochastic else None
+
+    def init(self, x: torch.Tensor, grid: torch.Tensor) -> None:
+        check_finite_log_snr(self.name, self.sde, grid)
 
     def single_step(
         self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None

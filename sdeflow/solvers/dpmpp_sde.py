@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from .base import SingleStepper, StepResult, coef
-from .dpmpp_ancestral import ancestral_step, check_eta_noise
+from .dpmpp_ancestral import ancestral_step, check_eta_noise, check_finite_log_snr
 
 
 class DPMSolverPPSDE(SingleStepper):
@@ -63,6 +63,9 @@ class DPMSolverPPSDE(SingleStepper):
     @property
     def noise_draws(self) -> int:
         return 2 if self.stochastic else 0
+
+    def init(self, x: torch.Tensor, grid: torch.Tensor) -> None:
+        check_finite_log_snr(self.name, self.sde, grid)
 
     def single_step(
         self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from .base import MultistepStepper, StepResult
-from .exponential import ExponentialStepper, Point, lincomb
+from .exponential import FORMS, ExponentialStepper, Form, Point, lincomb
 
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(24)
 
@@ -86,6 +86,7 @@ class ERSDE(ExponentialStepper, MultistepStepper):
     """
 
     name = "er_sde"
+    starts_at_zero_signal = False  # sigma = s / a is infinite where a(T) = 0
     nfe_per_step = 1
     state_type = ERState
     default_grid = "karras"
@@ -111,6 +112,11 @@ class ERSDE(ExponentialStepper, MultistepStepper):
         self.order = float(min(int(self.opts["max_stage"]), 2))
         self.stochastic = self.opts["noise_scaler"] != "ode" and float(self.opts["s_noise"]) > 0
         self._memo: dict[tuple[float, float], tuple[float, ...]] = {}
+
+    @property
+    def form(self) -> Form:
+        """The data prediction (what the update interpolates)."""
+        return FORMS["x0"]
 
     @property
     def phi(self) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -38,6 +38,7 @@ class SigmaMultistep(ExponentialStepper, MultistepStepper):
     nfe_per_step = 1
     state_type = History
     default_grid = "karras"
+    starts_at_zero_signal = False  # sigma = s / a is infinite where a(T) = 0
 
     @property
     def form(self) -> Any:

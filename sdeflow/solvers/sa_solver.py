@@ -73,6 +73,7 @@ class SASolver(ExponentialStepper, MultistepStepper):
     """
 
     name = "sa_solver"
+    starts_at_zero_signal = False  # its coefficients have no lambda = -inf limit here: start below T on such paths
     nfe_per_step = 1
     state_type = SAState
     options = {

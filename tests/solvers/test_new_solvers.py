@@ -539,13 +539,42 @@ def test_sa_solver_bad_tau_callable_raises_at_the_step():
         sf.sample(den, "sa_solver", nfe=4, shape=(2, 2), tau=lambda t: float("nan"))
 
 
-@pytest.mark.parametrize("sde", [sf.VPSDE(), sf.SubVPSDE(), sf.VESDE(0.01, 50.0)], ids=["vp", "subvp", "ve"])
+SDES = {
+    "vp": sf.VPSDE,
+    "subvp": sf.SubVPSDE,
+    "ve": lambda: sf.VESDE(0.01, 50.0),
+    "discrete": lambda: sf.DiscreteVPSDE.linear(1000),
+    "flow": sf.sdes.FlowMatchingPath,
+}
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
 @pytest.mark.parametrize("name", NEW + ["dpm_solver++"])
-def test_every_sde(name, sde):
-    """Each new solver samples every Gaussian SDE and matches the probability-flow solution at 40 NFE to a few
-    percent (the deterministic configurations) / gives finite samples (the stochastic ones)."""
+def test_every_sde(name, sde_name):
+    """Each new solver samples every Gaussian SDE / path with its default grid at 40 NFE: finite samples with the
+    mixture's spread (std 0.92). The flow path starts below t = 1, where a(t) = 0 has no sigma = s / a."""
+    sde = SDES[sde_name]()
     den = sf.GaussianMixture(**MIX).denoiser(sde)
     opts = {"sde": True, "order": 3} if name == "dpm_solver++" else {}
-    res = sf.sample(den, name, nfe=40, shape=(64, 2), generator=torch.Generator().manual_seed(0), dtype=F64, **opts)
+    g = torch.Generator().manual_seed(0)
+    start = {}
+    if sde_name == "flow":
+        t0 = torch.tensor(0.995, dtype=F64)
+        x0 = sf.GaussianMixture(**MIX).sample(256, g).to(F64)
+        start = {
+            "t_start": 0.995,
+            "x_T": sde.alpha(t0) * x0 + sde.sigma(t0) * torch.randn(256, 2, generator=g, dtype=F64),
+        }
+    else:
+        start = {"shape": (256, 2)}
+    res = sf.sample(den, name, nfe=40, generator=g, dtype=F64, **start, **opts)
     assert res.nfe <= 40 and bool(torch.isfinite(res.x).all())
-    assert 0.5 < float(res.x.std()) < 1.5  # the mixture's std is 0.92
+    assert 0.75 < float(res.x.std()) < 1.15
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_start_at_zero_signal_raises(name):
+    """On the flow path t = T = 1 has a = 0 (lambda = -inf): a clear error naming the solver, not NaNs."""
+    den = sf.GaussianMixture(**MIX).denoiser(sf.sdes.FlowMatchingPath())
+    with pytest.raises(ValueError, match=f"solver {name!r}.*(cannot start|finite log-SNR)"):
+        sf.sample(den, name, nfe=8, shape=(2, 2), generator=torch.Generator().manual_seed(0))
