@@ -14,7 +14,7 @@ where P interpolates data predictions :math:`\hat x_0` (Lagrange, integrated exa
 SDE-DPM-Solver++ form).
 
 * SA-Predictor (eq. 14) of order p: P through the last p predictions :math:`\lambda_i, \lambda_{i-1}, \dots`.
-* SA-Corrector (eq. 16) of order c: once the model has been evaluated at the predicted :math:`\tilde x_{i+1}`, redo
+* SA-Corrector (eq. 16) of order c (``corrector_order=0``: none, the bare predictor): once the model has been evaluated at the predicted :math:`\tilde x_{i+1}`, redo
   the step from :math:`x_i` with P through :math:`\lambda_{i+1}, \lambda_i, \dots` (c points) and the *same*
   noise :math:`\xi_i`. The evaluation is never redone (free, like UniPC) and the last step has no corrector.
 
@@ -26,8 +26,14 @@ this at every grid size).
 
 :math:`\tau(t)`: ``tau`` (a float, applied on ``tau_window`` = (lo, hi) fractions of [0, T], zero outside: diffusers'
 default is 1 on timesteps 200..800 of 1000) or a callable t -> tau. 1 NFE per step, one draw per step. Declared order
-min(p + 1, c) with tau = 0 (ODE order), min(p + 1, c, 2) otherwise (weak order: measured 2 for p = 3, c = 4 on
+min(p + 1, c) (p without corrector) with tau = 0 (ODE order), min(p + 1, c, 2) otherwise (weak order: measured 2 for p = 3, c = 4 on
 Gaussian data); the defaults p = c = 2 give 2. On every SDE with the semilinear view.
+
+**The noise-level family.** The paper's SDE is :math:`dx = [f x - \tfrac{1+\tau^2}2 g^2\nabla\log p_t]dt +
+\tau g\,d\bar w`: the probability-flow ODE's family with sampler noise :math:`s_u = \tau g \ge 0` (the seed notes'
+Gaussian-path family), every member with the same marginals. ``tau`` as a callable is any :math:`s_u(t)/g(t)`
+schedule: tau = 0 is the ODE (with ``corrector_order=0``: UniP-p with B(h) = h), tau = 1 the reverse SDE
+(``predictor_order=1, corrector_order=0``: SDE-DPM-Solver++(1) = DDPM posterior sampling).
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ class SASolver(ExponentialStepper, MultistepStepper):
 
     Options (diffusers' ``SASolverScheduler`` defaults):
         predictor_order: p in 1..4 (default 2).
-        corrector_order: c in 1..4 (default 2).
+        corrector_order: c in 1..4 (default 2), or 0: the bare SA-Predictor (order p).
         tau: a float >= 0 (default 1) or a callable ``t -> tau`` (float time).
         tau_window: (lo, hi) in [0, 1]: a float tau applies for lo T <= t <= hi T (default (0.2, 0.8)).
         lower_order_final: below 15 steps, lower orders on the last steps (default True).
@@ -86,7 +92,7 @@ class SASolver(ExponentialStepper, MultistepStepper):
 
     def validate(self) -> None:
         self._check_choice("predictor_order", (1, 2, 3, 4))
-        self._check_choice("corrector_order", (1, 2, 3, 4))
+        self._check_choice("corrector_order", (0, 1, 2, 3, 4))
         self._check_bool("lower_order_final")
         tau = self.opts["tau"]
         if not callable(tau) and (
@@ -105,7 +111,8 @@ class SASolver(ExponentialStepper, MultistepStepper):
         p, c = int(self.opts["predictor_order"]), int(self.opts["corrector_order"])
         tau = self.opts["tau"]
         self.stochastic = callable(tau) or float(tau) > 0
-        self.order = float(min(p + 1, c, 2) if self.stochastic else min(p + 1, c))
+        k = min(p + 1, c) if c > 0 else p
+        self.order = float(min(k, 2) if self.stochastic else k)
 
     @property
     def form(self) -> Form:
@@ -172,7 +179,7 @@ class SASolver(ExponentialStepper, MultistepStepper):
         st = self.check_state(state)
         p0, p1 = self.view.point(t0), self.view.point(t1)
         f0, pred = self.evaluate(x, p0)
-        if st.x_prev is not None and st.p_prev is not None:
+        if st.x_prev is not None and st.p_prev is not None and self.opts["corrector_order"] > 0:
             # SA-Corrector: redo the last step from x_prev with the new evaluation as the node at its end
             k = st.corr_plan[st.i - 1]
             cnodes = [(p0, f0), *st.nodes][:k]

@@ -578,3 +578,33 @@ def test_start_at_zero_signal_raises(name):
     den = sf.GaussianMixture(**MIX).denoiser(sf.sdes.FlowMatchingPath())
     with pytest.raises(ValueError, match=f"solver {name!r}.*(cannot start|finite log-SNR)"):
         sf.sample(den, name, nfe=8, shape=(2, 2), generator=torch.Generator().manual_seed(0))
+
+
+# ---------------------------------------------------------------------------------------------- the noise-level family
+def test_sa_solver_bare_predictor_is_the_known_members():
+    """tau = 1, p = 1, no corrector: SDE-DPM-Solver++(1) = DDIM eta = 1 (posterior sampling); tau = 0, no corrector:
+    UniP-p with B(h) = h (UniPC bh1 without UniC), same noise and grid."""
+    p = KProblem(10, kind="logsnr")
+    sa = p.ours("sa_solver", predictor_order=1, corrector_order=0, tau=1.0, tau_window=(0.0, 1.0))
+    assert rel(sa, p.ours("ddim", eta=1.0)) < 1e-12
+    for k in (1, 2, 3):
+        sa = p.ours("sa_solver", predictor_order=k, corrector_order=0, tau=0.0)
+        assert rel(sa, p.ours("unipc", order=k, corrector=False, variant="bh1")) < 1e-12
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0, 2.0, lambda t: 3.0 * t * (1.0 - t)])
+def test_sa_solver_noise_levels_sample_the_same_marginals(tau):
+    """Every s_u = tau g >= 0 gives the same marginals: on Gaussian data the exact output law converges to
+    p_{t_end} (mean error + relative variance error below 1e-2 at 256 log-SNR steps, second order from 128 on) whatever
+    the noise level (larger tau is stiffer: 3e-4, 1e-3, 8e-3 for tau = 0.5, 1, 2)."""
+    import test_solver_orders as T  # the exact-law probe (tests/ is on sys.path under pytest's rootdir conftest)
+
+    sde = T.SDES["vp"]()
+    den = sf.GaussianMixture([[T.MU]], [T.S]).denoiser(sde)
+    st = make_stepper(den, "sa_solver", tau=tau, tau_window=(0.0, 1.0))
+    m_ex, v_ex = T._exact_end_law(sde, sde.eps)
+    errs = []
+    for n in (128, 256):
+        m, v = T.exact_output_law(st, sde, time_grid(sde, n, "logsnr"))
+        errs.append(abs(m - m_ex) + abs(v / v_ex - 1))
+    assert errs[1] < 1e-2 and errs[0] / errs[1] > 3.0, errs
