@@ -163,18 +163,18 @@ def metric_label(metric: str) -> str:
 
 def solver_styles(labels: list[str]) -> dict[str, dict[str, Any]]:
     """A distinct (colour, marker) per solver label, grouped by :data:`SOLVER_FAMILIES`: one hue per family (shades
-    from dark to mid for its members), one marker per member; unknown solvers are the family "other" (grey).
+    from dark to mid for its members), one marker per member; unknown solvers are the family "other" (cividis).
     Returns ``{label: {"color", "marker", "family"}}``."""
     import matplotlib
 
     members: dict[str, list[str]] = {}
     for label in labels:
-        family = SOLVER_FAMILIES.get(label.split(":")[0], ("other", "Greys"))[0]
+        family = SOLVER_FAMILIES.get(label.split(":")[0], ("other", "cividis"))[0]
         members.setdefault(family, []).append(label)
     cmaps = {fam: cm for fam, cm in SOLVER_FAMILIES.values()}
     out: dict[str, dict[str, Any]] = {}
     for family, group in members.items():
-        cmap = matplotlib.colormaps[cmaps.get(family, "Greys")]
+        cmap = matplotlib.colormaps[cmaps.get(family, "cividis")]
         k = len(group)
         for i, label in enumerate(group):
             shade = 0.95 - 0.45 * (i / max(k - 1, 1)) if k > 1 else 0.8  # dark to mid: light shades are unreadable
@@ -182,7 +182,7 @@ def solver_styles(labels: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def robust_top(values: list[float], log: bool, quantile: float = 0.9, factor: float = 3.0) -> float | None:
+def robust_top(values: list[float], log: bool, quantile: float = 0.9, factor: float = 1.5) -> float | None:
     """The top of a y range that one outlier cannot stretch: None (no clipping) unless the largest value lies beyond
     ``q + factor * (q - min)`` with q the ``quantile`` of the values (in log10 units for a log axis); the top is
     then q + (q - min) (at least a quarter decade above q on a log axis, a quarter of |q| on a linear one)."""
@@ -201,22 +201,57 @@ def robust_top(values: list[float], log: bool, quantile: float = 0.9, factor: fl
     return 10.0**top if log else top
 
 
+def _family_legend(
+    handles: list[Any], labels: list[str], styles: dict[str, dict[str, Any]]
+) -> tuple[list[Any], list[str]]:
+    """Legend entries grouped by solver family, each group under its family's name (a handle-less header)."""
+    from matplotlib.lines import Line2D
+
+    entries: dict[str, list[tuple[Any, str]]] = {}
+    rest: list[tuple[Any, str]] = []
+    for h, lab in zip(handles, labels):
+        st = styles.get(lab.removesuffix(" (tolerance)"))
+        if st is None:
+            rest.append((h, lab))
+        else:
+            entries.setdefault(st["family"], []).append((h, lab))
+    out_h: list[Any] = []
+    out_l: list[str] = []
+    order = list(dict.fromkeys(fam for fam, _ in SOLVER_FAMILIES.values()))
+    for family, group in sorted(entries.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
+        out_h.append(Line2D([], [], ls="none"))
+        out_l.append(family)
+        for h, lab in group:
+            out_h.append(h)
+            out_l.append(lab)
+    if rest:
+        out_h.append(Line2D([], [], ls="none"))
+        out_l.append("")
+    for h, lab in rest:
+        out_h.append(h)
+        out_l.append(lab)
+    return out_h, out_l
+
+
 def plot_sweep(result: SweepResult, path: str | Path, title: str = "") -> None:
     """One panel per metric: the metric (full name, lower is better) against the network evaluations spent (log x;
     log y when every value is positive), one line per solver with a colour and marker of its family
     (:func:`solver_styles`; tolerance-driven solvers dashed with open markers), the seed spread as error bars when
     the cells have one (``metric_std``), the data floor as a grey band (mean +- std). The y range ignores outliers
-    (:func:`robust_top`): values above it are drawn as triangles on the top edge with their value."""
+    (:func:`robust_top`): values above it are drawn as triangles on the top edge with their value beside."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     groups = result.by_solver()
     styles = solver_styles(list(groups))
     k = len(result.metrics)
-    legend_w = 2.6
-    fig, axes = plt.subplots(1, k, figsize=(4.8 * k + legend_w, 4.4), squeeze=False)
+    families = {st["family"] for st in styles.values()}
+    height = max(4.4, 0.165 * (len(groups) + len(families) + 3) + 0.6)  # the legend fits in one column
+    fig, axes = plt.subplots(1, k, figsize=(4.8 * k, height), squeeze=False)
+    clipped_any = False
     for j, metric in enumerate(result.metrics):
         ax = axes[0, j]
         lines: list[tuple[str, list[float], list[float], list[float], bool]] = []
@@ -236,6 +271,8 @@ def plot_sweep(result: SweepResult, path: str | Path, title: str = "") -> None:
         band = [floor - std, floor + std] if math.isfinite(floor) and math.isfinite(std) else []
         log_y = bool(values) and min(values + ([floor] if math.isfinite(floor) else [])) > 0
         top = robust_top(values, log_y)
+        any_clipped = False
+        clipped: list[float] = []  # log10 x of the clipped points: labels of nearby ones are stacked, not overprinted
         for solver, xs, ys, es, adaptive in lines:
             st = styles[solver]
             shown = [min(y, top) if top is not None else y for y in ys]
@@ -251,22 +288,29 @@ def plot_sweep(result: SweepResult, path: str | Path, title: str = "") -> None:
                 label=solver + (" (tolerance)" if adaptive else ""),
             )
             if any(math.isfinite(e) and e > 0 for e in es):
-                err = [e if math.isfinite(e) else 0.0 for e in es]
-                ax.errorbar(xs, shown, yerr=err, fmt="none", ecolor=st["color"], elinewidth=1.0, capsize=2.5)
+                # no bar on a clipped point (it would describe a value the axis does not show)
+                up = [e if math.isfinite(e) and (top is None or y <= top) else 0.0 for e, y in zip(es, ys)]
+                # on a log axis a bar reaching 0 or below would run off the panel: show at most a decade down
+                down = [min(e, 0.9 * y) if log_y else e for e, y in zip(up, shown)]
+                ax.errorbar(xs, shown, yerr=[down, up], fmt="none", ecolor=st["color"], elinewidth=1.0, capsize=2.5)
             if top is not None:
                 for x, y in zip(xs, ys):
                     if y > top:
+                        k = sum(abs(math.log10(x) - c) < 0.2 for c in clipped)
+                        clipped.append(math.log10(x))
                         ax.plot([x], [top], marker="^", ms=8, color=st["color"], mec="k", mew=0.6, clip_on=False)
                         ax.annotate(
-                            f"{y:.3g}",
+                            f"{y:.2g}",
                             (x, top),
-                            xytext=(0, 6),
+                            xytext=(7, -8 - 9 * k),
                             textcoords="offset points",
-                            ha="center",
+                            ha="left",
+                            va="center",
                             fontsize=7,
                             color=st["color"],
                             annotation_clip=False,
                         )
+                        any_clipped = True
         if math.isfinite(floor):
             ax.axhline(floor, color="0.35", ls=":", lw=1.4, label="real data (data floor)")
             if band and std > 0:
@@ -282,27 +326,30 @@ def plot_sweep(result: SweepResult, path: str | Path, title: str = "") -> None:
             ax.set_ylim(bottom=-thresh)
         if top is not None:
             ax.set_ylim(top=top)
-            ax.text(
-                0.99,
-                0.99,
-                "▲ = beyond the axis (value shown)",
-                transform=ax.transAxes,
-                ha="right",
-                va="top",
-                fontsize=7,
-                color="0.3",
-            )
+        clipped_any = clipped_any or any_clipped
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("network evaluations (NFE)", fontsize=10)
         ax.set_ylabel(metric_label(metric), fontsize=10)
         ax.tick_params(labelsize=9)
         ax.grid(True, which="major", alpha=0.35)
         ax.grid(True, which="minor", alpha=0.12)
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False, title="solver", title_fontsize=9)
+    handles, labels = _family_legend(handles, labels, styles)
+    if clipped_any:
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], ls="none", marker="^", ms=8, color="w", mec="k", mew=0.6))
+        labels.append("beyond the y axis (value beside)")
+    leg = fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    for text in leg.get_texts():
+        if text.get_text() in {st["family"] for st in styles.values()}:
+            text.set_fontweight("bold")
     if title:
         fig.suptitle(title, fontsize=12)
-    fig.tight_layout(rect=(0, 0, 1 - legend_w / (4.8 * k + legend_w), 1))
-    fig.savefig(path, dpi=110)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / height))
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legend sits outside, to the right of the panels
     plt.close(fig)
 
 
@@ -358,7 +405,15 @@ def plot_sample_grid(
         lim = 1.08 * float(torch.quantile(pool.float().abs().flatten(), 0.995 if reference is None else 1.0))
     nrows = len(rows) + (reference is not None)
     size = 1.55
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols + 1.4, size * nrows + 0.7), squeeze=False)
+    width = max(5.0, size * ncols + 1.4)
+    text = ""
+    if title:
+        import textwrap
+
+        text = textwrap.fill(title, width=int(8 * width))  # ~8 characters of 12-point text per inch
+    title_h = 0.2 + 0.2 * (text.count("\n") + 1) if text else 0.1
+    height = size * nrows + 0.4 + title_h
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -381,7 +436,6 @@ def plot_sample_grid(
     r0 = 0
     if reference is not None:
         draw(axes[0, 0], reference[:2000] if is_2d else reference[:16])
-        axes[0, 0].set_title("real data", fontsize=9)
         axes[0, 0].set_ylabel("real data", rotation=0, ha="right", va="center", fontsize=10)
         for ax in axes[0, 1:]:
             ax.axis("off")
@@ -397,16 +451,21 @@ def plot_sample_grid(
             ax = axes[i, j]
             c = by_col.get(j)
             if c is None:
-                ax.set_facecolor("0.94")
+                ax.axis("off")
                 continue
             draw(ax, result.samples[(c.solver, c.budget if c.budget is not None else c.tol)])
             value = c.metrics.get(primary, float("nan"))
-            head = f"NFE {c.nfe:g}" if c.tol is None else f"tol {c.tol:g} · NFE {c.nfe:g}"
-            ax.set_title(f"{head}\n{primary} {value:.3g}", fontsize=8)
+            if c.tol is not None:
+                head = f"tol {c.tol:g}, NFE {_fmt(c.nfe, 4)}"
+            elif c.nfe is not None and c.budget is not None and abs(c.nfe - c.budget) > 1e-9:
+                head = f"NFE {c.budget} ({_fmt(c.nfe, 4)} spent)"
+            else:
+                head = f"NFE {c.budget}"
+            ax.set_title(f"{head}\n{primary} = {value:.3g}", fontsize=8.5, pad=3)
         axes[i, 0].set_ylabel(solver, rotation=0, ha="right", va="center", fontsize=10)
-    if title:
-        fig.suptitle(title, fontsize=12)
-    fig.tight_layout(pad=0.4, h_pad=0.5, w_pad=0.3)
+    if text:
+        fig.suptitle(text, fontsize=12, y=1 - 0.1 / height, va="top")
+    fig.tight_layout(pad=0.4, h_pad=0.6, w_pad=0.3, rect=(0, 0, 1, 1 - title_h / height))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
