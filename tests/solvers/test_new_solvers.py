@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.integrate import quad
 
 import sdeflow as sf
@@ -608,3 +610,44 @@ def test_sa_solver_noise_levels_sample_the_same_marginals(tau):
         m, v = T.exact_output_law(st, sde, time_grid(sde, n, "logsnr"))
         errs.append(abs(m - m_ex) + abs(v / v_ex - 1))
     assert errs[1] < 1e-2 and errs[0] / errs[1] > 3.0, errs
+
+
+# ---------------------------------------------------------------------------------------------- DEIS weights, property
+def _ind2(t, b, c):  # diffusers' DEISMultistepScheduler second-order antiderivative (float64 here)
+    return t * (-math.log(c) + math.log(t) - 1) / (math.log(b) - math.log(c))
+
+
+def _ind3(t, b, c, d):  # ... and its third-order one
+    lt, lc, ld, lb = math.log(t), math.log(c), math.log(d), math.log(b)
+    return t * (lc * (ld - lt + 1) - ld * lt + ld + lt**2 - 2 * lt + 2) / ((lb - lc) * (lb - ld))
+
+
+@given(
+    t0=st.floats(0.05, 0.9),
+    fracs=st.lists(st.floats(0.05, 1.0), min_size=3, max_size=3),
+)
+@settings(max_examples=60, deadline=None)
+def test_deis_logrho_weights_are_diffusers_closed_forms(t0, fracs):
+    """For any grid times t_{i-2} > t_{i-1} > t_i > t_{i+1}, DEIS's log-SNR quadrature weights (a_1 times the
+    integral of the log-rho Lagrange basis over rho) equal diffusers' closed-form ind_fn antiderivatives."""
+    sde = sf.VPSDE()
+    dst = make_stepper(sf.GaussianMixture(**MIX).denoiser(sde), "deis", order=3)
+    t1 = t0 * (1 - 0.9 * fracs[0])
+    tm1 = t0 + (1 - t0) * 0.5 * fracs[1]
+    tm2 = tm1 + (1 - tm1) * 0.5 * fracs[2]
+    pts = [dst.view.point(torch.tensor(t, dtype=F64)) for t in (t1, t0, tm1, tm2)]
+    rho = [math.exp(float(p.ls) - float(p.la)) for p in pts]
+    a1 = math.exp(float(pts[0].la))
+    rt, r0, r1, r2 = rho
+    c2, _ = dst.coefficients(pts[1], pts[0], pts[1:3], "taylor")
+    ref2 = [_ind2(rt, r0, r1) - _ind2(r0, r0, r1), _ind2(rt, r1, r0) - _ind2(r0, r1, r0)]
+    for ours, ref in zip(c2[1:], ref2):
+        assert ours == pytest.approx(a1 * ref, rel=1e-8, abs=1e-12)
+    c3, _ = dst.coefficients(pts[1], pts[0], pts[1:4], "taylor")
+    ref3 = [
+        _ind3(rt, r0, r1, r2) - _ind3(r0, r0, r1, r2),
+        _ind3(rt, r1, r2, r0) - _ind3(r0, r1, r2, r0),
+        _ind3(rt, r2, r0, r1) - _ind3(r0, r2, r0, r1),
+    ]
+    for ours, ref in zip(c3[1:], ref3):
+        assert ours == pytest.approx(a1 * ref, rel=1e-7, abs=1e-12)
