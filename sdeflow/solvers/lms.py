@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .base import MultistepStepper, StepResult
-from .exponential import ExponentialStepper, History, Point, lincomb, quadrature
+from .exponential import FORMS, ExponentialStepper, Form, History, Point, lincomb, quadrature
 
 
 class SigmaMultistep(ExponentialStepper, MultistepStepper):
@@ -41,9 +41,7 @@ class SigmaMultistep(ExponentialStepper, MultistepStepper):
     starts_at_zero_signal = False  # sigma = s / a is infinite where a(T) = 0
 
     @property
-    def form(self) -> Any:
-        from .exponential import FORMS
-
+    def form(self) -> Form:
         return FORMS["eps"]
 
     @staticmethod
