@@ -30,6 +30,7 @@ __all__ = [
     "CLIError",
     "Parser",
     "int_at_least",
+    "check_tolerance",
     "float_in",
     "device_arg",
     "option_arg",
@@ -106,6 +107,20 @@ def float_in(
 
     parse.__name__ = f"number in {where}"
     return parse
+
+
+def check_tolerance(value: float | None, flag: str, dtype: torch.dtype) -> None:
+    """Refuse a tolerance below what ``dtype`` resolves (10 machine epsilons): an adaptive solver would shrink its
+    step for minutes without ever meeting it."""
+    if value is None:
+        return
+    floor = 10 * torch.finfo(dtype).eps
+    if value < floor:
+        name = str(dtype).replace("torch.", "")
+        hint = " or --dtype float64" if dtype != torch.float64 else ""
+        raise CLIError(
+            f"{flag} {value:g} is below what {name} can resolve (10 x eps = {floor:.2g}): use {flag} >= {floor:.2g}{hint}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ devices
@@ -193,7 +208,7 @@ def solver_specs(
 
 
 # ------------------------------------------------------------------------------------------------ shared flags
-def add_progress(parser: argparse.ArgumentParser) -> None:
+def add_progress(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """``--progress / --no-progress`` (default: a progress bar when stderr is a terminal)."""
     parser.add_argument(
         "--progress",

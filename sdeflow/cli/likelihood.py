@@ -48,6 +48,7 @@ from .common import (
     add_progress,
     atomic_write_bytes,
     check_output_file,
+    check_tolerance,
     device_arg,
     float_in,
     int_at_least,
@@ -161,6 +162,8 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> int:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     device = ctx.device if ctx.distributed else torch.device(args.device or default_device)
     out_path = check_output_file(args.out, "--out", args.force, (".json",)) if args.out else None
+    check_tolerance(args.rtol, "--rtol", dtype)
+    check_tolerance(args.atol, "--atol", dtype)
     if args.step_size is not None and args.method in ADAPTIVE_METHODS:
         raise CLIError(f"--step-size applies to the fixed-grid methods (rk4, euler, ...), not --method {args.method}")
     if args.step_size is None and args.method in FIXED_METHODS:

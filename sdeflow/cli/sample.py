@@ -45,6 +45,7 @@ from .common import (
     add_progress,
     atomic_write_bytes,
     check_output_file,
+    check_tolerance,
     device_arg,
     float_in,
     int_at_least,
@@ -203,6 +204,8 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> int:
         raise CLIError("--plot and --out name the same file")
     device = str(ctx.device) if ctx.distributed else (args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype]
+    check_tolerance(args.rtol, "--rtol", dtype)
+    check_tolerance(args.atol, "--atol", dtype)
     try:
         den, config, _ = load_run(args.ckpt, ema=not args.no_ema, device=device, dtype=dtype)
     except FileNotFoundError as err:

@@ -137,6 +137,7 @@ CASES: list[tuple[list[str], str]] = [
     ([*S, "--rtol", "1e-3"], "--rtol"),
     ([*S, "--solver", "rk45", "--rtol", "-1"], "--rtol"),
     ([*S, "--solver", "rk45", "--atol", "nan"], "--atol"),
+    ([*S, "--solver", "rk45", "--rtol", "1e-12"], "--rtol"),  # unreachable in float32: refused, not a hang
     ([*S, "--ckpt", "{missing}"], "--ckpt"),
     ([*S, "--ckpt", "{garbage_pt}"], "--ckpt"),
     ([*S, "--out", "{folder}"], "--out"),
@@ -168,6 +169,7 @@ CASES: list[tuple[list[str], str]] = [
     ([*L, "--batch-size", "0"], "--batch-size"),
     ([*L, "--rtol", "0"], "--rtol"),
     ([*L, "--atol", "nan"], "--atol"),
+    ([*L, "--rtol", "1e-13"], "--rtol"),  # unreachable with a float32 net: refused, not a hang
     ([*L, "--n-probes", "0"], "--n-probes"),
     ([*L, "--levels", "17"], "--levels"),
     ([*L, "--t-eps", "2"], "--t-eps"),
