@@ -135,7 +135,16 @@ def run_problem(dim: int, schedule: str, args: argparse.Namespace) -> dict[str, 
             res = sf.sample(den, solver, nfe=nfe, x_T=x32, t_end=t_end, **opts)
             assert res.nfe == nfe, (name, nfe, res.nfe)
             rows[f"{name} [default]"][nfe] = rms(res.x, ref)
-            fit = fit_grid(den, solver, nfe, reference=fit_ref, method="dp", dtype=torch.float32, **opts)
+            fit = fit_grid(
+                den,
+                solver,
+                nfe,
+                reference=fit_ref,
+                method="dp",
+                dtype=torch.float32,
+                validation=args.validation,
+                **opts,
+            )
             res = sf.sample(den, solver, nfe=nfe, x_T=x32, grid=fit.grid, **opts)
             assert res.nfe == nfe, (name, nfe, res.nfe)
             rows[f"{name} [optimized]"][nfe] = rms(res.x, ref)
@@ -218,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--eval-n", type=int, default=2000)
     p.add_argument("--reference-steps", type=int, default=240)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--validation", type=float, default=0.0, help="fit_grid's held-out fraction (early stopping)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (several threads on a loaded machine cost ms)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--merge", nargs="+", help="only merge the results.json of these runs into --out's table")
@@ -247,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fit_n": args.fit_n,
         "eval_n": args.eval_n,
         "seed": args.seed,
+        "validation": args.validation,
         "versions": {
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,

@@ -97,6 +97,17 @@ def test_fitted_grid_beats_the_default_on_held_out_noise(solver, nfe, opts, meth
         assert rms(fitted.x, ref) < 0.8 * rms(default.x, ref)
 
 
+def test_validation_split_keeps_the_contract():
+    fit = fit_grid(DEN, "unipc", 5, shape=(2,), dtype=F64, validation=0.25, **FAST)
+    assert fit.error <= fit.default_error
+    x, ref = held_out()
+    assert rms(sf.sample(DEN, "unipc", nfe=5, x_T=x, grid=fit.grid).x, ref) < rms(
+        sf.sample(DEN, "unipc", nfe=5, x_T=x).x, ref
+    )
+    with pytest.raises(ValueError, match="validation"):
+        fit_grid(DEN, "unipc", 5, shape=(2,), validation=0.9)
+
+
 def test_grid_shape_and_cost_report():
     fit = fit_grid(DEN, "dpm_solver++", 4, shape=(2,), dtype=F64, **FAST)
     g = fit.grid
