@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..distributed import DistributedContext, run_cli, sample_sharded
+from ..grids import GRIDS, SPACINGS
 from ..training.config import load_run
 from ..training.data import to_unit_range
 from .common import (
@@ -55,7 +56,6 @@ from .common import (
 )
 
 DEFAULT_BATCH = 1024  # samples per solver call unless --batch-size says otherwise (independent of the world size)
-GRIDS = ("uniform", "logsnr", "quadratic", "karras")
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
 
@@ -85,7 +85,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output .npy file")
     parser.add_argument("--plot", default=None, help="optional image (.png, .pdf, .svg): scatter plot (2-D) or grid")
     add_force(parser)
-    parser.add_argument("--grid", default=None, choices=GRIDS, help="time grid (default: the solver's)")
+    parser.add_argument(
+        "--grid",
+        default=None,
+        choices=GRIDS + SPACINGS,
+        help="time grid (default: the solver's); leading/trailing/linspace: diffusers' spacings for discrete models",
+    )
     parser.add_argument(
         "--t-end", type=float_in(0.0, low_open=True), default=None, help="final time (default sde.eps), below T"
     )

@@ -343,3 +343,55 @@ def test_cuda_unavailable_is_one_line(capsys, tmp_path):
         pytest.skip("CUDA is available here")
     rc, lines, _ = invoke(["train", "--data", "gmm", "--device", "cuda", "--out", str(tmp_path / "r")], capsys)
     assert rc == 2 and len(lines) == 1 and "--device" in lines[0] and "CUDA" in lines[0]
+
+
+def test_a_failed_write_is_one_line_and_keeps_the_old_file(paths, capsys, monkeypatch, tmp_path):
+    """A full disk while writing the samples: one line saying why in words; the existing file is left as it was."""
+    from sdeflow.cli import common
+
+    out = tmp_path / "s.npy"
+    out.write_bytes(b"old")
+
+    monkeypatch.setattr(common.os, "fdopen", lambda fd, mode: _Full(fd))
+    argv = ["sample", "--ckpt", paths["ckpt"], "--solver", "ddim", "--nfe", "2", "--n", "3", "--out", str(out)]
+    rc, lines, _ = invoke([*argv, "--force", "--no-progress"], capsys)
+    assert rc == 2 and len(lines) == 1 and "No space left on device" in lines[0], lines
+    assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["s.npy"]
+
+
+class _Full:
+    """A file object whose writes fail as on a full disk."""
+
+    def __init__(self, fd: int) -> None:
+        import os
+
+        os.close(fd)
+
+    def __enter__(self) -> _Full:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def write(self, data: bytes) -> int:
+        import errno
+        import os
+
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_demo_module_errors_are_one_line(capsys, tmp_path):
+    from sdeflow.cli import demo
+
+    assert demo.main(["--out", str(tmp_path / "d"), "--solvers", "nope"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--solvers" in lines[0] and "Traceback" not in lines[0]
+
+
+def test_library_choices_reach_the_cli():
+    from sdeflow.grids import SPACINGS
+
+    parser = build_parser()
+    for grid in SPACINGS:
+        assert parser.parse_args(["sample", "--ckpt", "c", "--out", "x", "--grid", grid]).grid == grid
+    assert parser.parse_args(["sample", "--ckpt", "c", "--out", "x", "--float64"]).dtype == "float64"  # old alias
