@@ -27,6 +27,7 @@ __all__ = [
     "plot_sweep",
     "plot_sample_grid",
     "require_extras",
+    "load_result",
     "base_protocol",
     "write_outputs",
 ]
@@ -353,6 +354,11 @@ def plot_sweep(result: SweepResult, path: str | Path, title: str = "") -> None:
     plt.close(fig)
 
 
+def _sample_key(c: Cell) -> tuple[str, float]:
+    """The key of a cell's kept samples in ``SweepResult.samples``: (solver label, budget or tolerance)."""
+    return (c.solver, float(c.budget) if c.budget is not None else float(c.tol if c.tol is not None else "nan"))
+
+
 def _tile(x: torch.Tensor) -> Any:
     """Images (B, C, H, W) in [-1, 1] as one (h, w[, 3]) array in [0, 1], tiled in a near-square grid."""
     import numpy as np
@@ -392,7 +398,7 @@ def plot_sample_grid(
     groups = result.by_solver()
     rows: list[tuple[str, list[Cell]]] = []
     for solver, cs in groups.items():
-        kept = [c for c in cs if (c.solver, c.budget if c.budget is not None else c.tol) in result.samples]
+        kept = [c for c in cs if _sample_key(c) in result.samples]
         if kept:
             rows.append((solver, kept))
     budgets = list(result.nfes)
@@ -449,11 +455,12 @@ def plot_sample_grid(
                 by_col[len(by_col)] = c
         for j in range(ncols):
             ax = axes[i, j]
-            c = by_col.get(j)
-            if c is None:
+            cell = by_col.get(j)
+            if cell is None:
                 ax.axis("off")
                 continue
-            draw(ax, result.samples[(c.solver, c.budget if c.budget is not None else c.tol)])
+            c = cell
+            draw(ax, result.samples[_sample_key(c)])
             value = c.metrics.get(primary, float("nan"))
             if c.tol is not None:
                 head = f"tol {c.tol:g}, NFE {_fmt(c.nfe, 4)}"
@@ -483,6 +490,35 @@ def require_extras(command: str, modules: dict[str, str]) -> None:
         raise ImportError(
             f"{command} needs {' and '.join(missing)}: pip install 'sdeflow[{extras}]' (make setup installs it)"
         )
+
+
+def load_result(path: str | Path) -> SweepResult:
+    """A :class:`SweepResult` (without samples) from the ``results.json`` that :func:`write_outputs` wrote, e.g. to
+    redraw its plot: ``plot_sweep(load_result("runs/bench/digits/results.json"), "digits.png")``."""
+    payload = json.loads(Path(path).read_text())
+    nan = float("nan")
+
+    def num(v: Any) -> float:
+        return nan if v is None else float(v)
+
+    cells = []
+    for c in payload["cells"]:
+        c = dict(c)
+        c["metrics"] = {k: num(v) for k, v in (c.get("metrics") or {}).items()}
+        c["stats"] = {k: v for k, v in (c.get("stats") or {}).items() if v is not None}
+        cells.append(Cell(**c))
+    proto = payload.get("protocol", {})
+    seeds = proto.get("sampling_seeds") or [proto.get("sampling_seed", 0)]
+    return SweepResult(
+        cells,
+        tuple(payload["metrics"]),
+        {k: num(v) for k, v in (payload.get("floor") or {}).items() if v is not None},
+        tuple(proto.get("nfes", ())),
+        tuple(proto.get("tolerances", ())),
+        {},
+        {k: num(v) for k, v in (payload.get("floor_std") or {}).items() if v is not None},
+        tuple(int(s) for s in seeds),
+    )
 
 
 def _json_safe(obj: Any) -> Any:

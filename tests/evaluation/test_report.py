@@ -77,3 +77,27 @@ def test_plots_and_tables(tmp_path):
     assert (tmp_path / "g.png").read_bytes()[:8] == PNG_MAGIC
     assert not report.plot_sample_grid(_result(with_samples=False), tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+
+
+def test_bench_without_matplotlib_says_so_first(monkeypatch, tmp_path, capsys):
+    """No matplotlib: `sdeflow bench` stops with one line naming the extra before reading its checkpoint."""
+    import sys
+
+    from sdeflow.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["bench", "--ckpt", str(tmp_path / "missing.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "matplotlib" in err and "sdeflow[plot]" in err
+
+
+def test_load_result_round_trip(tmp_path):
+    res = _result(with_samples=False)
+    paths = report.write_outputs(res, tmp_path, {"sampling_seeds": [0, 1, 2]}, title="t", plot_name="p.png")
+    back = report.load_result(paths["json"])
+    assert back.metrics == res.metrics and back.nfes == res.nfes and back.tolerances == res.tolerances
+    assert back.seeds == (0, 1, 2) and back.floor == res.floor and back.floor_std == res.floor_std
+    assert [(c.solver, c.budget, c.tol, c.status, c.metrics) for c in back.cells] == [
+        (c.solver, c.budget, c.tol, c.status, c.metrics) for c in res.cells
+    ]
+    assert report.markdown_grid(back) == report.markdown_grid(res)
