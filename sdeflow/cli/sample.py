@@ -222,11 +222,16 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> int:
     den = _guided(den, args)
     tolerances = {k: v for k, v in (("rtol", args.rtol), ("atol", args.atol)) if v is not None}
     try:  # the solver refuses unknown or bad options here, before any sampling
-        make_solver(den, args.solver, **options, **tolerances)
+        built = make_solver(den, args.solver, **options, **tolerances)
     except (ValueError, TypeError) as err:
         raise CLIError(
             solver_option_error(den, args.solver, {**options, **tolerances}, err, {"rtol": "--rtol", "atol": "--atol"})
         ) from err
+    if args.max_steps is not None and (built.tolerances is None or built.integrator() is not None):
+        raise CLIError(
+            f"--max-steps caps the steps of sdeflow's adaptive driver (--solver adaptive_sde, dpm_solver with "
+            f"--option adaptive=True); --solver {args.solver} does not use it"
+        )
     shape = tuple(config["data"]["data_shape"])
     batch = args.batch_size or min(args.n, DEFAULT_BATCH)
     extra = {} if args.max_steps is None else {"max_steps": args.max_steps}

@@ -154,6 +154,8 @@ CASES: list[tuple[list[str], str]] = [
     ([*S, "--grid", "nope"], "--grid"),
     ([*S, "--dtype", "float16"], "--dtype"),
     ([*S, "--solver", "rk45", "--max-steps", "0"], "--max-steps"),
+    ([*S, "--solver", "rk45", "--max-steps", "50"], "--max-steps"),  # a cap rk45 would ignore
+    ([*S, "--max-steps", "50"], "--max-steps"),  # ddim: no adaptive driver
     ([*S, "--device", "cuda:99"], "--device"),
     ([*S, "--split", "window"], "--split"),
     ([*S, "--seed", "-1"], "--seed"),
