@@ -9,6 +9,9 @@ and the wall time.
 
 * every cell starts from the *same* prior noise x_T: the sampling generator is re-seeded with ``seed`` for each
   (solver, NFE) pair (common random numbers, so differences between cells are solver differences, not noise);
+  with several ``seeds`` each cell is drawn once per seed and reports the mean and standard deviation over them;
+* a scorer with ``score_batches`` (:class:`StreamingScorer`) receives the samples batch by batch, so memory stays
+  flat in ``n`` (the FID sweep of :mod:`sdeflow.evaluation.fid_sweep`);
 * budget-driven solvers take each NFE budget (a budget smaller than one step is skipped); tolerance-driven ones
   (adaptive step size: ``rk45``, ``adaptive_sde``, ``dpm_solver`` with ``adaptive=True`` ...) run at each tolerance
   rtol = atol and are plotted at the NFE they spent, tightening stops once that exceeds ``nfe_cap``;
