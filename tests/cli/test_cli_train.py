@@ -201,3 +201,36 @@ def test_sample_cli_conditional_images_with_guidance(tmp_path):
     )
     assert np.load(out).shape == (5, 1, 8, 8)
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow  # subprocesses that import torch and train until killed: about 10-20 s on 2 cores
+def test_kill_9_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path):
+    """SIGKILL (no handler can run) while a checkpoint is written at every step: ckpt.pt is always a complete
+    checkpoint (the old or the new one, never half of one), no temporary file survives the next load, and
+    `sdeflow train --resume` continues from it."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(sf.__file__).parents[1])}
+    argv = [*TINY, "--steps", "100000000", "--save-every", "1", "--out", str(out)]
+    steps = []
+    for round_ in range(2):
+        cmd = [sys.executable, "-m", "sdeflow.cli", "train", *argv, *(["--resume"] if round_ else [])]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            first = proc.stdout.readline()  # printed just before the loop starts
+            assert "sdeflow train" in first, (first, proc.stderr.read() if proc.poll() is not None else "")
+            deadline = time.time() + 60
+            while not (out / "ckpt.prev.pt").exists() and time.time() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5 + 0.37 * round_)  # many more writes; the kill lands at an arbitrary point of one
+            proc.kill()
+            proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        ckpt = load_checkpoint(out / "ckpt.pt")  # complete and CRC-clean
+        assert ckpt["step"] > 0
+        assert not [p for p in out.iterdir() if ".tmp" in p.name]  # orphans of the killed writer are gone
+        steps.append(ckpt["step"])
+    assert steps[1] >= steps[0]
+    assert main(["train", "--resume", "--steps", str(steps[1] + 2), "--no-progress", "--out", str(out)]) == 0
+    assert load_checkpoint(out / "ckpt.pt")["step"] == steps[1] + 2
