@@ -384,8 +384,9 @@ def plot_sample_grid(
 ) -> bool:
     """The kept samples (``run_sweep(keep=...)``): one row per solver, one column per NFE budget (tolerance-driven
     solvers: one per tolerance, the NFE spent in the title), each panel titled with its NFE and primary metric.
-    2-D samples are scatter plots on one fixed square (from ``reference`` when given, else the samples' 99.5th
-    percentile, points beyond it drawn on the edge); images are tiled. A first row shows ``reference`` when given.
+    2-D samples are scatter plots on one fixed square (from ``reference`` when given, else the median over cells of
+    each cell's 99th percentile of |x|, so that a diverged cell cannot shrink the others; points beyond it are drawn
+    on the edge); images are tiled. A first row shows ``reference`` when given.
     Returns False (and writes nothing) when no samples were kept."""
     if not result.samples:
         return False
@@ -406,9 +407,12 @@ def plot_sample_grid(
     first = next(iter(result.samples.values()))
     is_2d = first.ndim == 2 and first.shape[1] == 2
     lim = 1.0
-    if is_2d:
-        pool = reference if reference is not None else torch.cat(list(result.samples.values()))
-        lim = 1.08 * float(torch.quantile(pool.float().abs().flatten(), 0.995 if reference is None else 1.0))
+    if is_2d:  # one square for all panels: the real data's extent, else the median cell's (bad cells cannot widen it)
+        if reference is not None:
+            lim = 1.08 * float(reference.float().abs().max())
+        else:
+            per_cell = [float(torch.quantile(x.float().abs().flatten(), 0.99)) for x in result.samples.values()]
+            lim = 1.15 * float(torch.tensor(per_cell).median())
     nrows = len(rows) + (reference is not None)
     size = 1.55
     width = max(5.0, size * ncols + 1.4)
