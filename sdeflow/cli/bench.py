@@ -113,7 +113,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _configure_fid(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("FID against a real image set (--fid)")
-    g.add_argument("--fid", action="store_true", help="FID sweep under the standard protocol (needs the two below)")
+    g.add_argument(
+        "--fid",
+        action="store_true",
+        help="FID sweep under the standard protocol (needs --images and --inception-weights)",
+    )
     g.add_argument("--images", default=None, help="real images: a folder, or a .npy / .npz of uint8 images")
     g.add_argument("--diffusers", default=None, help="a diffusers model folder instead of --ckpt (with --fid)")
     g.add_argument(
