@@ -89,7 +89,7 @@ def solver_list(names: list[str] | None) -> list[tuple[str, str, dict]]:
                 st = SOLVERS[name](den, **opts)
             except ValueError:
                 continue
-            if st.stochastic or st.mode != "fixed":
+            if st.stochastic or st.integrator() is not None or st.tolerances is not None:
                 continue
             label = name + "".join(f" {k}={v}" for k, v in opts.items())
             out.append((label, name, opts))

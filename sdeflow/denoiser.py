@@ -34,7 +34,8 @@ diffusers' names are accepted as aliases (:data:`ALIASES`): ``"epsilon"``, ``"sa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -292,7 +293,9 @@ class Denoiser:
         if self.prediction == "flow" or target == "flow":
             da, ds = self.derivatives(x, t)
             pred = (
-                _from_flow(out, x, a, s, da, ds) if self.prediction == "flow" else CONVERSIONS[self.prediction](out, x, a, s)
+                _from_flow(out, x, a, s, da, ds)
+                if self.prediction == "flow"
+                else CONVERSIONS[self.prediction](out, x, a, s)
             )
             return to_target(pred, target, a, s, da, ds)
         return to_target(CONVERSIONS[self.prediction](out, x, a, s), target, a, s)
@@ -319,3 +322,77 @@ class Denoiser:
 
     def __repr__(self) -> str:
         return f"Denoiser(prediction={self.prediction!r}, sde={self.sde!r}, nfe={self.nfe})"
+
+    @contextmanager
+    def rows(self, index: torch.Tensor) -> Iterator[None]:
+        """Within the block the calls are for the rows ``index`` of the batch (a driver stepping a subset of the
+        samples, e.g. per-sample adaptive stepping): per-sample inputs bound to the denoiser are sliced to them. The
+        plain Denoiser holds none; :class:`BoundDenoiser` slices its keyword tensors."""
+        yield
+
+    def bind(self, **model_kwargs: Any) -> BoundDenoiser:
+        """This denoiser with keyword inputs passed to the net on every call (conditioning tensors such as diffusers'
+        ``encoder_hidden_states``, ``class_labels``): see :class:`BoundDenoiser`."""
+        return BoundDenoiser(self, model_kwargs)
+
+
+class BoundDenoiser(Denoiser):
+    """A denoiser with keyword inputs bound to every net call: ``net(x, t, **model_kwargs)``.
+
+    Tensors whose leading axis has the batch size B are per-sample: a call on a subset of the batch gets their rows
+    (:meth:`Denoiser.rows`, used by the adaptive driver), and a call on k·B states stacked window-major (the Picard
+    driver's batched steps) gets them repeated k times. Other values (scalars, 0-d tensors, objects, tensors without a
+    batch axis such as a shared text embedding of batch 1) are passed unchanged. NFE is counted on the wrapped denoiser.
+    """
+
+    def __init__(self, base: Denoiser, model_kwargs: dict[str, Any]) -> None:
+        if not isinstance(base, Denoiser):
+            raise TypeError(f"base must be a sdeflow.Denoiser, got {type(base).__name__}")
+        if not isinstance(model_kwargs, dict) or not all(isinstance(k, str) for k in model_kwargs):
+            raise TypeError("model_kwargs must be a dict of keyword arguments for the net")
+        self.base, self.model_kwargs = base, dict(model_kwargs)
+        self.net, self.sde, self.prediction = base.net, base.sde, base.prediction
+        self.time_input, self.learned_variance = base.time_input, base.learned_variance
+        self._net_times = base._net_times
+        self._index: torch.Tensor | None = None
+        sizes = {v.shape[0] for v in self.model_kwargs.values() if isinstance(v, torch.Tensor) and v.ndim >= 1}
+        self.batch = max(sizes) if sizes else None
+
+    @property  # type: ignore[override]  # the count lives on the wrapped denoiser
+    def nfe(self) -> int:
+        return self.base.nfe
+
+    @nfe.setter
+    def nfe(self, value: int) -> None:
+        self.base.nfe = value
+
+    @contextmanager
+    def rows(self, index: torch.Tensor) -> Iterator[None]:
+        previous, self._index = self._index, index
+        try:
+            yield
+        finally:
+            self._index = previous
+
+    def kwargs_for(self, x: torch.Tensor) -> dict[str, Any]:
+        """The bound keywords for a call on x (sliced to the active rows, repeated for stacked windows)."""
+        n, out = x.shape[0], {}
+        for k, v in self.model_kwargs.items():
+            if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == self.batch and self.batch != 1:
+                if self._index is not None:
+                    v = v[self._index.to(v.device)]
+                if v.shape[0] != n:
+                    if n % v.shape[0]:
+                        raise ValueError(
+                            f"model_kwargs[{k!r}] has {v.shape[0]} rows for a call on {n} samples: give one row per "
+                            "sample of x_T"
+                        )
+                    v = v.repeat(n // v.shape[0], *([1] * (v.ndim - 1)))
+            out[k] = v
+        return out
+
+    def raw(self, x: torch.Tensor, t: TimeLike, **kwargs: Any) -> torch.Tensor:
+        return self.base.raw(x, t, **{**self.kwargs_for(x), **kwargs})
+
+    def __repr__(self) -> str:
+        return f"BoundDenoiser({self.base!r}, model_kwargs={sorted(self.model_kwargs)})"

@@ -178,7 +178,8 @@ def solve_adaptive(
             t1 = torch.maximum(t1, end) if direction < 0 else torch.minimum(t1, end)
             xs = x[idx]
             z = noise(rounds - 1, t0, t1, xs, draws, index=idx) if noise is not None and draws else None
-            res, k_order = _adaptive_step(stepper, t0, t1, xs, z)
+            with stepper.den.rows(idx):  # per-sample inputs bound to the denoiser follow the active samples
+                res, k_order = _adaptive_step(stepper, t0, t1, xs, z)
             x_new, err = res.x, res.error
             if err is None:
                 raise SolverError(f"solver {stepper.name!r} returned no error estimate from step_with_error")

@@ -525,7 +525,6 @@ def test_bad_options_raise():
         ("dpm_solver", {"adaptive": True, "order": 1}, "order=1"),
         ("dpm_solver", {"thresholding": True}, "thresholding"),
         ("dpm_solver", {"adaptive": True, "rtol": 0.0}, "rtol"),
-        ("dpm_solver++", {"order": 3, "sde": True}, "order=3"),
         ("dpm_solver++", {"solver_type": "dpmsolver"}, "solver_type"),
         ("dpm_solver++", {"lower_order_final": 1}, "lower_order_final"),
         ("dpm_solver++", {"thresholding": True, "threshold_ratio": 1.5}, "threshold_ratio"),

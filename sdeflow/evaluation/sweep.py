@@ -47,7 +47,7 @@ import torch
 from .. import sample  # the public sdeflow.sample (sdeflow/__init__ never imports this package)
 from ..denoiser import Denoiser
 from ..solvers import available
-from ..solvers.base import SolverError, Stepper
+from ..solvers.base import Solver, SolverError
 from .metrics import GaussianStats, feature_stats, frechet_distance, gaussian_stats, mmd2, sliced_wasserstein
 
 __all__ = [
@@ -88,12 +88,9 @@ FLOOR_DRAWS = 5
 LOW_DIM = 16
 
 
-def _make_stepper(den: Denoiser, solver: str, **options: Any) -> Stepper:
-    # TODO(contract): make_stepper moves from sdeflow.integrate to sdeflow.sampling; drop the fallback once it has
-    try:
-        from ..sampling import make_stepper
-    except ImportError:
-        from ..integrate import make_stepper
+def _make_stepper(den: Denoiser, solver: str, **options: Any) -> Solver:
+    from ..sampling import make_stepper
+
     return make_stepper(den, solver, **options)
 
 
@@ -144,11 +141,11 @@ def default_solvers() -> list[SolverSpec]:
     return [SolverSpec(name) for name in available() if name not in EXCLUDED_BY_DEFAULT]
 
 
-def budget_driven(stepper: Stepper) -> bool:
+def budget_driven(stepper: Solver) -> bool:
     """Whether a stepper's cost follows the NFE budget (a fixed grid of ``nfe // nfe_per_step`` steps), as opposed
-    to an adaptive solver whose cost follows its tolerances. Decided from the stepper's own declarations: its
-    ``mode`` and whether ``num_steps`` grows with the budget."""
-    if stepper.mode == "adaptive":  # TODO(contract)
+    to an adaptive solver whose cost follows its tolerances. Decided from the solver's own declarations: its
+    ``tolerances`` and whether ``num_steps`` grows with the budget."""
+    if stepper.tolerances is not None:
         return False
     try:
         return stepper.num_steps(1000) > stepper.num_steps(100)

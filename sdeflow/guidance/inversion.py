@@ -21,11 +21,7 @@ __all__ = ["encode", "decode", "slerp", "interpolate"]
 
 
 def _deterministic_stepper(den: Denoiser, solver: Any, solver_options: dict[str, Any]):
-    # TODO(contract): make_stepper moves from sdeflow.integrate to sdeflow.sampling; drop the fallback once it has
-    try:
-        from ..sampling import make_stepper
-    except ImportError:
-        from ..integrate import make_stepper
+    from ..sampling import make_stepper
 
     stepper = make_stepper(den, solver, **solver_options)
     if stepper.stochastic or stepper.noise_draws:
@@ -73,21 +69,14 @@ def _run(
     t_data, t_noise = _span(den, t_data, t_noise)
     stepper = _deterministic_stepper(den, solver, solver_options)
     nfe0 = den.nfe
-    if stepper.mode == "adaptive":  # TODO(contract)
+    whole, tol = stepper.integrator(), stepper.tolerances
+    if whole is None and tol is not None:  # sdeflow's per-sample adaptive driver
         t0, t1 = (t_data, t_noise) if forward else (t_noise, t_data)
-        res = solve_adaptive(
-            stepper,
-            x,
-            t0,
-            t1,
-            rtol=stepper.opts.get("rtol", 1e-3),
-            atol=stepper.opts.get("atol", 1e-3),
-            h0=stepper.opts.get("h0"),
-        )
+        res = solve_adaptive(stepper, x, t0, t1, rtol=tol.rtol, atol=tol.atol, h0=tol.h0)
     else:
         g = _inversion_grid(den, stepper, nfe, grid, t_data, t_noise)
         g = g.flip(0) if forward else g
-        res = stepper.integrate(x, g) if stepper.mode == "external" else solve(stepper, x, g)  # TODO(contract)
+        res = whole.integrate(x, g) if whole is not None else solve(stepper, x, g)
     res.nfe = den.nfe - nfe0
     res.stats["nfe"] = res.nfe
     return res

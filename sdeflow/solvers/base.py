@@ -137,11 +137,17 @@ def coef(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def probability_flow_velocity(den: Denoiser, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, Prediction]:
-    r"""Probability-flow velocity :math:`f(t) x - \tfrac12 g(t)^2 \nabla\log p_t(x)` (Song et al. 2021, eq. 13), one
-    net call, and the prediction. The one PF-ODE right-hand side of sampling and likelihood."""
+    r"""Probability-flow velocity, one net call, and the prediction: the one PF-ODE right-hand side of sampling and
+    likelihood.
+
+    For a Gaussian path :math:`x_t = a x_0 + s\varepsilon` the PF-ODE :math:`f x - \tfrac12 g^2\nabla\log p_t`
+    (Song et al. 2021, eq. 13) equals :math:`a'(t)\,\hat x_0 + s'(t)\,\hat\varepsilon` (substitute
+    :math:`f = a'/a`, :math:`g^2 = 2 s s' - 2 f s^2`, :math:`\nabla\log p_t = -\hat\varepsilon/s` and
+    :math:`x = a\hat x_0 + s\hat\varepsilon`): the flow-matching velocity (Lipman et al. 2023). This form stays
+    finite where a(t) = 0 (the flow path at t = 1, where f and g^2 are infinite)."""
     pred = den.predict(x, t)
-    score = -pred.eps / coef(den.sde.sigma(t), x)
-    return den.sde.probability_flow_drift(x, t, score), pred
+    sde = den.sde
+    return coef(sde.d_alpha(t), x) * pred.x0 + coef(sde.d_sigma(t), x) * pred.eps, pred
 
 
 def reverse_sde_drift(den: Denoiser, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, Prediction]:

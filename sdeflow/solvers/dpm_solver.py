@@ -110,6 +110,7 @@ class DPMSolver(ExponentialStepper, EmbeddedStepper):
     """
 
     name = "dpm_solver"
+    starts_at_zero_signal = False  # singlestep stages at lambda_0 + r h are undefined when lambda_0 = -inf
     _nfe_plan: list[int] | None = None
     options = {
         "order": 3,

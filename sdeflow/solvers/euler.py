@@ -27,17 +27,18 @@ class Euler(SingleStepper):
         return memo_per_grid(self.den, (type(self), repr(self.opts)), grid, lambda: self._coefficients(grid))
 
     def _coefficients(self, grid: torch.Tensor) -> GridCache | None:
-        r"""Every step's constants once per grid: with :math:`\hat\varepsilon = r x + u\,\mathrm{out}`
-        (:func:`~sdeflow.solvers.base.prediction_affine`) the velocity is :math:`f x + \tfrac{g^2}{2s}\hat\varepsilon`,
-        so :math:`x_1 = (1 + h f + h\tfrac{g^2}{2s} r)\,x + h\tfrac{g^2}{2s} u\,\mathrm{out}` (h = t1 - t0)."""
+        r"""Every step's constants once per grid: with :math:`\hat x_0 = p x + q\,\mathrm{out}`,
+        :math:`\hat\varepsilon = r x + u\,\mathrm{out}` (:func:`~sdeflow.solvers.base.prediction_affine`) the velocity
+        :math:`a'\hat x_0 + s'\hat\varepsilon` gives :math:`x_1 = (1 + h(a'p + s'r))\,x + h(a'q + s'u)\,\mathrm{out}`
+        (h = t1 - t0)."""
         g = grid.detach().to(device="cpu", dtype=torch.float64)
         aff = prediction_affine(self.den, g[:-1])
         if aff is None:
             return None
         p, q, r, u = aff
         t0, h = g[:-1], g[1:] - g[:-1]
-        k = h * 0.5 * self.sde.g2(t0) / self.sde.sigma(t0)
-        rows = torch.stack([1.0 + h * self.sde.f(t0) + k * r, k * u, p, q], 1)
+        da, ds = self.sde.d_alpha(t0), self.sde.d_sigma(t0)  # velocity a' x0 + s' eps (base.probability_flow_velocity)
+        rows = torch.stack([1.0 + h * (da * p + ds * r), h * (da * q + ds * u), p, q], 1)
         if not bool(torch.isfinite(rows).all()):
             return None
         return GridCache(tuple(map(tuple, rows.tolist())))

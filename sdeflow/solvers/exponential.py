@@ -504,6 +504,13 @@ class ExponentialStepper(Stepper):
             if hit is not None:
                 return hit
         h, c_x, c_out, std = base_coefficients(self.form, p0, p1)
+        if isinstance(h, float) and math.isinf(h):
+            # a step from lambda = -inf (a(T) = 0): h -> inf, the single-node weight int_0^h e^{kappa(h-tau)} dtau
+            # -> -1/kappa (data-prediction forms, kappa < 0); earlier nodes carry no information there
+            out = ([c_x, c_out * (-1.0 / self.form.kappa)], std)
+            if key is not None:
+                self.view.coefficients[key] = out
+            return out
         r = [0.0 * h] + [(q.lam - p0.lam) / h for q in nodes[1:]]
         w = quadrature(r, h, self.form.kappa, rule)
         out = ([c_x] + [c_out * wm for wm in w], std)
@@ -524,6 +531,10 @@ class ExponentialStepper(Stepper):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One exponential-integrator update from p0 to p1 with the interpolation nodes ``(point, f)`` (the first
         node must be p0 itself). Returns (x1, mean): the stochastic form adds ``noise std * noise`` to the mean."""
+        if not isinstance(p0.lam, torch.Tensor) and math.isinf(p0.lam):
+            nodes = nodes[:1]  # the step from lambda = -inf: the one-node limit (coefficients)
+        else:  # a node at lambda = -inf (the grid's start on a path with a(T) = 0) cannot be interpolated through
+            nodes = [nodes[0], *(n for n in nodes[1:] if isinstance(n[0].lam, torch.Tensor) or math.isfinite(n[0].lam))]
         c, std = self.coefficients(p0, p1, [q for q, _ in nodes], rule)
         mean = lincomb(zip(c, [x] + [f for _, f in nodes]))
         if std is None:
@@ -532,11 +543,24 @@ class ExponentialStepper(Stepper):
             raise ValueError(f"solver {self.name!r} is stochastic: the driver must pass noise")
         return lincomb([(1.0, mean), (std, noise)]), mean
 
+    #: whether the first step may start at lambda = -inf (a(T) = 0, e.g. the flow path at t = 1): the data-prediction
+    #: forms have a finite limit there (x1 = (s1/s0) x + a1 x0_hat, DDIM from pure noise); the noise forms do not
+    starts_at_zero_signal = True
+
     def check_grid(self, grid: torch.Tensor) -> None:
-        """Every grid time needs a finite log-SNR (t_end = 0 is lambda = +inf on VP paths); caches the grid's points."""
+        """Every grid time needs a finite log-SNR (t_end = 0 is lambda = +inf on VP paths), except a start at
+        lambda = -inf for data-prediction forms; caches the grid's points."""
         self.view.prefill(grid)
-        if not all(math.isfinite(self.view.point(t).lam) for t in grid.detach().cpu().to(torch.float64).unbind(0)):
+        lams = [self.view.point(t).lam for t in grid.detach().cpu().to(torch.float64).unbind(0)]
+        if not math.isfinite(lams[-1]) or not all(math.isfinite(v) for v in lams[1:-1]):
             raise ValueError(
                 f"solver {self.name!r} needs a finite log-SNR at every grid time; t_end = "
-                f"{float(grid[-1]):.3g} has lambda = inf: use t_end > 0 (e.g. sde.eps)"
+                f"{float(grid[-1]):.3g} has lambda = {lams[-1]}: use t_end > 0 (e.g. sde.eps)"
+            )
+        if not math.isfinite(lams[0]) and (lams[0] > 0 or self.form.kappa > 0 or not self.starts_at_zero_signal):
+            how = "data prediction (predict_x0=True, dpm_solver++, unipc)" if self.form.kappa > 0 else "ddim"
+            raise ValueError(
+                f"solver {self.name!r} in this configuration cannot start at t = {float(grid[0]):.6g}, where the "
+                f"log-SNR is {lams[0]} (a(T) = 0: zero terminal SNR or the flow path at t = 1); use {how}, or "
+                "start below T (t_start)"
             )

@@ -88,9 +88,8 @@ class Heun(SingleStepper):
         dsig = sde.edm_sigma(g[1:]) - sde.edm_sigma(g[:-1])
         (p0, q0, r0, u0), (p1, q1, r1, u1) = aff0, aff1
         rows = torch.stack([a1 / a0, a1 * dsig, r0, u0, r1, u1, p0, q0, p1, q1], 1)
-        if not bool(torch.isfinite(rows).all()):
-            return GridCache(((),) * n)
-        return GridCache(tuple(map(tuple, rows.tolist())))
+        ok = torch.isfinite(rows).all(1).tolist()  # a step from sigma = inf (a(T) = 0) takes the general path
+        return GridCache(tuple(tuple(r) if good else () for r, good in zip(rows.tolist(), ok)))
 
     def window_evaluator(self, x: torch.Tensor, grid: torch.Tensor, over_ranks: OverRanks = None) -> WindowEvaluator:
         """Every step but the last (Euler) is a full Heun step: batched with step 0's state."""
@@ -133,11 +132,25 @@ class Heun(SingleStepper):
         x1 = torch.add(xp, eps1.sub_(eps0), alpha=0.5 * c0)
         return StepResult(x=x1, x0=lambda: torch.add(xp * p1, out1, alpha=q1))
 
+    def _heun_in_t(self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, last: bool) -> StepResult:
+        r"""Heun in t on the velocity :math:`a'\hat x_0 + s'\hat\varepsilon`, for a step that starts where
+        :math:`\sigma = s/a` is infinite (a(T) = 0: the flow-matching path at t = 1, where the scaled state x/a does
+        not exist; diffusers' FlowMatchHeun steps the same way, in its sigma = t). Churn is skipped there."""
+        v0, pred0 = self.ode_velocity(x, t0)
+        h = self.coef(t1 - t0, x)
+        xp = x + h * v0
+        if last:
+            return StepResult(x=xp, x0=pred0.x0)
+        v1, pred1 = self.ode_velocity(xp, t1)
+        return StepResult(x=x + 0.5 * h * (v0 + v1), x0=pred1.x0)
+
     def _heun(
         self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, n: int, noise: torch.Tensor | None, last: bool
     ) -> StepResult:
         sde = self.sde
         sig0, sig1 = sde.edm_sigma(t0), sde.edm_sigma(t1)
+        if not (bool(torch.isfinite(sig0).all()) and bool(torch.isfinite(sig1).all())):
+            return self._heun_in_t(t0, t1, x, last)
         xt = x / self.coef(sde.alpha(t0), x)  # the scaled state x / a
         if self.stochastic:
             z = self.require_noise(noise)[0]

@@ -131,7 +131,7 @@ class Recorder:
             self._sums = torch.zeros(self.total or 1, dtype=dtype, device=x.device)
         if i >= self._sums.numel():
             self._sums = torch.cat([self._sums, torch.zeros_like(self._sums)])
-        torch.sum(x.reshape(-1), 0, dtype=dtype, out=self._sums[i])
+        torch.sum(x.detach().reshape(-1), 0, dtype=dtype, out=self._sums[i])
 
     def raise_if_bad(self, grid: torch.Tensor, what: str = "") -> None:
         """The one host sync of a fixed-grid solve: raise naming the first non-finite step and its times."""
