@@ -15,7 +15,7 @@ from .analytic import GaussianMixture
 from .denoiser import Denoiser, Prediction
 from .integrate import solve, solve_adaptive
 from .sampling import sample
-from .sdes import VESDE, VPSDE, DiscreteVPSDE, GaussianPath, GaussianSDE, SubVPSDE
+from .sdes import VESDE, VPSDE, DiscreteVPSDE, EDMPath, FlowMatchingPath, GaussianPath, GaussianSDE, SubVPSDE
 from .solvers.record import SampleResult
 
 __version__ = "0.1.0"
@@ -40,6 +40,19 @@ _LAZY: dict[str, str] = {
     "decode": "sdeflow.guidance",
     "slerp": "sdeflow.guidance",
     "interpolate": "sdeflow.guidance",
+    "from_diffusers": "sdeflow.integrations",
+    "from_edm": "sdeflow.integrations",
+    "diffusers_grid": "sdeflow.integrations",
+    "optimize_grid": "sdeflow.grid_opt",
+    "fit_grid": "sdeflow.grid_opt",
+    "EDMPreconditioning": "sdeflow.preconditioning",
+    "edm_denoiser": "sdeflow.preconditioning",
+    "EDMLoss": "sdeflow.training.losses",
+    "divergence": "sdeflow.divergence",
+    "DivergenceResult": "sdeflow.divergence",
+    "ddpm_vlb": "sdeflow.vlb",
+    "continuous_vlb": "sdeflow.vlb",
+    "VLBResult": "sdeflow.vlb",
 }
 
 __all__ = [
@@ -47,6 +60,8 @@ __all__ = [
     "VPSDE",
     "Denoiser",
     "DiscreteVPSDE",
+    "EDMPath",
+    "FlowMatchingPath",
     "GaussianMixture",
     "GaussianPath",
     "GaussianSDE",
@@ -87,6 +102,12 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
         slerp,
         train_classifier,
     )
+    from .divergence import DivergenceResult, divergence
+    from .grid_opt import fit_grid, optimize_grid
+    from .integrations import diffusers_grid, from_diffusers, from_edm
     from .likelihood import LikelihoodResult, UniformDequantization, log_likelihood
+    from .preconditioning import EDMPreconditioning, edm_denoiser
+    from .training.losses import EDMLoss
+    from .vlb import VLBResult, continuous_vlb, ddpm_vlb
     from .nets import MLPScoreNet, UNet
     from .training import DenoisingScoreMatching, Trainer, load_denoiser
