@@ -90,6 +90,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
+    from .divergence import DivergenceResult, divergence
+    from .grid_opt import fit_grid, optimize_grid
     from .guidance import (
         ClassifierFreeGuidance,
         ClassifierGuidance,
@@ -102,12 +104,10 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
         slerp,
         train_classifier,
     )
-    from .divergence import DivergenceResult, divergence
-    from .grid_opt import fit_grid, optimize_grid
     from .integrations import diffusers_grid, from_diffusers, from_edm
     from .likelihood import LikelihoodResult, UniformDequantization, log_likelihood
+    from .nets import MLPScoreNet, UNet
     from .preconditioning import EDMPreconditioning, edm_denoiser
+    from .training import DenoisingScoreMatching, Trainer, load_denoiser
     from .training.losses import EDMLoss
     from .vlb import VLBResult, continuous_vlb, ddpm_vlb
-    from .nets import MLPScoreNet, UNet
-    from .training import DenoisingScoreMatching, Trainer, load_denoiser
