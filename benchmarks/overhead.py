@@ -101,7 +101,9 @@ def jobs(x: torch.Tensor, nfe: int, kd: types.ModuleType | None) -> dict[str, di
         },
         "DPM-Solver++(2M) (discrete eps)": {
             "sdeflow dpm_solver++": lambda: sf.sample(disc, "dpm_solver++", nfe=nfe, x_T=x),
-            "diffusers DPMSolverMultistep": lambda: diffusers_loop(DPMSolverMultistepScheduler, dpm_cfg, free_eps, x, nfe),
+            "diffusers DPMSolverMultistep": lambda: diffusers_loop(
+                DPMSolverMultistepScheduler, dpm_cfg, free_eps, x, nfe
+            ),
         },
         "UniPC-2 (discrete eps)": {
             "sdeflow unipc": lambda: sf.sample(disc, "unipc", nfe=nfe, x_T=x),

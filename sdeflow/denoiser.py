@@ -358,7 +358,7 @@ class BoundDenoiser(Denoiser):
         sizes = {v.shape[0] for v in self.model_kwargs.values() if isinstance(v, torch.Tensor) and v.ndim >= 1}
         self.batch = max(sizes) if sizes else None
 
-    @property  # type: ignore[override]  # the count lives on the wrapped denoiser
+    @property  # the count lives on the wrapped denoiser
     def nfe(self) -> int:
         return self.base.nfe
 

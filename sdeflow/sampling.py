@@ -255,7 +255,7 @@ def _sample(
                 raise ValueError(f"nfe={nfe} leaves no net call for the solver after the final denoising step")
             steps = s.num_steps(budget)
         kind = grid if grid is not None else s.default_grid
-        if grid is None and kind in ZERO_SNR_GRIDS and not _finite_log_snr(sde, t_start):
+        if isinstance(kind, str) and grid is None and kind in ZERO_SNR_GRIDS and not _finite_log_snr(sde, t_start):
             kind = ZERO_SNR_GRIDS[kind]  # a(T) = 0 (flow path, zero terminal SNR): no log-SNR / sigma grid exists
         if isinstance(kind, str):  # a named grid is a function of (sde, steps, kind, t_start, t_end): built once
             key = ("time_grid", steps, kind, t_start, t_end)

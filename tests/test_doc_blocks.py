@@ -30,7 +30,7 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
     for i, code in enumerate(_blocks(path)):
         try:
             exec(compile(code, f"{path.name}[block {i}]", "exec"), namespace)
-        except Exception as e:  # noqa: BLE001 - re-raised with the block's place
+        except Exception as e:
             raise AssertionError(f"{path.name}, python block {i} failed: {type(e).__name__}: {e}\n{code}") from e
 
 

@@ -40,7 +40,8 @@ class SinusoidalEmbedding(nn.Module):
         self.dim = dim
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        arg = t.reshape(-1, 1) * self.freqs.to(t.dtype)
+        freqs: torch.Tensor = self.freqs  # type: ignore[assignment]  # a registered buffer (nn.Module types it as Tensor | Module)
+        arg = t.reshape(-1, 1) * freqs.to(t.dtype)
         return torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
 
 
@@ -63,7 +64,8 @@ class FourierEmbedding(nn.Module):
         self.dim = dim
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        arg = t.reshape(-1, 1) * self.W.to(t.dtype)
+        W: torch.Tensor = self.W  # type: ignore[assignment]  # a registered buffer (nn.Module types it as Tensor | Module)
+        arg = t.reshape(-1, 1) * W.to(t.dtype)
         return torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
 
 
@@ -80,7 +82,8 @@ class TimeMLP(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(code_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        dtype = self.mlp[0].weight.dtype
+        first: nn.Linear = self.mlp[0]  # type: ignore[assignment]  # Sequential indexing is typed as Module
+        dtype = first.weight.dtype
         return self.mlp(self.code(t.to(dtype)))
 
 

@@ -477,7 +477,7 @@ class ExponentialStepper(Stepper):
         """``den.predict(x, p.t)``: one counted net call converted through the Denoiser's table. On a grid point
         (python-float a, s) the two predictions are computed only when read (:class:`DeferredPrediction`): the
         integrated one is usually the net's own output (x0 form, x0 model), and the other one is rarely needed."""
-        if not self._table_predict or p.a is None:
+        if not self._table_predict or p.a is None or p.s is None:
             return self.den.predict(x, p.t)
         out = self.den.raw(x, p.t)
         coefs = self._affine.get((p.a, p.s))

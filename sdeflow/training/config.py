@@ -216,7 +216,7 @@ def build_trainer(
         data,
         seed=seed,
         device=dev,
-        out_dir=out_dir,
+        out_dir=None if out_dir is None else str(out_dir),
         progress=progress,
         config=config,
         **train,

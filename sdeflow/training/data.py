@@ -289,12 +289,13 @@ def load_image_folder(
         files += [(f, label) for f in sorted(folder.iterdir()) if f.suffix.lower() in _IMAGE_SUFFIXES]
     if not files:
         raise ValueError(f"no images ({', '.join(_IMAGE_SUFFIXES)}) found under {root}")
-    arrays, labels = [], []
+    arrays: list[np.ndarray] = []
+    labels: list[int | None] = []
     for f, label in files:
-        with Image.open(f) as img:
+        with Image.open(f) as src:
             if channels is None:
-                channels = 1 if img.mode in ("L", "1", "I", "I;16", "F") else 3
-            img = img.convert("L" if channels == 1 else "RGB")
+                channels = 1 if src.mode in ("L", "1", "I", "I;16", "F") else 3
+            img = src.convert("L" if channels == 1 else "RGB")
             if size is not None:
                 img = img.resize((size, size), Image.Resampling.BICUBIC)
             arr = np.asarray(img, dtype=np.uint8)
@@ -325,7 +326,7 @@ def make_data(spec: str, size: int | None = None) -> DataSource:
         scaling = "signed_unit" if np.load(p, mmap_mode="r").dtype == np.uint8 else "none"
         return TensorData(x, None, None, {"name": "npy", "path": str(p), "scaling": scaling})
     if p.is_dir():
-        x, y = load_image_folder(p, size=size)
-        return TensorData(x, y, None, {"name": "folder", "path": str(p), "size": size, "scaling": "signed_unit"})
+        xf, yf = load_image_folder(p, size=size)
+        return TensorData(xf, yf, None, {"name": "folder", "path": str(p), "size": size, "scaling": "signed_unit"})
     allowed = ", ".join(map(repr, (*TOYS, "gmm", "digits")))
     raise ValueError(f"data={spec!r} is neither a known data set ({allowed}) nor a .npy file nor a directory")
