@@ -14,6 +14,17 @@ where the prior :math:`\pi = N(0, s(T)^2 I)` stands in for the unknown :math:`p_
 one net call's graph, vectorized in chunks with ``is_grads_batched``) or the Hutchinson / Skilling estimator
 :math:`E_\varepsilon[\varepsilon^\top J\varepsilon]` with probes drawn once per solve. The derivation, the bits/dim
 offset for dequantized images and the pitfalls are in ``docs/likelihood.md``.
+
+**Integration variable.** ``variable="logsnr"`` integrates in :math:`u = -\lambda` (:math:`\lambda = \log(a/s)`)
+instead of t, by the change of variables :math:`dt = du / (-\lambda'(t))`:
+:math:`\tfrac{d}{du}[x, \Delta] = [v, \nabla\cdot v] / (-\lambda'(t(u)))`, the endpoints and the result unchanged
+(the log-SNR is the variable of the exponential-integrator samplers, Lu et al. 2022). ``solver=`` with ``nfe=`` steps
+the augmented state on a fixed grid uniform in the chosen variable (torchdiffeq's fixed-grid Runge-Kutta methods).
+
+**Velocity.** :math:`v = f x - \tfrac12 g^2\,\mathrm{score}` through
+:func:`sdeflow.solvers.base.probability_flow_velocity`, except for flow-prediction models and paths that reach
+:math:`a(T) = 0` (flow matching), where the equal but finite form :math:`v = a'(t)\hat x_0 + s'(t)\hat\varepsilon`
+is used (:math:`f(T) = -\infty` and :math:`g(T)^2 = \infty` there).
 """
 
 from __future__ import annotations
@@ -26,9 +37,11 @@ from typing import Any
 
 import torch
 
-from ._utils import check_choice, check_positive
+from ._utils import append_dims, check_choice, check_positive
 from .denoiser import Denoiser
-from .sdes import GaussianSDE
+from .divergence import DIVERGENCE_METHODS, EXACT_MODES, PROBE_KINDS, hutchinson_probes
+from .divergence import divergence as estimate_divergence
+from .sdes import DiscreteVPSDE, GaussianSDE
 from .solvers.base import SolverError, probability_flow_velocity
 from .solvers.bridges import odeint
 
@@ -41,17 +54,24 @@ __all__ = [
     "DIVERGENCES",
     "PROBES",
     "METHODS",
+    "VARIABLES",
+    "GRID_SOLVERS",
 ]
 
-DIVERGENCES = ("exact", "hutchinson")
-PROBES = ("rademacher", "gaussian")
+DIVERGENCES = DIVERGENCE_METHODS  # ("exact", "hutchinson", "hutch++")
+PROBES = PROBE_KINDS
+VARIABLES = ("auto", "t", "logsnr")
+#: fixed-grid solvers of ``log_likelihood(solver=..., nfe=...)``: name -> (torchdiffeq method, evaluations per step)
+GRID_SOLVERS: dict[str, tuple[str, int]] = {
+    "euler": ("euler", 1),
+    "midpoint": ("midpoint", 2),
+    "heun": ("heun2", 2),
+    "heun3": ("heun3", 3),
+    "rk4": ("rk4", 4),
+}
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams")
 METHODS = ADAPTIVE_METHODS + FIXED_METHODS
-# basis vectors per vectorized backward pass: chunk * batch * dim stays below this many elements by default (on CPU,
-# vmap's batched backward beats a loop only while the cotangents stay in cache)
-_EXACT_CHUNK_ELEMENTS = 1 << 22
-_EXACT_CHUNK_ELEMENTS_CPU = 1 << 12
 _LN2 = math.log(2.0)
 
 
@@ -119,8 +139,8 @@ class LikelihoodResult:
         log_prob: :math:`\log\pi(x_T) + \Delta(T)`, the model's log-density of ``x`` at ``t_eps`` in nats per sample
             (model units; float64 unless the state dtype was set otherwise).
         bits_per_dim: :math:`-\text{log\_prob}/(d\ln 2)` plus ``dequantization_offset`` (bits).
-        nfe: net calls counted by the Denoiser during the forward solve (one per ODE evaluation: the divergence
-            reuses that call's graph).
+        nfe: ODE right-hand-side evaluations of the forward solve, one net call each (the divergence reuses that
+            call's graph; ``stats["net_calls"]`` is the Denoiser's own count).
         x_T: the end point of the flow at T, in x's dtype.
         prior_log_prob: :math:`\log\pi(x_T)`, the prior term.
         delta_log_prob: :math:`\int_{t_\epsilon}^T \nabla\cdot v\,dt`, the ODE term; swap the prior term for an exact
@@ -131,7 +151,16 @@ class LikelihoodResult:
         dequantization_offset: bits/dim added for dequantized integer data (0 for continuous data).
         x: the point whose density was computed (the dequantized data in model units, or the input).
         t_eps: the start time of the flow.
-        stats: ``evaluations`` (ODE right-hand-side calls), ``batches``, the solver settings.
+        stats: ``evaluations`` (ODE right-hand-side calls), ``net_calls`` (counted by the Denoiser; more than the
+            evaluations only when a forward-mode exact divergence or its one-off autotuning calls the net again),
+            ``batches``, the solver settings.
+        std_error: per-sample standard error of ``log_prob`` for the stochastic divergences with >= 2 (residual)
+            probes: the ODE carries one :math:`\Delta` per probe, whose integrals are i.i.d. over the probes (drawn
+            once per solve), so their spread over the m probes divided by :math:`\sqrt m` is the exact standard
+            error of their mean (Hutch++: given the sketch). ``probe_variance`` = m x its square is the variance of
+            one probe's log p: ``probe_variance / target**2`` probes reach a target standard error. None for the
+            exact divergence and for one probe.
+        probe_variance: see ``std_error``.
     """
 
     log_prob: torch.Tensor
@@ -145,88 +174,17 @@ class LikelihoodResult:
     x: torch.Tensor
     t_eps: float
     stats: dict[str, Any] = field(default_factory=dict)
+    std_error: torch.Tensor | None = None
+    probe_variance: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------------- random helpers
-def _gen_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
-    return generator.device if generator is not None else device
-
-
 def _rand(shape, dtype, device, generator) -> torch.Tensor:
-    return torch.rand(tuple(shape), generator=generator, dtype=dtype, device=_gen_device(generator, device)).to(device)
-
-
-def _probes(kind: str, shape, dtype, device, generator) -> torch.Tensor:
-    """Hutchinson probes with E[e e^T] = I: Rademacher (+-1) or standard Gaussian."""
-    gdev = _gen_device(generator, device)
-    if kind == "gaussian":
-        z = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=gdev)
-    else:
-        z = torch.randint(0, 2, tuple(shape), generator=generator, device=gdev).to(dtype) * 2 - 1
-    return z.to(device)
+    gdev = generator.device if generator is not None else device
+    return torch.rand(tuple(shape), generator=generator, dtype=dtype, device=gdev).to(device)
 
 
 # ---------------------------------------------------------------------------------------------------- divergence
-def _default_chunk(x: torch.Tensor) -> int:
-    budget = _EXACT_CHUNK_ELEMENTS_CPU if x.device.type == "cpu" else _EXACT_CHUNK_ELEMENTS
-    d = x[0].numel()
-    return max(1, min(d, budget // x.numel()))
-
-
-def _cotangents(
-    x: torch.Tensor, divergence: str, probes: torch.Tensor | None, chunk_size: int | None
-) -> list[tuple[torch.Tensor, int | None]]:
-    """The vectors e of the products e^T J, in chunks (c, *x.shape), each with the index of its first basis vector
-    (exact) or None (Hutchinson probes). Built once per solve."""
-    check_choice("divergence", divergence, DIVERGENCES)
-    if divergence == "hutchinson":
-        if probes is None or probes.ndim != x.ndim + 1 or probes.shape[1:] != x.shape or probes.shape[0] < 1:
-            raise ValueError(f"divergence='hutchinson' needs probes of shape (n_probes, *{tuple(x.shape)})")
-        return [(probes, None)]
-    B, d = x.shape[0], x[0].numel()
-    c = _default_chunk(x) if chunk_size is None else max(1, min(chunk_size, d))
-    eye = torch.eye(d, dtype=x.dtype, device=x.device)
-    return [
-        (eye[i0 : min(d, i0 + c), None, :].expand(min(d, i0 + c) - i0, B, d).reshape(-1, *x.shape), i0)
-        for i0 in range(0, d, c)
-    ]
-
-
-def _vjp(v: torch.Tensor, z: torch.Tensor, cotangents: torch.Tensor, batched: bool, create_graph: bool) -> torch.Tensor:
-    """cotangent^T dv/dz for one cotangent like v, or a leading batch of them (``batched``, vectorized by vmap)."""
-    (rows,) = torch.autograd.grad(
-        v, z, cotangents, retain_graph=True, create_graph=create_graph, allow_unused=True, is_grads_batched=batched
-    )
-    return torch.zeros_like(cotangents) if rows is None else rows
-
-
-def _drift_and_trace(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    cotangents: list[tuple[torch.Tensor, int | None]],
-    create_graph: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    B, d = x.shape[0], x[0].numel()
-    with torch.enable_grad():
-        z = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
-        v = fn(z)
-        div = torch.zeros(B, dtype=x.dtype, device=x.device)
-        for vectors, start in cotangents:
-            n = vectors.shape[0]
-            if n == 1:
-                rows = _vjp(v, z, vectors[0], False, create_graph)[None]
-            else:
-                rows = _vjp(v, z, vectors, True, create_graph)
-            rows = rows.reshape(n, B, d)
-            if start is None:  # Hutchinson: mean over probes of e^T J e
-                div = div + (rows * vectors.reshape(n, B, d)).sum(dim=2).mean(dim=0)
-            else:  # exact: the diagonal entries (e_i^T J)_i of this chunk
-                div = div + torch.diagonal(rows[:, :, start : start + n], dim1=0, dim2=2).sum(dim=1)
-    if not create_graph:
-        v, div = v.detach(), div.detach()
-    return v, div
-
-
 def drift_and_divergence(
     fn: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -237,61 +195,127 @@ def drift_and_divergence(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""v = fn(x) and the per-sample divergence :math:`\nabla\cdot v = \mathrm{tr}\,\partial v/\partial x`.
 
-    One forward call of ``fn``, then vector-Jacobian products :math:`e^\top J` through its graph (vectorized over
-    ``chunk_size`` vectors at a time with ``is_grads_batched``; no host sync):
+    A thin wrapper of :func:`sdeflow.divergence.divergence` (reverse mode): one forward call of ``fn``, then
+    vector-Jacobian products through its graph, ``chunk_size`` at a time. ``"exact"`` sums the d diagonal entries;
+    ``"hutchinson"`` / ``"hutch++"`` need ``probes`` of shape (n, *x.shape) (Hutchinson 1990; Meyer et al. 2021).
 
-    * ``"exact"``: :math:`\sum_i (e_i^\top J)_i` over the d basis vectors (d backward passes; by default
-      ``chunk_size * batch * d`` stays near 2^12 elements on CPU, where a plain loop is as fast as vmap, and 2^22 on
-      accelerators, where vectorizing pays);
-    * ``"hutchinson"``: :math:`\frac1n\sum_j \varepsilon_j^\top J\varepsilon_j` for ``probes`` of shape
-      (n, *x.shape), unbiased when :math:`E[\varepsilon\varepsilon^\top] = I` (Hutchinson 1990; Skilling 1989).
-
-    Both assume ``fn`` acts on each sample independently (no batch coupling such as BatchNorm in train mode).
-
-    Args:
-        fn: (B, *shape) -> (B, *shape).
-        x: (B, *shape).
-        create_graph: keep (v, div) differentiable with respect to x and to whatever ``fn`` closes over (second-order
-            autograd, for backpropagation through the solve); otherwise both come back detached.
     Returns:
-        (v, div) with shapes (B, *shape) and (B,).
+        (v, div) with shapes (B, *shape) and (B,); detached unless ``create_graph``.
     """
-    return _drift_and_trace(fn, x, _cotangents(x, divergence, probes, chunk_size), create_graph)
+    check_choice("divergence", divergence, DIVERGENCES)
+    if divergence != "exact" and probes is None:
+        raise ValueError(f"divergence={divergence!r} needs probes of shape (n_probes, *{tuple(x.shape)})")
+    res = estimate_divergence(
+        fn, x, divergence, probes=probes, mode="reverse", chunk=chunk_size, create_graph=create_graph
+    )
+    return res.f_x, res.value
+
+
+def _needs_data_noise_form(den: Denoiser) -> bool:
+    """Flow predictions, and paths whose f(T) is not finite (a(T) = 0), use v = a' x0_hat + s' eps_hat."""
+    if den.prediction == "flow":
+        return True
+    T = torch.tensor(float(den.sde.T), dtype=torch.float64)
+    return not bool(torch.isfinite(den.sde.f(T)))
 
 
 class _AugmentedFlow:
-    """Right-hand side of the augmented probability-flow ODE d[x, Delta]/dt = [v, div v] for torchdiffeq.
+    """Right-hand side of the augmented probability-flow ODE d[x, Delta]/du = [v, div v] dt/du for torchdiffeq.
 
-    Second-order graphs are built only when someone needs them: grad mode on and the state or a parameter requiring
-    grad (direct backpropagation, or the backward pass of the adjoint method).
+    u is t (``variable="t"``) or minus the log-SNR (``"logsnr"``). Delta is (B,) for the exact divergence and
+    (B, m) for the stochastic ones (one integral per probe). Second-order graphs are built only when someone needs
+    them: grad mode on and the state or a parameter requiring grad (direct backpropagation, or the adjoint's
+    backward pass).
     """
 
     def __init__(
         self,
         den: Denoiser,
         model_dtype: torch.dtype,
-        cotangents: list[tuple[torch.Tensor, int | None]],
+        method: str,
+        probes: torch.Tensor | None,
+        mode: str,
+        chunk: int | None,
         params_need_grad: bool,
+        variable: str,
     ) -> None:
         self.den, self.sde, self.model_dtype = den, den.sde, model_dtype
         self.T = float(den.sde.T)
-        self.cotangents = cotangents
+        self.method, self.probes, self.mode, self.chunk = method, probes, mode, chunk
         self.params_need_grad = params_need_grad
+        self.variable = variable
+        self.data_noise_form = _needs_data_noise_form(den)
+        self.sketch = 0  # Hutch++: the first `sketch` probes are a fixed orthonormal basis Q (see fix_sketch)
         self.evaluations = 0
 
-    def __call__(self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def fix_sketch(self, x: torch.Tensor, u0: torch.Tensor) -> None:
+        r"""Hutch++ with the projection fixed for the solve: from the n probes, k = min(n // 3, d) sketch vectors S
+        and m = n - 2k residual probes G (Meyer et al. 2021, Alg. 1), :math:`Q = \mathrm{qr}(J^\top S)` once at the
+        start point (one extra net call, not an ODE evaluation), then at every evaluation
+        :math:`\mathrm{tr}(Q^\top JQ) + g_j^\top(I-QQ^\top)J(I-QQ^\top)g_j` from k + m products. Unbiased for
+        any Q independent of G, and smooth in t: recomputing Q at every evaluation (sdeflow.divergence's
+        ``"hutch++"``) makes the right-hand side jump wherever the sketch is nearly rank-deficient (a VE solve at
+        d = 3 took 1178 evaluations instead of Hutchinson's 92)."""
+        assert self.probes is not None
+        B, d = x.shape[0], x[0].numel()
+        n = self.probes.shape[0]
+        k = min(n // 3, d)
+        S, G = self.probes[:k], self.probes[k : n - k]
+        t, _ = self.time(u0)
+        with torch.enable_grad():
+            z = x.detach().to(self.model_dtype).requires_grad_(True)
+            v = self.velocity(z, t)
+            (rows,) = torch.autograd.grad(v, z, S.to(v.dtype), is_grads_batched=True, allow_unused=True)
+        if rows is None:  # the velocity does not depend on x
+            rows = torch.zeros_like(S)
+        Y = rows.detach().reshape(k, B, d).permute(1, 2, 0)  # (B, d, k)
+        Q = torch.linalg.qr(Y, mode="reduced").Q
+        Gf = G.reshape(G.shape[0], B, d).permute(1, 2, 0).to(Q.dtype)
+        Gp = Gf - Q @ (Q.transpose(1, 2) @ Gf)
+        self.probes = torch.cat([Q, Gp], dim=2).permute(2, 0, 1).reshape(-1, *x.shape).to(self.model_dtype)
+        self.method, self.sketch = "hutchinson", k
+
+    def time(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """t(u) and dt/du (None for u = t)."""
+        if self.variable == "t":
+            # the solvers stop exactly at t_eps and T (step_t), but an initial-step probe may look past T
+            return u.clamp(0.0, self.T), None
+        t = self.sde.t_from_log_snr(-u.detach()).clamp(0.0, self.T)
+        dlam = self.sde.f(t) - self.sde.d_sigma(t) / self.sde.sigma(t)  # lambda'(t) = a'/a - s'/s < 0
+        return t, -1.0 / dlam
+
+    def velocity(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.data_noise_form:
+            pred = self.den.predict(z, t)
+            da = append_dims(self.sde.d_alpha(t).to(device=z.device, dtype=z.dtype), z.ndim)
+            ds = append_dims(self.sde.d_sigma(t).to(device=z.device, dtype=z.dtype), z.ndim)
+            return da * pred.x0 + ds * pred.eps
+        return probability_flow_velocity(self.den, z, t)[0]
+
+    def __call__(self, u: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         y = state[0]
         create_graph = torch.is_grad_enabled() and (y.requires_grad or self.params_need_grad)
         x = y.to(self.model_dtype)
-        # the solvers stop exactly at t_eps and T (step_t), but the initial-step probe may look past T
-        t = t.clamp(0.0, self.T)
-
-        def velocity(z: torch.Tensor) -> torch.Tensor:
-            return probability_flow_velocity(self.den, z, t)[0]
-
-        v, div = _drift_and_trace(velocity, x, self.cotangents, create_graph)
+        t, dt_du = self.time(u.to(torch.float64))
+        res = estimate_divergence(
+            lambda z: self.velocity(z, t),
+            x,
+            self.method,
+            probes=self.probes,
+            mode=self.mode,
+            chunk=self.chunk,
+            create_graph=create_graph,
+        )
+        v = res.f_x.to(y.dtype)
+        per = res.per_probe
+        if per is not None and self.sketch:  # tr(Q^T J Q) + each residual probe's term
+            per = per[: self.sketch].sum(dim=0, keepdim=True) + per[self.sketch :]
+        div = (res.value if per is None else per.transpose(0, 1)).to(y.dtype)
+        if dt_du is not None:
+            w = dt_du.to(device=y.device, dtype=y.dtype)
+            v, div = v * w, div * w
         self.evaluations += 1
-        return v.to(y.dtype), div.to(y.dtype)
+        return v, div
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -363,8 +387,12 @@ def log_likelihood(
     n_probes: int = 1,
     probe: str = "rademacher",
     chunk_size: int | None = None,
+    exact_mode: str = "auto",
     method: str = "dopri5",
     options: dict[str, Any] | None = None,
+    solver: str | None = None,
+    nfe: int | None = None,
+    variable: str = "auto",
     dequantize: UniformDequantization | None = None,
     prior: Callable[[torch.Tensor], torch.Tensor] | None = None,
     state_dtype: torch.dtype | None = None,
@@ -389,8 +417,11 @@ def log_likelihood(
         den: the model (a :class:`~sdeflow.Denoiser`); its net must act on samples independently (call
             ``net.eval()`` for BatchNorm / dropout) and be twice differentiable when gradients are wanted.
         x: (batch, *data_shape) data; integers in [0, levels-1] when ``dequantize`` is given.
-        divergence: ``"exact"`` (Jacobian trace) or ``"hutchinson"`` (``n_probes`` ``probe`` vectors per sample,
-            ``"rademacher"`` or ``"gaussian"``, drawn once per solve from ``generator``).
+        divergence: ``"exact"`` (Jacobian trace), ``"hutchinson"`` (``n_probes`` ``probe`` vectors per sample,
+            ``"rademacher"`` or ``"gaussian"``, drawn once per solve from ``generator``) or ``"hutch++"``
+            (Meyer et al. 2021; ``n_probes >= 3`` products: n // 3 sketch vectors, as many for the projection, the
+            rest residual probes). The stochastic ones report ``std_error`` per sample (>= 2 residual probes).
+            Computed by :func:`sdeflow.divergence.divergence`.
         rtol, atol: tolerances of the adaptive method (ignored by fixed-grid methods).
         t_eps: start time in [0, T); default ``den.sde.eps``. ``log_prob`` is the density of p at t_eps.
         adjoint: backpropagate with torchdiffeq's ``odeint_adjoint`` (memory independent of the number of steps)
@@ -400,7 +431,17 @@ def log_likelihood(
             (e.g. those a plain-function net closes over).
         generator: source of the Hutchinson probes and the dequantization noise.
         method, options: torchdiffeq method (``METHODS``) and its options; fixed-grid methods need
-            ``options={"step_size": h}``. This is the hook for other integrators.
+            ``options={"step_size": h}`` (in the units of ``variable``).
+        solver, nfe: a fixed-grid solver (``GRID_SOLVERS``: euler, midpoint, heun, heun3, rk4) taking
+            ``nfe // stages`` equal steps in ``variable`` (at least one); overrides ``method``. Its error against
+            the adaptive answer is in ``benchmarks/likelihood.py`` and ``docs/benchmarks.md``.
+        variable: ``"t"``, ``"logsnr"`` (integrate in minus the log-SNR; needs a finite log-SNR at ``t_eps`` and
+            T, so not for flow matching, whose :math:`\lambda(1) = -\infty`) or ``"auto"`` (default): the log-SNR
+            for a :class:`~sdeflow.sdes.DiscreteVPSDE` (diffusers / DDPM schedules: f(t) jumps at each of the N
+            knots, which an adaptive solver in t steps over with errors its estimator misses; in the log-SNR a VP
+            velocity :math:`s^2 x - s\hat\varepsilon` has no f at all), t otherwise.
+        exact_mode: ``"auto"``, ``"reverse"`` or ``"forward"`` products for the exact divergence (see
+            :func:`sdeflow.divergence.divergence`; ``"auto"`` is reverse mode on CPU).
         dequantize: a :class:`UniformDequantization` for integer data; adds its offset to ``bits_per_dim``.
         prior: log-density for the end point (default ``den.sde.prior_log_prob``), e.g. an exact :math:`\log p_T`.
         state_dtype: dtype of the ODE state; default float64 (x's dtype on devices without float64).
@@ -416,10 +457,22 @@ def log_likelihood(
     check_choice("divergence", divergence, DIVERGENCES)
     check_choice("probe", probe, PROBES)
     check_choice("method", method, METHODS)
+    check_choice("variable", variable, VARIABLES)
+    check_choice("exact_mode", exact_mode, EXACT_MODES)
+    if solver is not None:
+        check_choice("solver", solver, tuple(GRID_SOLVERS))
+        if not (isinstance(nfe, int) and not isinstance(nfe, bool) and nfe >= GRID_SOLVERS[solver][1]):
+            raise ValueError(
+                f"nfe must be an integer >= {GRID_SOLVERS[solver][1]} (one step of solver={solver!r}), got {nfe!r}"
+            )
+    elif nfe is not None:
+        raise ValueError("nfe is the budget of a fixed-grid solver: pass solver= (one of GRID_SOLVERS) with it")
     check_positive("rtol", rtol)
     check_positive("atol", atol)
     if not (isinstance(n_probes, int) and n_probes >= 1):
         raise ValueError(f"n_probes must be an integer >= 1, got {n_probes!r}")
+    if divergence == "hutch++" and n_probes < 3:
+        raise ValueError(f"divergence='hutch++' needs n_probes >= 3 (sketch, projection, residual), got {n_probes}")
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
     if batch_size is not None and not (isinstance(batch_size, int) and batch_size >= 1):
@@ -427,7 +480,7 @@ def log_likelihood(
     if dequantize is not None and not isinstance(dequantize, UniformDequantization):
         raise ValueError(f"dequantize must be None or a UniformDequantization, got {type(dequantize).__name__}")
     options = dict(options or {})
-    if method in FIXED_METHODS and "step_size" not in options and "grid_constructor" not in options:
+    if solver is None and method in FIXED_METHODS and "step_size" not in options and "grid_constructor" not in options:
         raise ValueError(f'method={method!r} is a fixed-grid method: pass options={{"step_size": h}}')
     sde = den.sde
     t_eps = float(sde.eps if t_eps is None else t_eps)
@@ -435,9 +488,27 @@ def log_likelihood(
         raise ValueError(f"t_eps must lie in [0, T) = [0, {sde.T}), got {t_eps}")
     if float(sde.sigma(t_eps)) == 0.0:
         raise ValueError(f"t_eps={t_eps} has s(t_eps) = 0, where the score is singular; pass t_eps > 0")
-    if method in ADAPTIVE_METHODS and "step_t" not in options:
+    u_ends = (t_eps, float(sde.T))
+    if variable == "auto":
+        variable = "t"
+        if isinstance(sde, DiscreteVPSDE) and math.isfinite(float(sde.log_snr(sde.T))):
+            variable = "logsnr"
+    if variable == "logsnr":
+        u_ends = (-float(sde.log_snr(t_eps)), -float(sde.log_snr(sde.T)))
+        if not all(math.isfinite(u) for u in u_ends):
+            raise ValueError(
+                f"variable='logsnr' needs a finite log-SNR at t_eps and T, got {-u_ends[0]} and {-u_ends[1]} "
+                "(a(T) = 0 for flow matching): use variable='t'"
+            )
+    if solver is not None:
+        assert nfe is not None
+        method, stages = GRID_SOLVERS[solver]
+        steps = nfe // stages
+        fixed_grid = torch.linspace(u_ends[0], u_ends[1], steps + 1, dtype=torch.float64)
+        options = {"grid_constructor": lambda func, y0, t: fixed_grid.to(t.device)}
+    elif method in ADAPTIVE_METHODS and "step_t" not in options:
         # land exactly on both ends instead of stepping past T (or below t_eps in the adjoint pass) and interpolating
-        options["step_t"] = torch.tensor([t_eps, sde.T], dtype=torch.float64)
+        options["step_t"] = torch.tensor(u_ends, dtype=torch.float64)
     _check_x(x, dequantize)
 
     model_dtype = _model_dtype(den, x)
@@ -446,7 +517,7 @@ def log_likelihood(
     if dequantize is not None:
         x = dequantize(x, model_dtype, generator)
     d = x[0].numel()
-    times = torch.tensor([t_eps, sde.T], dtype=torch.float64, device=x.device)
+    times = torch.tensor(u_ends, dtype=torch.float64, device=x.device)
     params = _adjoint_params(den, params)
     params_need_grad = any(p.requires_grad for p in params)
 
@@ -459,19 +530,30 @@ def log_likelihood(
         chunks_iter = chunks
     nfe0, evaluations = den.nfe, 0
     x_T_parts, delta_parts = [], []
+    n_div = 1  # integrals per sample: one per (residual) probe for the stochastic divergences
+    if divergence == "hutchinson":
+        n_div = n_probes
+    elif divergence == "hutch++":
+        n_div = n_probes - 2 * min(n_probes // 3, x[0].numel())
     for xb in chunks_iter:
         probes = None
-        if divergence == "hutchinson":
-            probes = _probes(probe, (n_probes, *xb.shape), model_dtype, xb.device, generator)
-        cotangents = _cotangents(xb.to(model_dtype), divergence, probes, chunk_size)
-        flow = _AugmentedFlow(den, model_dtype, cotangents, params_need_grad)
-        y0 = (xb.to(state_dtype), torch.zeros(xb.shape[0], dtype=state_dtype, device=xb.device))
+        if divergence != "exact":
+            probes = hutchinson_probes(probe, n_probes, xb.to(model_dtype), generator)
+        flow = _AugmentedFlow(
+            den, model_dtype, divergence, probes, exact_mode, chunk_size, params_need_grad, variable
+        )  # fmt: skip
+        if divergence == "hutch++":
+            flow.fix_sketch(xb, times[0])
+        dshape = (xb.shape[0],) if divergence == "exact" else (xb.shape[0], n_div)
+        y0 = (xb.to(state_dtype), torch.zeros(dshape, dtype=state_dtype, device=xb.device))
         akw = {"adjoint_rtol": adjoint_rtol, "adjoint_atol": adjoint_atol, "adjoint_options": adjoint_options}
         try:  # the same torchdiffeq bridge as sampling (sdeflow.solvers.bridges.odeint)
-            ys, _, _ = odeint(
-                flow, y0, times, rtol, atol, method, adjoint=adjoint, adjoint_params=params, options=options,
-                adjoint_kwargs=akw,
-            )  # fmt: skip
+            with warnings.catch_warnings():  # torchdiffeq's fixed-grid methods ignore the bridge's step counters
+                warnings.filterwarnings("ignore", message="Solver .* does not support callbacks")
+                ys, _, _ = odeint(
+                    flow, y0, times, rtol, atol, method, adjoint=adjoint, adjoint_params=params, options=options,
+                    adjoint_kwargs=akw,
+                )  # fmt: skip
         except SolverError as err:  # torchdiffeq's checks: non-finite state, step-size underflow, max_num_steps
             raise SolverError(
                 f"the probability-flow ODE solve failed ({err}); check the model output between t_eps={t_eps} and "
@@ -484,7 +566,15 @@ def log_likelihood(
             chunks_iter.set_postfix(nfe=den.nfe - nfe0)
 
     x_T = torch.cat(x_T_parts)
-    delta = torch.cat(delta_parts)
+    delta_all = torch.cat(delta_parts)
+    std_error = probe_variance = None
+    if delta_all.ndim == 2:  # per-probe integrals (B, m): their mean, and its standard error when m >= 2
+        delta = delta_all.mean(dim=1)
+        if delta_all.shape[1] >= 2:
+            probe_variance = delta_all.var(dim=1, unbiased=True)
+            std_error = torch.sqrt(probe_variance / delta_all.shape[1])
+    else:
+        delta = delta_all
     prior_lp = (prior or sde.prior_log_prob)(x_T)
     if not isinstance(prior_lp, torch.Tensor) or prior_lp.shape != (x.shape[0],):
         raise ValueError(f"prior must return a tensor of shape (batch,) = ({x.shape[0]},)")
@@ -505,7 +595,7 @@ def log_likelihood(
     return LikelihoodResult(
         log_prob=log_prob,
         bits_per_dim=bpd,
-        nfe=den.nfe - nfe0,
+        nfe=evaluations,
         x_T=x_T.to(model_dtype),
         prior_log_prob=prior_lp,
         delta_log_prob=delta,
@@ -515,12 +605,17 @@ def log_likelihood(
         t_eps=t_eps,
         stats=dict(
             evaluations=evaluations,
+            net_calls=den.nfe - nfe0,
             batches=len(chunks),
             method=method,
+            solver=solver,
+            variable=variable,
             rtol=rtol,
             atol=atol,
             divergence=divergence,
-            n_probes=n_probes if divergence == "hutchinson" else 0,
+            n_probes=n_probes if divergence != "exact" else 0,
             state_dtype=str(state_dtype).replace("torch.", ""),
         ),
+        std_error=std_error,
+        probe_variance=probe_variance,
     )

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import sdeflow as sf
-from sdeflow.likelihood import UniformDequantization, drift_and_divergence, prior_gap_bound
+from sdeflow.likelihood import VARIABLES, UniformDequantization, drift_and_divergence, prior_gap_bound
 
 F64 = torch.float64
 SDES = {"vp": lambda: sf.VPSDE(0.1, 20.0), "subvp": lambda: sf.SubVPSDE(0.1, 20.0), "ve": lambda: sf.VESDE(0.01, 50.0)}
@@ -443,3 +443,162 @@ def test_cli_on_a_checkpoint(tmp_path, capsys) -> None:
     with pytest.raises(ValueError, match="integer data only"):
         np.save(tmp_path / "floats.npy", images.astype(np.float32))
         main(args[:4] + [str(tmp_path / "floats.npy"), "--levels", "17", "--device", "cpu", "--no-progress"])
+
+
+# ------------------------------------------------------------------------------------------------ issue 19
+def test_stochastic_divergences_report_a_calibrated_standard_error() -> None:
+    """Hutchinson with several probes and Hutch++: unbiased (mean over independent solves within 3 SE of the exact
+    value) and their per-sample std_error matches the spread of log p over independent probe draws."""
+    sde = sf.VPSDE()
+    gmm = make_gmm(6, seed=11)
+    den = gmm.denoiser(sde)
+    x = gmm.sample(2, generator=torch.Generator().manual_seed(0))
+    exact = sf.log_likelihood(den, x, rtol=1e-7, atol=1e-7)
+    assert exact.std_error is None and exact.probe_variance is None
+    M = 32
+    for method, n, m in (("hutchinson", 4, 4), ("hutch++", 6, 2)):  # m: residual probes (Hutch++: 6 - 2 * 2)
+        res = sf.log_likelihood(
+            den,
+            x.repeat(M, 1),
+            method,
+            1e-5,
+            1e-5,
+            generator=torch.Generator().manual_seed(5),
+            n_probes=n,
+            probe="gaussian",
+        )
+        lp = res.log_prob.reshape(M, 2)
+        se = res.std_error.reshape(M, 2)
+        assert res.std_error.shape == (2 * M,) and bool((res.std_error >= 0).all()) and float(se.mean()) > 0
+        spread = lp.std(0) / math.sqrt(M)
+        assert bool(((lp.mean(0) - exact.log_prob).abs() <= 3 * spread + 1e-4).all()), (method, lp.mean(0))
+        # E[std_error^2] = Var(log p): the ratio of the two variance estimates is near 1 (chi-square noise)
+        ratio = se.pow(2).mean(0) / lp.var(0)
+        assert bool(((ratio > 0.4) & (ratio < 2.5)).all()), (method, ratio)
+        torch.testing.assert_close(res.probe_variance, m * res.std_error.pow(2))
+    one = sf.log_likelihood(den, x, "hutchinson", generator=torch.Generator().manual_seed(0))
+    assert one.std_error is None  # one probe: no spread to measure
+
+
+def test_log_snr_variable_and_fixed_grid_solvers() -> None:
+    """variable='logsnr' (change of variables dt = du / -lambda'(t)) gives the same density; fixed-grid solvers take
+    exactly nfe evaluations and converge at their order against the closed form."""
+    d = 3
+    for kind in ("vp", "ve"):
+        sde = SDES[kind]()
+        gmm = make_gmm(d, seed=12)
+        den = gmm.denoiser(sde)
+        x = gmm.sample(6, generator=torch.Generator().manual_seed(0))
+        ref = gmm.marginal_log_prob(x, sde.eps, sde)
+        lam = sf.log_likelihood(den, x, rtol=1e-8, atol=1e-8, variable="logsnr")
+        assert lam.stats["variable"] == "logsnr"
+        assert (ode_part(lam, gmm, sde) - ref).abs().max() / d < 1e-5
+        errs = []
+        for nfe in (80, 160):
+            fixed = sf.log_likelihood(den, x, solver="rk4", nfe=nfe, variable="logsnr")
+            assert fixed.nfe == fixed.stats["evaluations"] == nfe
+            errs.append(float((ode_part(fixed, gmm, sde) - ref).abs().mean()))
+        assert errs[1] < errs[0] / 8  # order 4: 16x expected
+    heun = [sf.log_likelihood(den, x, solver="heun", nfe=n).nfe for n in (9, 10)]
+    assert heun == [8, 10]  # whole steps of 2 evaluations
+
+
+def _flow_denoiser(gmm: sf.GaussianMixture, sde) -> sf.Denoiser:
+    """A velocity-predicting Denoiser with the exact u = a'(t) x0 + s'(t) eps of the mixture on ``sde``."""
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        da = sde.d_alpha(t).reshape(-1, 1).to(x.dtype)
+        ds = sde.d_sigma(t).reshape(-1, 1).to(x.dtype)
+        return da * gmm.x0(x, t, sde) + ds * gmm.eps(x, t, sde)
+
+    return sf.Denoiser(net, sde, prediction="flow")
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_matching_likelihood_is_exact(shift: float) -> None:
+    """Gaussian data on the flow path x_t = a x0 + s eps: p_t = N(a mu, (a^2 S^2 + s^2) I) and at t = 1 the prior
+    N(0, I) is exactly p_1, so log_prob itself (no prior swap) equals the closed form."""
+    from sdeflow.sdes import FlowMatchingPath
+
+    sde = FlowMatchingPath(shift=shift)
+    mu, S = torch.tensor([[0.5, -1.0, 2.0]], dtype=F64), 0.7
+    gmm = sf.GaussianMixture(mu, S)
+    x = gmm.sample(5, generator=torch.Generator().manual_seed(0))
+    den = _flow_denoiser(gmm, sde)
+    res = sf.log_likelihood(den, x, rtol=1e-9, atol=1e-9)
+    a, s = float(sde.alpha(sde.eps)), float(sde.sigma(sde.eps))
+    v = a * a * S * S + s * s
+    exact = (-0.5 * (x - a * mu).pow(2).sum(1) / v - 1.5 * math.log(2 * math.pi * v)).to(F64)
+    torch.testing.assert_close(res.log_prob, exact, rtol=0, atol=1e-6)
+    torch.testing.assert_close(res.prior_gap_bound, torch.zeros(5, dtype=F64))
+    # the end point is the noise: x_1 = (x_eps - a mu) / sqrt(v)
+    torch.testing.assert_close(res.x_T, (x - a * mu) / math.sqrt(v), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="variable='logsnr' needs a finite log-SNR"):
+        sf.log_likelihood(den, x, variable="logsnr")
+    # the same model through diffusers' flow convention (velocity eps - x0 in sigma, timestep sigma * N)
+    from sdeflow.integrations import from_diffusers
+
+    plain = FlowMatchingPath()
+
+    def model(xx: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        sig = (timestep / 1000).to(F64)
+        return gmm.eps(xx, sig, plain) - gmm.x0(xx, sig, plain)
+
+    dden = from_diffusers(model, {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": shift})
+    assert isinstance(dden.sde, FlowMatchingPath) and dden.sde.shift == shift
+    dres = sf.log_likelihood(dden, x, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(dres.log_prob, exact, rtol=0, atol=1e-6)
+
+
+def test_diffusers_ddpm_and_edm_likelihoods() -> None:
+    """Models adapted from diffusers (DDPM timesteps n = tN - 1 on the DiscreteVPSDE) and EDM (D(x; sigma) on
+    EDMPath, t = sigma) against the closed form of Gaussian data, with the exact log p_T in place of the prior."""
+    from sdeflow.integrations import from_diffusers, from_edm
+
+    mu, S = torch.tensor([[0.3, -0.4]], dtype=F64), 0.5
+    gmm = sf.GaussianMixture(mu, S)
+    x = gmm.sample(4, generator=torch.Generator().manual_seed(0))
+    config = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+    dsde = sf.DiscreteVPSDE.linear(1000)
+
+    def unet(xx: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return gmm.eps(xx, ((timestep.to(F64) + 1) / 1000).clamp(max=1.0), dsde)
+
+    den = from_diffusers(unet, config)
+    assert isinstance(den.sde, sf.DiscreteVPSDE) and den.sde.eps == 1e-3
+    exact_prior = lambda z: gmm.marginal_log_prob(z, 1.0, dsde)
+    res = sf.log_likelihood(den, x, rtol=1e-6, atol=1e-6, prior=exact_prior)
+    assert res.stats["variable"] == "logsnr"  # "auto" on a DiscreteVPSDE
+    ref = gmm.marginal_log_prob(x, den.sde.eps, dsde)  # diffusers' timestep 0: noise std sqrt(beta_1) = 0.01
+    assert float((res.log_prob - ref).abs().max()) < 1e-5
+    # in t, f(t) jumps at each of the 1000 knots: the adaptive solver spends more and misses the error
+    in_t = sf.log_likelihood(den, x, rtol=1e-6, atol=1e-6, variable="t", prior=exact_prior)
+    assert in_t.nfe > 4 * res.nfe and float((in_t.log_prob - ref).abs().max()) > 1e-4
+    from sdeflow.sdes import EDMPath
+
+    path = EDMPath(0.002, 80.0)
+    eden = from_edm(lambda xx, sigma: gmm.x0(xx, sigma.to(F64), path))
+    for variable in VARIABLES:
+        eres = sf.log_likelihood(
+            eden, x, rtol=1e-8, atol=1e-8, variable=variable, prior=lambda z: gmm.marginal_log_prob(z, 80.0, path)
+        )
+        eref = gmm.marginal_log_prob(x, 0.002, path)  # x0 + sigma_min * eps
+        assert float((eres.log_prob - eref).abs().max()) < 1e-5, variable
+
+
+def test_issue19_bad_input() -> None:
+    sde = sf.VPSDE()
+    gmm = make_gmm(2)
+    den = gmm.denoiser(sde)
+    x = gmm.sample(3, generator=torch.Generator().manual_seed(0))
+    cases = {
+        "variable": dict(variable="lambda"),
+        "solver": dict(solver="dopri5", nfe=10),
+        "pass solver=": dict(nfe=10),
+        "nfe must be an integer >= 4": dict(solver="rk4", nfe=3),
+        "n_probes >= 3": dict(divergence="hutch++", n_probes=2),
+        "exact_mode": dict(exact_mode="jvp"),
+    }
+    for match, kw in cases.items():
+        with pytest.raises(ValueError, match=match):
+            sf.log_likelihood(den, x, **kw)
