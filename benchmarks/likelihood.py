@@ -14,7 +14,12 @@ What it measures (GaussianMixture data, exact denoiser, VP SDE, float64, so ever
    with several probes in one batched call and with Hutch++, against the one-probe scheme of score_sde (one forward
    and one backward per probe);
 5. the variational bounds (sdeflow.vlb) next to the ODE NLL and the exact NLL: the continuous VDM bound and the
-   discrete DDPM bound with their Monte-Carlo standard errors, exact models.
+   discrete DDPM bound with their Monte-Carlo standard errors, exact models;
+6. NFE against err_ode (issue 19, item 1), d = 64 mixture, exact divergence: adaptive dopri5 in t (the reference) and
+   in the log-SNR (``variable="logsnr"``) over a tolerance sweep, fixed-grid solvers (``solver=``, ``nfe=``) in t and
+   in the log-SNR with their error against the closed form and against the adaptive answer at rtol = atol = 1e-5,
+   and the same model on a 1000-step DDPM schedule (``DiscreteVPSDE``, the diffusers convention) in t and in the
+   log-SNR.
 
 The score_sde approach, written here from Song et al. (2021, App. D.2) and the structure of their likelihood code:
 ``scipy.integrate.solve_ivp(method="RK45")`` on a flat float64 numpy state [x, delta]; each evaluation copies the state
@@ -27,6 +32,7 @@ of ``--repeats``. Output: runs/likelihood/results.json and runs/likelihood/table
     .venv/bin/python benchmarks/likelihood.py            # full run
     .venv/bin/python benchmarks/likelihood.py --quick    # smoke test
     .venv/bin/python benchmarks/likelihood.py --parts divergence,hutchinson_cost,vlb   # parts 4 and 5 only
+    .venv/bin/python benchmarks/likelihood.py --parts nfe --n 32                        # part 6
 """
 
 from __future__ import annotations
@@ -560,6 +566,85 @@ def markdown_new_parts(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+# ------------------------------------------------------------------------------------------------ NFE vs error
+def nfe_comparison(d: int, n: int, tols, fixed_nfes) -> list[dict[str, Any]]:
+    """err_ode (mean |error| per dim of the ODE part against the closed form) and NFE: dopri5 in t and in the
+    log-SNR, fixed-grid heun / rk4 in both variables, and the DDPM-schedule model in both variables."""
+    rows: list[dict[str, Any]] = []
+    gmm = make_gmm(d)
+    x = gmm.sample(n, generator=torch.Generator().manual_seed(1))
+    for label, sde in (("VP linear", sf.VPSDE()), ("DDPM linear N=1000", sf.DiscreteVPSDE.linear(1000))):
+        den = gmm.denoiser(sde)
+        ref = gmm.marginal_log_prob(x, sde.eps, sde)
+        exact_prior = lambda z, sde=sde: gmm.marginal_log_prob(z, sde.T, sde)
+
+        def run(**kw: Any) -> tuple[sf.LikelihoodResult, float]:
+            t0 = time.process_time()
+            with torch.no_grad():
+                res = sf.log_likelihood(den, x, prior=exact_prior, **kw)
+            return res, time.process_time() - t0
+
+        adaptive = None
+        for variable in ("t", "logsnr"):
+            for tol in tols if label == "VP linear" else (1e-5,):
+                res, sec = run(rtol=tol, atol=tol, variable=variable)
+                if variable == "t" and tol == 1e-5:
+                    adaptive = res.log_prob
+                rows.append(
+                    {
+                        "model": label,
+                        "integrator": f"dopri5 in {variable}",
+                        "tol": tol,
+                        "nfe": res.nfe,
+                        "err_ode": float(((res.log_prob - ref).abs() / d).mean()),
+                        "s": sec,
+                    }
+                )
+                print(f"  {label} dopri5 {variable} tol={tol:.0e}: nfe {res.nfe} err {rows[-1]['err_ode']:.2e}")
+        if label != "VP linear":
+            continue
+        for solver in ("heun", "rk4"):
+            for variable in ("t", "logsnr"):
+                for nfe in fixed_nfes:
+                    res, sec = run(solver=solver, nfe=nfe, variable=variable)
+                    rows.append(
+                        {
+                            "model": label,
+                            "integrator": f"{solver} in {variable}",
+                            "tol": None,
+                            "nfe": res.nfe,
+                            "err_ode": float(((res.log_prob - ref).abs() / d).mean()),
+                            "err_vs_adaptive": float(((res.log_prob - adaptive).abs() / d).mean())
+                            if adaptive is not None
+                            else None,
+                            "s": sec,
+                        }
+                    )
+                    print(f"  {label} {solver} {variable} nfe={nfe}: err {rows[-1]['err_ode']:.2e}", flush=True)
+    return rows
+
+
+def markdown_nfe(results: dict[str, Any]) -> list[str]:
+    rows = results.get("nfe")
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"NFE against err_ode (mixture d = {results['meta'].get('nfe_d', 64)}, n = {results['meta'].get('nfe_n')}, "
+        "exact divergence, exact log p_T in place of the prior, float64; err_ode = mean |log p error| per dim "
+        "against the closed form; vs adaptive = against dopri5 in t at rtol = atol = 1e-5):",
+        "",
+        "| model | integrator | tol | NFE | err_ode | vs adaptive | CPU s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['integrator']} | {fmt(r['tol'], '.0e') if r['tol'] else '-'} | {r['nfe']} | "
+            f"{fmt(r['err_ode'])} | {fmt(r.get('err_vs_adaptive'))} | {r['s']:.2f} |"
+        )
+    return lines
+
+
 # ------------------------------------------------------------------------------------------------ report
 def markdown(results: dict[str, Any]) -> str:
     m = results["meta"]
@@ -634,6 +719,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{r['base_nfe']} | {r['speedup']:.1f} | {fmt(r['mean_log_prob_diff_per_dim'])} |"
             )
     lines += markdown_new_parts(results)
+    lines += markdown_nfe(results)
     return "\n".join(lines) + "\n"
 
 
@@ -645,8 +731,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/likelihood")
     p.add_argument(
         "--parts",
-        default="sweep,hutchinson,mlp,divergence,hutchinson_cost,vlb",
-        help="comma-separated subset of sweep,hutchinson,mlp,divergence,hutchinson_cost,vlb",
+        default="sweep,hutchinson,mlp,divergence,hutchinson_cost,vlb,nfe",
+        help="comma-separated subset of sweep,hutchinson,mlp,divergence,hutchinson_cost,vlb,nfe",
     )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -697,6 +783,13 @@ def main(argv: list[str] | None = None) -> None:
     if "vlb" in parts:
         print("variational bounds", flush=True)
         results["vlb"] = vlb_table(64 if args.quick else 1000, 2 if args.quick else 256, 2 if args.quick else 64)
+    if "nfe" in parts:
+        print("NFE against err_ode", flush=True)
+        nd, nn = (8, 8) if args.quick else (64, min(args.n, 32))
+        results["meta"].update(nfe_d=nd, nfe_n=nn)
+        results["nfe"] = nfe_comparison(
+            nd, nn, (1e-3, 1e-5) if args.quick else (1e-3, 1e-4, 1e-5, 1e-6), (24, 48) if args.quick else (24, 48, 96)
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
