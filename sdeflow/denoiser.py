@@ -234,7 +234,7 @@ class Denoiser:
         """One counted net call, returning the net's own output (of type ``self.prediction``)."""
         t = as_time(t, x)
         check_time(t, self.sde.T)  # also when no conversion (hence no sde.alpha call) follows; CPU only, no sync
-        if t.ndim == 0 and t.device.type == "cpu":  # a grid time: its net time once per value, then broadcast
+        if t.ndim == 0 and t.device.type == "cpu" and not t.requires_grad:  # a grid time: its net time once
             key = (float(t), x.dtype, x.device)
             nt = self._net_times.get(key)
             if nt is None:
