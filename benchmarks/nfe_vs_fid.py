@@ -46,6 +46,7 @@ PARTS = {
     "digits": {
         "train": {
             "data": "digits",
+            "objective": "edm",  # the eps-objective model's PF-ODE plateaued at FD ~80 (docs/benchmarks.md)
             "net": "unet",
             "channels": 32,
             "channel_mult": [1, 2, 2],

@@ -36,7 +36,7 @@ from ..nets.embeddings import EMBEDDINGS
 from ..training.checkpoint import load_checkpoint, previous_path
 from ..training.config import NET_NAMES, SDE_NAMES, build_trainer
 from ..training.data import DataSource
-from ..training.losses import TIME_SAMPLINGS, WEIGHTINGS
+from ..training.losses import OBJECTIVES, TIME_SAMPLINGS, WEIGHTINGS
 from ..training.run import VP_SCHEDULES, prepare_run, run_config
 from .common import CLIError, add_progress, device_arg, float_in, int_at_least, progress_enabled
 
@@ -69,6 +69,9 @@ CONFIG_FLAGS: dict[str, tuple[Any, tuple[str, str]]] = {
     "time_sampling": (None, ("loss", "time_sampling")),
     "stratified": (False, ("loss", "stratified")),
     "min_snr_gamma": (5.0, ("loss", "min_snr_gamma")),
+    "objective": ("dsm", ("loss", "objective")),
+    "p_mean": (-1.2, ("loss", "p_mean")),
+    "p_std": (1.2, ("loss", "p_std")),
     "batch_size": (None, ("train", "batch_size")),
     "lr": (None, ("train", "lr")),
     "weight_decay": (0.0, ("train", "weight_decay")),
@@ -162,6 +165,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--stratified", action="store_true", default=None, help="stratify t across the batch")
     g.add_argument("--min-snr-gamma", type=positive, help="min-SNR weighting's gamma" + _default("min_snr_gamma"))
+    g.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        help="dsm: denoising score matching with --prediction/--weighting; edm: Karras et al. 2022's loss "
+        "(lambda(sigma) weighting, log-normal sigma) with EDM preconditioning" + _default("objective"),
+    )
+    g.add_argument("--p-mean", type=float_in(-20.0, 20.0), help="EDM log-normal mean of ln sigma" + _default("p_mean"))
+    g.add_argument("--p-std", type=positive, help="EDM log-normal std of ln sigma" + _default("p_std"))
     g = parser.add_argument_group("optimisation")
     g.add_argument("--steps", type=int_at_least(1), help="total steps (default 5000; with --resume: the saved total)")
     g.add_argument("--batch-size", type=int_at_least(1), help="default 256 (mlp) / 64 (unet)")
@@ -230,6 +241,9 @@ def config_from_args(args: argparse.Namespace, data: DataSource | None = None) -
         time_sampling=args.time_sampling,
         stratified=bool(_value(args, "stratified")),
         min_snr_gamma=_value(args, "min_snr_gamma"),
+        objective=_value(args, "objective"),
+        p_mean=_value(args, "p_mean"),
+        p_std=_value(args, "p_std"),
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,

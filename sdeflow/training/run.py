@@ -26,8 +26,9 @@ import torch
 
 from .._utils import check_choice
 from .checkpoint import load_checkpoint, previous_path
-from .config import NET_NAMES, SDE_NAMES, build_trainer
+from .config import NET_NAMES, SDE_NAMES, build_trainer, edm_options
 from .data import DataSource, make_data
+from .losses import OBJECTIVES
 from .trainer import FitResult, Trainer
 
 __all__ = ["run_config", "prepare_run", "train", "ensure_trained", "VP_SCHEDULES", "DEVICE_TYPES"]
@@ -66,6 +67,9 @@ def run_config(
     time_sampling: str | None = None,
     stratified: bool = False,
     min_snr_gamma: float = 5.0,
+    objective: str = "dsm",
+    p_mean: float = -1.2,
+    p_std: float = 1.2,
     steps: int | None = None,
     batch_size: int | None = None,
     lr: float | None = None,
@@ -95,6 +99,7 @@ def run_config(
         that is not (C, H, W).
     """
     check_choice("sde", sde, SDE_NAMES)
+    check_choice("objective", objective, OBJECTIVES)
     check_choice("net", net, NET_NAMES)
     check_choice("schedule", schedule, VP_SCHEDULES)
     source = data_source if data_source is not None else make_data(data, size=image_size)
@@ -169,7 +174,19 @@ def run_config(
         data_cfg["size"] = image_size
     from .. import __version__
 
-    return {"sde": sde_cfg, "net": net_cfg, "loss": loss, "data": data_cfg, "train": train_cfg, "sdeflow": __version__}
+    config = {
+        "sde": sde_cfg,
+        "net": net_cfg,
+        "loss": loss,
+        "data": data_cfg,
+        "train": train_cfg,
+        "sdeflow": __version__,
+    }
+    if objective == "edm":  # Karras et al. 2022: EDM loss + preconditioning (sdeflow.training.config.edm_options)
+        config = edm_options(
+            config, sigma_data=sigma_data if sigma_data is not None else 0.5, p_mean=p_mean, p_std=p_std
+        )
+    return config
 
 
 def _default_device(device: torch.device | str | None) -> str:
@@ -295,6 +312,12 @@ def ensure_trained(
         if spec != opts["data"]:
             raise ValueError(
                 f"{ckpt} was trained on data={spec!r}, not {opts['data']!r}: delete it or choose another folder"
+            )
+        objective = state.get("config", {}).get("loss", {}).get("objective", "dsm")
+        if objective != opts.get("objective", "dsm"):
+            raise ValueError(
+                f"{ckpt} was trained with objective={objective!r}, not {opts.get('objective', 'dsm')!r}: delete it "
+                "or choose another folder"
             )
         if state["step"] >= steps:
             return f"reused {ckpt} (step {state['step']})"
