@@ -85,6 +85,13 @@ def time_grid(
         rho: the Karras exponent.
         steps_offset: diffusers' ``steps_offset`` of the ``"leading"`` spacing (Stable Diffusion's configs use 1).
     """
+    for name, v in (("t_start", t_start), ("t_end", t_end), ("rho", rho)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if not rho > 0:
+        raise ValueError(f"rho must be > 0 (the Karras exponent; 7 in EDM), got {rho!r}")
+    if not isinstance(kind, (str, torch.Tensor)):
+        raise ValueError(f"kind (the grid) must be a grid name or a tensor of times, got {type(kind).__name__}")
     T = float(sde.T if t_start is None else t_start)
     t_end = float(sde.eps if t_end is None else t_end)
     if isinstance(kind, torch.Tensor):

@@ -427,12 +427,6 @@ def _check_grid(sde: sf.GaussianSDE) -> Callable[[torch.Tensor], None]:
     return check
 
 
-@pytest.mark.xfail(
-    reason="sdeflow/grids.py (not this test's owner) still gives raw errors: time_grid(t_end='a') -> "
-    "\"could not convert string to float: 'a'\", karras with rho=0 -> ZeroDivisionError, kind='bogus' is called "
-    "'grid' in the message",
-    strict=False,
-)
 @given(
     sde=st.sampled_from(SDES),
     steps=st.sampled_from([1, 10, 0, -2, 2.5, "10", None, True]),
