@@ -66,7 +66,7 @@ def sample(
     device: torch.device | str | None = None,
     rtol: float | None = None,
     atol: float | None = None,
-    max_steps: int = 100_000,
+    max_steps: int = 20_000,
     enable_grad: bool = False,
     t_start: float | None = None,
     model_kwargs: dict[str, Any] | None = None,
@@ -94,7 +94,7 @@ def sample(
         denoise_final: finish with the Tweedie denoising step x0_hat(x, t_end) (one more net call).
         noise: a noise source for stochastic solvers (default IID from ``generator``).
         rtol, atol: tolerances of adaptive solvers.
-        max_steps: cap on the adaptive driver's rounds (a SolverError past it).
+        max_steps: cap on the adaptive driver's rounds and on rk45's bridge steps (a SolverError past it).
         enable_grad: record the autograd graph (to differentiate through the sampler); off by default, so sampling
             a net whose parameters require grad costs no graph memory.
         **solver_options: options of the solver (e.g. ``eta`` for DDIM, ``order`` for DPM-Solver).
@@ -191,6 +191,8 @@ def _sample(
         solver_options["rtol"] = rtol
     if atol is not None:
         solver_options["atol"] = atol
+    if isinstance(solver, str) and "max_steps" in getattr(SOLVERS.get(solver), "options", {}):
+        solver_options.setdefault("max_steps", max_steps)  # whole-span bridges cap their own steps (rk45)
     s = make_solver(den, solver, **solver_options)
     t_start, t_end = _span(sde, grid, t_start, t_end)
     if x_T is None:

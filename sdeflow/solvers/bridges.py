@@ -61,6 +61,7 @@ def odeint(
     rec: Recorder | None = None,
     options: dict[str, Any] | None = None,
     adjoint_kwargs: dict[str, Any] | None = None,
+    max_steps: int | None = None,
 ) -> tuple[Any, int, int]:
     """``torchdiffeq.odeint`` (or ``odeint_adjoint``) of ``dy/dt = func(t, y)`` with outputs at the float64 ``times``.
 
@@ -77,6 +78,8 @@ def odeint(
     if options is None:
         span = abs(float(times[-1]) - float(times[0]))
         options = {"step_t": times[1:], "first_step": float(h0) if h0 is not None else 0.05 * span}
+    if max_steps is not None:  # torchdiffeq's cap on attempted steps (it asserts past it: a SolverError below)
+        options = {**options, "max_num_steps": int(max_steps)}
     kw: dict[str, Any] = {"rtol": rtol, "atol": atol, "method": method, "options": options}
     try:
         if adjoint:
@@ -101,9 +104,11 @@ def integrate_torchdiffeq(
     return_trajectory: bool = False,
     progress: bool = False,
     name: str = "rk45",
+    max_steps: int | None = None,
 ) -> SampleResult:
     """The probability-flow ODE of ``den`` through :func:`odeint` (adaptive, one step size for the batch) with
-    outputs at the float64 times ``grid`` (decreasing). Returns a SampleResult with nfe, accepted and rejected steps."""
+    outputs at the float64 times ``grid`` (decreasing). Returns a SampleResult with nfe, accepted and rejected steps.
+    ``max_steps`` caps the attempted steps (a SolverError past it instead of a run without end)."""
     rec = Recorder(den, name, None, callback, False, progress)
 
     def velocity(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -114,7 +119,7 @@ def integrate_torchdiffeq(
 
     g = grid.to(device=x.device, dtype=torch.float64)
     try:
-        ys, accepted, rejected = odeint(velocity, x, g, rtol, atol, method, h0, rec=rec)
+        ys, accepted, rejected = odeint(velocity, x, g, rtol, atol, method, h0, rec=rec, max_steps=max_steps)
     finally:
         rec.close()
     xT = ys[-1]
@@ -136,6 +141,7 @@ def integrate_scipy(
     return_trajectory: bool = False,
     progress: bool = False,
     name: str = "rk45",
+    max_steps: int | None = None,
 ) -> SampleResult:
     """The probability-flow ODE of ``den`` through scipy's ``DOP853`` (or ``RK45``) in float64 on the flattened batch;
     the model runs in x's dtype and device. Outputs at ``grid`` (interior times from the dense output). Accepted steps
@@ -173,6 +179,11 @@ def integrate_scipy(
                 raise SolverError(f"scipy {method} failed at t = {solver.t:.6g}: {msg}")
             accepted += 1
             rejected += (evals[0] - e0) // solver.n_stages - 1
+            if max_steps is not None and accepted + rejected > max_steps:
+                raise SolverError(
+                    f"scipy {method} did not reach t = {times[-1]:.6g} in max_steps={max_steps} steps (at t = "
+                    f"{solver.t:.6g}): loosen rtol/atol or raise max_steps"
+                )
             dense = None
             while k < len(times) - 1 and times[k] >= solver.t:
                 dense = dense or solver.dense_output()

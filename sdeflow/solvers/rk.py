@@ -107,12 +107,15 @@ class RK45(EmbeddedStepper):
     error_order = 4.0
     nfe_per_step = 6
     default_grid = "karras"  # for fixed-grid use (solve()); adaptive backends only take the grid's output times
-    options = {"backend": "torchdiffeq", "rtol": 1e-5, "atol": 1e-5, "h0": None}
+    options = {"backend": "torchdiffeq", "rtol": 1e-5, "atol": 1e-5, "h0": None, "max_steps": 20_000}
     tableau = DOPRI5
 
     def validate(self) -> None:
         check_choice("backend", self.opts["backend"], BACKENDS)
         check_tolerances(self.opts["rtol"], self.opts["atol"])
+        m = self.opts["max_steps"]
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"max_steps must be an integer >= 1, got {m!r}")
 
     @property
     def tolerances(self) -> Tolerances:
@@ -217,6 +220,7 @@ class ODEBridge(Integrator):
             float(o["rtol"]),
             float(o["atol"]),
             h0=o["h0"],
+            max_steps=int(o["max_steps"]),
             callback=callback,
             return_trajectory=return_trajectory,
             progress=progress,
