@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 
@@ -79,3 +80,12 @@ def batch_time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x <= 0, stable at both ends (Maechler 2012)."""
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+@functools.cache
+def gauss_legendre(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gauss-Legendre nodes and weights on [-1, 1] (float64 tensors), computed once per n (numpy, imported here only)."""
+    import numpy as np
+
+    nodes, weights = np.polynomial.legendre.leggauss(n)
+    return torch.from_numpy(nodes), torch.from_numpy(weights)

@@ -288,8 +288,8 @@ def _fit_family(obj: _Objective, steps: int, iters: int, sweeps: int = 2) -> tup
 
     e = err(q, lp)
     for _ in range(sweeps):
-        q, e = _golden(lambda v, lp=lp: err(v, lp), -1.0, 1.0, q, e, iters)  # type: ignore[misc]
-        lp, e = _golden(lambda v, q=q: err(q, v), -math.log(3.0), math.log(3.0), lp, e, iters)  # type: ignore[misc]
+        q, e = _golden(lambda v, lp=lp: err(v, lp), -1.0, 1.0, q, e, iters)  # type: ignore[misc]  # default-arg binding
+        lp, e = _golden(lambda v, q=q: err(q, v), -math.log(3.0), math.log(3.0), lp, e, iters)  # type: ignore[misc]  # idem
     return q, math.exp(lp)
 
 

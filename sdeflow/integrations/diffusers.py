@@ -33,16 +33,8 @@ from ..denoiser import Denoiser, canonical_prediction
 from ..grids import time_grid
 from ..sdes import DiscreteVPSDE, FlowMatchingPath, GaussianSDE
 from ..solvers import SOLVERS
-from ..solvers.base import Stepper
-
-try:  # the whole-span solver base of the solver contract (older trees: a Stepper with mode = "external")
-    from ..solvers.base import Integrator as _WholeSpan
-except ImportError:  # pragma: no cover
-    _WholeSpan = Stepper  # type: ignore[misc, assignment]
-try:
-    from ..solvers.record import SampleResult
-except ImportError:  # pragma: no cover
-    from ..integrate import SampleResult
+from ..solvers.base import Integrator, Stepper
+from ..solvers.record import SampleResult
 
 __all__ = [
     "from_diffusers",
@@ -290,15 +282,12 @@ class _Drive:
         else:
             if solver not in SOLVERS:
                 raise ValueError(f"unknown solver {solver!r}; available solvers: {', '.join(sorted(SOLVERS))}")
-            self.stepper = SOLVERS[solver](den, **dict(options))  # type: ignore[assignment]
+            made = SOLVERS[solver](den, **dict(options))
+            if not isinstance(made, Stepper):
+                raise ValueError(f"solver {made.name!r} does not step along a fixed grid; it cannot drive a scheduler")
+            self.stepper = made
         s = self.stepper
-        whole = s.integrator() if callable(getattr(s, "integrator", None)) else None
-        if (
-            not isinstance(s, Stepper)
-            or whole is not None
-            or getattr(s, "tolerances", None) is not None
-            or getattr(s, "mode", "fixed") != "fixed"  # TODO(contract)
-        ):
+        if s.integrator() is not None or s.tolerances is not None:
             raise ValueError(f"solver {s.name!r} does not step along a fixed grid; it cannot drive a scheduler")
 
     def num_steps(self, nfe: int) -> int:
@@ -363,7 +352,7 @@ def _check_diffusers() -> tuple[Any, Any, Any, Any]:
 def _make_scheduler_class() -> type:
     ConfigMixin, register_to_config, SchedulerMixin, SchedulerOutput = _check_diffusers()
 
-    class SdeflowScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc, valid-type]
+    class SdeflowScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc, valid-type]  # diffusers' mixins are untyped
         r"""A diffusers scheduler that runs a sdeflow solver, one model call per :meth:`step`.
 
         ``set_timesteps(n)`` takes ``n`` as the NFE budget (what ``sf.sample(nfe=n)`` takes: heun makes at most n model
@@ -569,8 +558,9 @@ def __getattr__(name: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ the reverse
-class DiffusersSolver(_WholeSpan):
-    r"""A diffusers scheduler as a sdeflow solver (``mode = "external"``: it runs diffusers' own loop).
+class DiffusersSolver(Integrator):
+    r"""A diffusers scheduler as a sdeflow solver (an :class:`~sdeflow.solvers.base.Integrator`: it runs diffusers'
+    own loop over the whole span).
 
     ``sf.sample(den, DiffusersSolver(den, scheduler=DPMSolverMultistepScheduler(...)), nfe=n, x_T=x_T)`` calls
     ``set_timesteps(k)`` with the largest k whose schedule makes at most n model calls, then diffusers' loop
@@ -584,7 +574,6 @@ class DiffusersSolver(_WholeSpan):
 
     name = "diffusers"
     nfe_per_step = 1
-    mode = "external"  # TODO(contract)
     requires = frozenset()
     options = {"scheduler": None}
 

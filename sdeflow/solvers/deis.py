@@ -31,13 +31,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 
+from .._utils import gauss_legendre
 from .base import MultistepStepper, StepResult
 from .exponential import FORMS, ExponentialStepper, Form, History, Point, lagrange_basis, lincomb, multistep_orders
 
-_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(16)
+GL_POINTS = 16  #: Gauss-Legendre points of the tAB quadrature
 
 
 class DEIS(ExponentialStepper, MultistepStepper):
@@ -87,8 +87,9 @@ class DEIS(ExponentialStepper, MultistepStepper):
         if hit is not None:
             return hit
         lam0, lam1 = float(p0.lam), float(p1.lam)
-        lam = 0.5 * (lam1 - lam0) * _GL_NODES + 0.5 * (lam1 + lam0)
-        t = self.sde.t_from_log_snr(torch.as_tensor(lam, dtype=torch.float64)).numpy()
+        gl_nodes, gl_weights = gauss_legendre(GL_POINTS)
+        lam = 0.5 * (lam1 - lam0) * gl_nodes + 0.5 * (lam1 + lam0)
+        t = self.sde.t_from_log_snr(lam)
         # scale t around the step's start so the monomial basis stays well conditioned
         scale = ts[0] - float(p1.t) if ts[0] != float(p1.t) else 1.0
         r = [(ti - ts[0]) / scale for ti in ts]
@@ -98,7 +99,7 @@ class DEIS(ExponentialStepper, MultistepStepper):
         out = []
         for c in basis:
             poly = sum(float(cj) * u**j for j, cj in enumerate(c))
-            integral = 0.5 * (lam1 - lam0) * float(np.sum(_GL_WEIGHTS * np.exp(-lam) * poly))
+            integral = 0.5 * (lam1 - lam0) * float((gl_weights * torch.exp(-lam) * poly).sum())
             out.append(-a1 * integral)
         if len(self._tab) > 65536:
             self._tab.clear()

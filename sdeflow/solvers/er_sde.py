@@ -41,13 +41,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
+from .._utils import gauss_legendre
 from .base import MultistepStepper, StepResult
 from .exponential import FORMS, ExponentialStepper, Form, Point, lincomb
 
-_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(24)
+GL_POINTS = 24  #: Gauss-Legendre points of the noise-scale integrals
 
 
 def er_sde_scaler(sigma: torch.Tensor) -> torch.Tensor:
@@ -138,8 +138,9 @@ class ERSDE(ExponentialStepper, MultistepStepper):
         n = self.opts["num_integration_points"]
         if n is None:
             u0, u1 = math.log(s1), math.log(s0)
-            sig = torch.from_numpy(np.exp(0.5 * (u1 - u0) * _GL_NODES + 0.5 * (u1 + u0)))
-            w = torch.from_numpy(0.5 * (u1 - u0) * _GL_WEIGHTS)
+            gl_nodes, gl_weights = gauss_legendre(GL_POINTS)
+            sig = torch.exp(0.5 * (u1 - u0) * gl_nodes + 0.5 * (u1 + u0))
+            w = 0.5 * (u1 - u0) * gl_weights
             g = sig / phi(sig)
             i1, i2 = float((w * g).sum()), float((w * g * (sig - s0)).sum())
         else:
