@@ -290,7 +290,8 @@ class DPMSolverPP(ExponentialStepper, MultistepStepper):
     def init(self, x: torch.Tensor, grid: torch.Tensor) -> History:
         self.check_grid(grid)
         order = int(self.opts["order"])
-        return History(0, multistep_orders(grid.numel() - 1, order, bool(self.opts["lower_order_final"])), [])
+        plan = multistep_orders(grid.numel() - 1, order, bool(self.opts["lower_order_final"]))
+        return History(0, plan, [], points=self.grid_points(grid))
 
     def window_evaluator(self, x: torch.Tensor, grid: torch.Tensor, over_ranks: OverRanks = None) -> WindowEvaluator:
         """One net call for the window's model outputs, step j's older nodes from the same round (Picard)."""
@@ -298,11 +299,11 @@ class DPMSolverPP(ExponentialStepper, MultistepStepper):
 
     def step(self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, state: Any, noise: Any) -> StepResult:
         hist = self.check_state(state)
-        p0, p1 = self.view.point(t0), self.view.point(t1)
+        p0, p1 = hist.step_points(self.view, t0, t1)
         f0, pred = self.evaluate(x, p0)
         nodes = [(p0, f0), *hist.nodes]
         k = min(hist.plan[hist.i], len(nodes))
         z = self.require_noise(noise)[0] if self.stochastic else None
         x1, _ = self.update(x, p0, p1, nodes[:k], self.rule, z)
-        new = History(hist.i + 1, hist.plan, nodes[: int(self.opts["order"]) - 1])
+        new = History(hist.i + 1, hist.plan, nodes[: int(self.opts["order"]) - 1], points=hist.points)
         return StepResult(x=x1, state=new, x0=lambda: pred.x0)

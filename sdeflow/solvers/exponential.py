@@ -355,7 +355,8 @@ class History:
     """State of a multistep method: the step index, the per-step order plan, and the latest model outputs.
 
     ``nodes`` holds (Point, f) pairs, newest first. ``x_prev``/``p_prev``/``prev_order`` are UniPC's: the corrected
-    state the last predictor started from, its point, and that predictor's order.
+    state the last predictor started from, its point, and that predictor's order. ``points``: the grid's points,
+    looked up once by :meth:`ExponentialStepper.grid_points` (step i goes from points[i] to points[i + 1]).
     """
 
     i: int
@@ -364,6 +365,13 @@ class History:
     x_prev: torch.Tensor | None = None
     p_prev: Point | None = None
     prev_order: int = 0
+    points: tuple[Point, ...] | None = None
+
+    def step_points(self, view: LogSNRView, t0: torch.Tensor, t1: torch.Tensor) -> tuple[Point, Point]:
+        """The points of this step: from the grid's when the times are the grid's scalars, else looked up."""
+        if self.points is not None and t0.ndim == 0:
+            return self.points[self.i], self.points[self.i + 1]
+        return view.point(t0), view.point(t1)
 
 
 class DeferredPrediction:
@@ -546,6 +554,10 @@ class ExponentialStepper(Stepper):
     #: whether the first step may start at lambda = -inf (a(T) = 0, e.g. the flow path at t = 1): the data-prediction
     #: forms have a finite limit there (x1 = (s1/s0) x + a1 x0_hat, DDIM from pure noise); the noise forms do not
     starts_at_zero_signal = True
+
+    def grid_points(self, grid: torch.Tensor) -> tuple[Point, ...]:
+        """The semilinear points of a grid's times, in order (after :meth:`check_grid` cached them)."""
+        return tuple(self.view.point(t) for t in grid.detach().to(device="cpu", dtype=torch.float64).unbind(0))
 
     def check_grid(self, grid: torch.Tensor) -> None:
         """Every grid time needs a finite log-SNR (t_end = 0 is lambda = +inf on VP paths), except a start at

@@ -72,12 +72,13 @@ class UniPC(ExponentialStepper, MultistepStepper):
     def init(self, x: torch.Tensor, grid: torch.Tensor) -> History:
         self.check_grid(grid)
         order = int(self.opts["order"])
-        return History(0, multistep_orders(grid.numel() - 1, order, bool(self.opts["lower_order_final"])), [])
+        plan = multistep_orders(grid.numel() - 1, order, bool(self.opts["lower_order_final"]))
+        return History(0, plan, [], points=self.grid_points(grid))
 
     def step(self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, state: Any, noise: Any) -> StepResult:
         hist = self.check_state(state)
         rule = str(self.opts["variant"])
-        p0, p1 = self.view.point(t0), self.view.point(t1)
+        p0, p1 = hist.step_points(self.view, t0, t1)
         f0, pred = self.evaluate(x, p0)
         if self.opts["corrector"] and hist.x_prev is not None and hist.p_prev is not None:
             # UniC: redo the previous step from its corrected start with the new evaluation as the node r = 1
@@ -85,5 +86,13 @@ class UniPC(ExponentialStepper, MultistepStepper):
         nodes = [(p0, f0)] + hist.nodes
         k = min(hist.plan[hist.i], len(nodes))
         x1 = self.update(x, p0, p1, nodes[:k], rule)[0]
-        new = History(hist.i + 1, hist.plan, nodes[: int(self.opts["order"])], x_prev=x, p_prev=p0, prev_order=k)
+        new = History(
+            hist.i + 1,
+            hist.plan,
+            nodes[: int(self.opts["order"])],
+            x_prev=x,
+            p_prev=p0,
+            prev_order=k,
+            points=hist.points,
+        )
         return StepResult(x=x1, state=new, x0=lambda: pred.x0)
