@@ -425,7 +425,6 @@ class ExponentialStepper(Stepper):
         # same table is applied without recomputing the schedule (wrappers override raw() only; a subclass that
         # overrides predict() or coefficients() is always called through predict())
         cls = type(denoiser)
-        self._affine: dict[tuple[float, float], tuple[float, float, float, float]] = {}
         self._table_predict = (
             cls.predict is Denoiser.predict
             and cls.coefficients is Denoiser.coefficients
@@ -488,7 +487,8 @@ class ExponentialStepper(Stepper):
         if not self._table_predict or p.a is None or p.s is None:
             return self.den.predict(x, p.t)
         out = self.den.raw(x, p.t)
-        coefs = self._affine.get((p.a, p.s))
+        key = ("affine", self.den.prediction, p.a, p.s)  # memoized on the SDE's view: shared by every stepper on it
+        coefs = self.view.coefficients.get(key)
         if coefs is None:
             one = torch.ones((), dtype=torch.float64)
             a, s = one * p.a, one * p.s
@@ -497,9 +497,9 @@ class ExponentialStepper(Stepper):
                 CONVERSIONS[self.den.prediction](one, 0 * one, a, s),
             )
             coefs = (float(unit_x.x0), float(unit_out.x0), float(unit_x.eps), float(unit_out.eps))
-            if len(self._affine) > LogSNRView._MAX_CACHE:
-                self._affine.clear()
-            self._affine[(p.a, p.s)] = coefs
+            if len(self.view.coefficients) > LogSNRView._MAX_CACHE:
+                self.view.coefficients.clear()
+            self.view.coefficients[key] = coefs
         return DeferredPrediction(x, out, coefs)  # type: ignore[return-value]  # duck-types Prediction's x0/eps
 
     def coefficients(self, p0: Point, p1: Point, nodes: Sequence[Point], rule: str) -> tuple[list[Num], Num | None]:
