@@ -255,6 +255,8 @@ class Denoiser:
             and out.shape[2:] == x.shape[2:]
         ):
             out = out[:, : x.shape[1]]
+        if isinstance(out, torch.Tensor) and out.dtype != x.dtype and out.is_floating_point():
+            out = out.to(x.dtype)  # a net in another precision (autocast, half weights): results in the samples' dtype
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             hint = ""

@@ -129,6 +129,20 @@ def _finite_log_snr(sde: Any, t: float) -> bool:
     return math.isfinite(float(sde.log_snr(torch.tensor(t, dtype=torch.float64))))
 
 
+def _check_net_dtype(den: Denoiser, x: torch.Tensor) -> None:
+    """A torch module whose floating parameters have another dtype than the samples fails inside its first layer with
+    a raw error: say it here, with what to change."""
+    net = getattr(den, "net", None)
+    if isinstance(net, torch.nn.Module):
+        dtypes = {p.dtype for p in net.parameters() if p.is_floating_point()}
+        if dtypes and x.dtype not in dtypes:
+            have = ", ".join(sorted(str(d) for d in dtypes))
+            raise ValueError(
+                f"the samples are {x.dtype} but the net's parameters are {have}: pass dtype={have} to sample() "
+                f"(or x_T of that dtype), or convert the net (net.to({x.dtype}))"
+            )
+
+
 def _check_nfe(nfe: Any) -> None:
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
@@ -209,8 +223,11 @@ def _sample(
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, but shape={tuple(shape)} was given")
         if x_T.ndim < 2:
             raise ValueError(f"x_T must have shape (batch, *data_shape), got {tuple(x_T.shape)}")
+        if not x_T.is_floating_point():
+            raise ValueError(f"x_T must be a floating-point tensor, got dtype {x_T.dtype}")
         if not bool(torch.isfinite(x_T).all()):
             raise ValueError("x_T must be finite")
+    _check_net_dtype(den, x_T)
     batch = getattr(den, "batch", None)
     if batch not in (None, 1, x_T.shape[0]):
         raise ValueError(

@@ -163,3 +163,23 @@ def test_sampling_records_no_graph():
     assert res.x.requires_grad
     res.x.sum().backward()
     assert any(p.grad is not None for p in net.parameters())
+
+
+def test_bad_sampling_inputs_are_named():
+    """Issue 16 item 4: integer x_T and a net of another precision are named up front, not raw errors inside torch."""
+    sde = sf.VPSDE()
+    den = sf.Denoiser(sf.MLPScoreNet(2, hidden=16, depth=1), sde)
+    with pytest.raises(ValueError, match="x_T must be a floating-point tensor"):
+        sf.sample(den, "ddim", x_T=torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="the samples are torch.float64 but the net's parameters are torch.float32"):
+        sf.sample(den, "ddim", shape=(2, 2), dtype=torch.float64)
+
+
+def test_output_dtype_follows_the_samples():
+    """Issue 16 item 8: a net returning another dtype gives samples in x_T's dtype, whatever the solver."""
+    sde = sf.VPSDE()
+    gmm = sf.GaussianMixture([[1.0, 0.5]], [0.5])
+    den = sf.Denoiser(lambda x, t: gmm.eps(x.double(), t.double(), sde).float(), sde)
+    x_T = torch.randn(3, 2, dtype=torch.float64)
+    for solver in ("ddim", "euler", "dpm_solver++", "heun", "unipc"):
+        assert sf.sample(den, solver, nfe=6, x_T=x_T).x.dtype == torch.float64, solver
