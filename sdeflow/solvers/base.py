@@ -41,7 +41,7 @@ import torch
 
 from .._utils import append_dims
 from ..denoiser import Denoiser, Prediction, convert
-from .state import GridCache
+from .state import GridCoefficients
 
 if TYPE_CHECKING:
     from ..noise import NoiseSource
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CAPABILITIES",
     "EmbeddedStepper",
-    "GridCache",
+    "GridCoefficients",
     "Integrator",
     "MultistepStepper",
     "SingleStepper",
@@ -305,9 +305,11 @@ class SingleStepper(Stepper):
         from .window import StepEvaluator
 
         state = self.init(x, grid)
-        if state is not None and not isinstance(state, GridCache):  # a per-grid plan (DPM-Solver's NFE split)
+        if state is not None and not isinstance(state, GridCoefficients):  # a per-grid plan (DPM-Solver's NFE split)
             return super().window_evaluator(x, grid, over_ranks)
-        return StepEvaluator(self, grid, over_ranks, state)  # batched steps run without a GridCache (single_step)
+        return StepEvaluator(
+            self, grid, over_ranks, state
+        )  # batched steps run without a GridCoefficients (single_step)
 
 
 class EmbeddedStepper(SingleStepper):

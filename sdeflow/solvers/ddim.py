@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .base import GridCache, SingleStepper, StepResult, check_unit_interval, prediction_affine
+from .base import GridCoefficients, SingleStepper, StepResult, check_unit_interval, prediction_affine
 from .state import memo_per_grid
 
 
@@ -56,10 +56,10 @@ class DDIM(SingleStepper):
         c = float(self.opts["eta"]) * posterior_std(self.sde, t0, t1)
         return c, c
 
-    def init(self, x: torch.Tensor, grid: torch.Tensor) -> GridCache | None:
+    def init(self, x: torch.Tensor, grid: torch.Tensor) -> GridCoefficients | None:
         return memo_per_grid(self.den, (type(self), repr(self.opts)), grid, lambda: self._coefficients(grid))
 
-    def _coefficients(self, grid: torch.Tensor) -> GridCache | None:
+    def _coefficients(self, grid: torch.Tensor) -> GridCoefficients | None:
         r"""Every step's coefficients once per grid: with :math:`\hat x_0 = p x + q\,\mathrm{out}`,
         :math:`\hat\varepsilon = r x + u\,\mathrm{out}` (:func:`~sdeflow.solvers.base.prediction_affine`) the step is
         :math:`x_1 = (a_1 p + k r) x + (a_1 q + k u)\,\mathrm{out} + \sigma z`, :math:`k = \sqrt{s_1^2 - c^2}`: one
@@ -78,12 +78,12 @@ class DDIM(SingleStepper):
         rows = torch.stack([a1 * p + k * r, a1 * q + k * u, sig, p, q], 1)
         if not bool(torch.isfinite(rows).all()):
             return None
-        return GridCache(tuple(map(tuple, rows.tolist())))
+        return GridCoefficients(tuple(map(tuple, rows.tolist())))
 
     def step(
         self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, state: Any, noise: torch.Tensor | None
     ) -> StepResult:
-        if not isinstance(state, GridCache):
+        if not isinstance(state, GridCoefficients):
             return self.single_step(t0, t1, x, noise)
         cx, co, sig, p, q = state.here
         out = self.den.raw(x, t0)
@@ -128,7 +128,7 @@ class DDPM(DDIM):
                 "variance='learned' needs a Denoiser(..., learned_variance=True) whose net returns 2C channels"
             )
 
-    def init(self, x: torch.Tensor, grid: torch.Tensor) -> GridCache | None:
+    def init(self, x: torch.Tensor, grid: torch.Tensor) -> GridCoefficients | None:
         if self.opts["variance"] == "learned":
             return None  # the variance comes from the net at every step: the general step runs
         return super().init(x, grid)

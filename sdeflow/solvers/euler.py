@@ -8,7 +8,7 @@ import torch
 
 from ..denoiser import Prediction
 from .base import SingleStepper, Solver, StepResult, prediction_affine
-from .state import GridCache, memo_per_grid
+from .state import GridCoefficients, memo_per_grid
 
 
 class Euler(SingleStepper):
@@ -23,10 +23,10 @@ class Euler(SingleStepper):
     order = 1.0
     nfe_per_step = 1
 
-    def init(self, x: torch.Tensor, grid: torch.Tensor) -> GridCache | None:
+    def init(self, x: torch.Tensor, grid: torch.Tensor) -> GridCoefficients | None:
         return memo_per_grid(self.den, (type(self), repr(self.opts)), grid, lambda: self._coefficients(grid))
 
-    def _coefficients(self, grid: torch.Tensor) -> GridCache | None:
+    def _coefficients(self, grid: torch.Tensor) -> GridCoefficients | None:
         r"""Every step's constants once per grid: with :math:`\hat x_0 = p x + q\,\mathrm{out}`,
         :math:`\hat\varepsilon = r x + u\,\mathrm{out}` (:func:`~sdeflow.solvers.base.prediction_affine`) the velocity
         :math:`a'\hat x_0 + s'\hat\varepsilon` gives :math:`x_1 = (1 + h(a'p + s'r))\,x + h(a'q + s'u)\,\mathrm{out}`
@@ -41,12 +41,12 @@ class Euler(SingleStepper):
         rows = torch.stack([1.0 + h * (da * p + ds * r), h * (da * q + ds * u), p, q], 1)
         if not bool(torch.isfinite(rows).all()):
             return None
-        return GridCache(tuple(map(tuple, rows.tolist())))
+        return GridCoefficients(tuple(map(tuple, rows.tolist())))
 
     def step(
         self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, state: Any, noise: torch.Tensor | None
     ) -> StepResult:
-        if not isinstance(state, GridCache):
+        if not isinstance(state, GridCoefficients):
             return self.single_step(t0, t1, x, noise)
         cx, co, p, q = state.here
         out = self.den.raw(x, t0)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .base import SingleStepper, StepResult, prediction_affine
-from .state import GridCache, memo_per_grid
+from .state import GridCoefficients, memo_per_grid
 from .window import HeunEvaluator, OverRanks, WindowEvaluator
 
 
@@ -66,10 +66,10 @@ class Heun(SingleStepper):
             raise ValueError(f"nfe={nfe} is too small for solver {self.name!r}: it needs at least 1")
         return (int(nfe) + 1) // 2
 
-    def init(self, x: torch.Tensor, grid: torch.Tensor) -> GridCache:
+    def init(self, x: torch.Tensor, grid: torch.Tensor) -> GridCoefficients:
         return memo_per_grid(self.den, (type(self), repr(self.opts)), grid, lambda: self._coefficients(grid))
 
-    def _coefficients(self, grid: torch.Tensor) -> GridCache:
+    def _coefficients(self, grid: torch.Tensor) -> GridCoefficients:
         r"""Every step's constants once per grid (N = their count: the last step is Euler, churn's gamma = S_churn/N).
 
         With :math:`\hat\varepsilon = r x + u\,\mathrm{out}` and :math:`\hat x_0 = p x + q\,\mathrm{out}`
@@ -82,14 +82,14 @@ class Heun(SingleStepper):
         n = g.numel() - 1
         aff0, aff1 = prediction_affine(self.den, g[:-1]), prediction_affine(self.den, g[1:])
         if self.stochastic or aff0 is None or aff1 is None:
-            return GridCache(((),) * n)
+            return GridCoefficients(((),) * n)
         sde = self.sde
         a0, a1 = sde.alpha(g[:-1]), sde.alpha(g[1:])
         dsig = sde.edm_sigma(g[1:]) - sde.edm_sigma(g[:-1])
         (p0, q0, r0, u0), (p1, q1, r1, u1) = aff0, aff1
         rows = torch.stack([a1 / a0, a1 * dsig, r0, u0, r1, u1, p0, q0, p1, q1], 1)
         ok = torch.isfinite(rows).all(1).tolist()  # a step from sigma = inf (a(T) = 0) takes the general path
-        return GridCache(tuple(tuple(r) if good else () for r, good in zip(rows.tolist(), ok)))
+        return GridCoefficients(tuple(tuple(r) if good else () for r, good in zip(rows.tolist(), ok)))
 
     def window_evaluator(self, x: torch.Tensor, grid: torch.Tensor, over_ranks: OverRanks = None) -> WindowEvaluator:
         """Every step but the last (Euler) is a full Heun step: batched with step 0's state."""
@@ -106,7 +106,7 @@ class Heun(SingleStepper):
     def step(
         self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, state: Any, noise: torch.Tensor | None
     ) -> StepResult:
-        if not isinstance(state, GridCache):
+        if not isinstance(state, GridCoefficients):
             raise ValueError("heun's grid step needs the state of init(x, grid) (step counter: the last step is Euler)")
         n = len(state.coefs)
         last = state.i == n - 1

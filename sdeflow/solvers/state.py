@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["GridCache", "memo_per_grid"]
+__all__ = ["GridCoefficients", "memo_per_grid"]
 
 _MEMO: weakref.WeakKeyDictionary[Any, dict[tuple, Any]] = weakref.WeakKeyDictionary()
 _MEMO_MAX = 256
@@ -33,7 +33,7 @@ def memo_per_grid(owner: Any, key: tuple, grid: torch.Tensor, build: Callable[[]
 
 
 @dataclass(frozen=True)
-class GridCache:
+class GridCoefficients:
     """The state of a single stepper on a fixed grid: every step's coefficients, computed once per grid in float64
     (python floats), and the index of the next step. It changes the cost of a step, never its result: the same step
     without it (:meth:`SingleStepper.single_step`) gives the same state up to rounding."""
@@ -41,8 +41,8 @@ class GridCache:
     coefs: tuple[tuple[float, ...], ...]
     i: int = 0
 
-    def next(self) -> GridCache:
-        return GridCache(self.coefs, self.i + 1)
+    def next(self) -> GridCoefficients:
+        return GridCoefficients(self.coefs, self.i + 1)
 
     @property
     def here(self) -> tuple[float, ...]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .state import GridCache
+from .state import GridCoefficients
 
 __all__ = ["WindowEvaluator", "StepEvaluator", "HeunEvaluator", "MultistepEvaluator", "flat", "noise_flat"]
 
@@ -60,18 +60,18 @@ class WindowEvaluator:
 
 class StepEvaluator(WindowEvaluator):
     """A single stepper: ``step`` on the W·B states at once with per-element times, the same state for every step
-    (a :class:`~sdeflow.solvers.base.GridCache` is per step: batched steps run without it, a step on its own with
+    (a :class:`~sdeflow.solvers.base.GridCoefficients` is per step: batched steps run without it, a step on its own with
     its own entry, so W = 1 reproduces the sequential run bit for bit)."""
 
     def state_at(self, i: int) -> Any:
         """The state step i receives when it runs on its own (the sequential tail)."""
-        if isinstance(self.state, GridCache):
-            return GridCache(self.state.coefs, i)
+        if isinstance(self.state, GridCoefficients):
+            return GridCoefficients(self.state.coefs, i)
         return self.state
 
     @property
     def batched_state(self) -> Any:
-        return None if isinstance(self.state, GridCache) else self.state
+        return None if isinstance(self.state, GridCoefficients) else self.state
 
     def __call__(self, xs, begin, t0, t1, z):
         if xs.shape[0] == 1:  # one step (every rank takes it itself): scalar host times, exactly the sequential call
@@ -101,12 +101,12 @@ class HeunEvaluator(StepEvaluator):
         self.parallel_steps = grid.numel() - 2
 
     def state_at(self, i: int) -> Any:
-        return GridCache(self.state.coefs, i)
+        return GridCoefficients(self.state.coefs, i)
 
     @property
     def batched_state(self) -> Any:
         """Step 0's state: a full Heun step with per-sample times (the general path; churn reads N from it)."""
-        return GridCache(self.state.coefs, 0)
+        return GridCoefficients(self.state.coefs, 0)
 
 
 class MultistepEvaluator(WindowEvaluator):
