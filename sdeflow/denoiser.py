@@ -354,8 +354,9 @@ class BoundDenoiser(Denoiser):
             raise TypeError("model_kwargs must be a dict of keyword arguments for the net")
         self.base, self.model_kwargs = base, dict(model_kwargs)
         self.net, self.sde, self.prediction = base.net, base.sde, base.prediction
-        self.time_input, self.learned_variance = base.time_input, base.learned_variance
-        self._net_times = base._net_times
+        self.time_input = base.time_input
+        self.learned_variance = getattr(base, "learned_variance", False)  # wrappers may not carry it
+        self._net_times = getattr(base, "_net_times", {})
         self._index: torch.Tensor | None = None
         sizes = {v.shape[0] for v in self.model_kwargs.values() if isinstance(v, torch.Tensor) and v.ndim >= 1}
         self.batch = max(sizes) if sizes else None

@@ -20,10 +20,12 @@ from .wrappers import (
     ClassifierFreeGuidance,
     ClassifierGuidance,
     ConditionalDenoiser,
+    ConditioningGuidance,
     DenoiserWrapper,
     Labels,
     as_labels,
     classifier_log_prob_grad,
+    guidance_rescale,
 )
 
 __all__ = [
@@ -32,6 +34,8 @@ __all__ = [
     "DenoiserWrapper",
     "ConditionalDenoiser",
     "ClassifierFreeGuidance",
+    "ConditioningGuidance",
+    "guidance_rescale",
     "ClassifierGuidance",
     "classifier_log_prob_grad",
     "NoiseAwareClassifier",

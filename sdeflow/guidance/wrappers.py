@@ -17,7 +17,8 @@ the conversion table; its ``nfe`` is the wrapped Denoiser's counter, so ``res.nf
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -197,6 +198,103 @@ class ClassifierFreeGuidance(DenoiserWrapper):
 
     def __repr__(self) -> str:
         return f"ClassifierFreeGuidance(scale={self.scale!r}, interval={self.interval!r}, base={self.base!r})"
+
+
+def guidance_rescale(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    r"""Guidance rescale, Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps are Flawed", eq. 15-16,
+    diffusers' ``guidance_rescale``): per sample, :math:`o_{re} = o_{cfg}\,\sigma(o_y)/\sigma(o_{cfg})` and the result
+    :math:`\phi\,o_{re} + (1-\phi)\,o_{cfg}`, with sigma the standard deviation over the non-batch axes."""
+    if phi == 0.0:
+        return guided
+    dims = tuple(range(1, guided.ndim))
+    ratio = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(
+        torch.finfo(guided.dtype).tiny
+    )
+    return phi * guided * ratio + (1.0 - phi) * guided
+
+
+class ConditioningGuidance(DenoiserWrapper):
+    r"""Classifier-free guidance (Ho & Salimans 2021, eq. 6) with any conditioning tensors: text embeddings, image
+    latents, a negative prompt in place of the null one.
+
+    .. math:: \tilde o = o(x, t, c_\varnothing) + w\,(o(x, t, c) - o(x, t, c_\varnothing))
+
+    on the net's raw output (affine conversions make this the same guidance in eps, x0, v or score; see
+    :class:`ClassifierFreeGuidance`), then optionally :func:`guidance_rescale`. Both branches run in ONE net call on
+    ``[x, x]`` with each keyword ``[cond, uncond]`` concatenated along the batch.
+
+    Args:
+        base: a Denoiser whose net takes the conditioning as keywords (e.g. diffusers' ``encoder_hidden_states``).
+        cond: keyword tensors of the conditional branch; each has one row per sample or a single row (shared).
+        uncond: the same keywords for the unconditional (or negative) branch.
+        scale: the guidance weight w (float or (batch,) tensor).
+        rescale: guidance rescale phi in [0, 1] (0: off; Lin et al. recommend 0.7).
+
+    Per-sample rows follow the samples a solver steps (:meth:`~sdeflow.Denoiser.rows`).
+    """
+
+    def __init__(
+        self,
+        base: Denoiser,
+        cond: dict[str, torch.Tensor],
+        uncond: dict[str, torch.Tensor],
+        scale: float | torch.Tensor = 1.0,
+        rescale: float = 0.0,
+    ) -> None:
+        super().__init__(base)
+        if not isinstance(cond, dict) or not isinstance(uncond, dict) or set(cond) != set(uncond) or not cond:
+            raise ValueError("cond and uncond must be dicts of tensors with the same (non-empty) keys")
+        for k in cond:
+            c, u = cond[k], uncond[k]
+            if not (isinstance(c, torch.Tensor) and isinstance(u, torch.Tensor)) or c.shape[1:] != u.shape[1:]:
+                raise ValueError(f"cond[{k!r}] and uncond[{k!r}] must be tensors of the same per-row shape")
+            if c.is_floating_point() and not bool(torch.isfinite(c).all() and torch.isfinite(u).all()):
+                raise ValueError(f"cond[{k!r}] / uncond[{k!r}] must be finite")
+        if isinstance(scale, torch.Tensor):
+            if not bool(torch.isfinite(scale).all()):
+                raise ValueError("scale must be finite")
+        elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite number or a (batch,) tensor, got {scale!r}")
+        if isinstance(rescale, bool) or not isinstance(rescale, (int, float)) or not 0.0 <= rescale <= 1.0:
+            raise ValueError(f"rescale must lie in [0, 1], got {rescale!r}")
+        self.cond, self.uncond, self.scale, self.rescale = dict(cond), dict(uncond), scale, float(rescale)
+        self._index: torch.Tensor | None = None
+
+    @contextmanager
+    def rows(self, index: torch.Tensor) -> Iterator[None]:
+        previous, self._index = self._index, index
+        try:
+            with self.base.rows(index):
+                yield
+        finally:
+            self._index = previous
+
+    def _rows(self, v: torch.Tensor, n: int, key: str) -> torch.Tensor:
+        if v.shape[0] == 1:
+            return v.expand(n, *v.shape[1:])
+        if self._index is not None:
+            v = v[self._index.to(v.device)]
+        if v.shape[0] != n:
+            if n % v.shape[0]:
+                raise ValueError(f"{key} has {v.shape[0]} rows for a call on {n} samples: give 1 or one per sample")
+            v = v.repeat(n // v.shape[0], *([1] * (v.ndim - 1)))
+        return v
+
+    def raw(self, x: torch.Tensor, t: TimeLike, **kwargs: Any) -> torch.Tensor:
+        n = x.shape[0]
+        t = as_time(t, x)
+        tb = batch_time(t, x) if t.ndim else t
+        both = {
+            k: torch.cat([self._rows(self.cond[k], n, f"cond[{k!r}]"), self._rows(self.uncond[k], n, f"uncond[{k!r}]")])
+            for k in self.cond
+        }
+        out = self.base.raw(torch.cat([x, x]), torch.cat([tb, tb]) if tb.ndim else tb, **both, **kwargs)
+        c, u = out.chunk(2)
+        w = torch.as_tensor(self.scale, dtype=x.dtype, device=x.device)
+        if w.ndim:
+            w = self._rows(w.reshape(-1, *([1] * (x.ndim - 1))), n, "scale") if w.numel() > 1 else w.reshape(())
+        guided = u + w * (c - u)
+        return guidance_rescale(guided, c, self.rescale)
 
 
 def classifier_log_prob_grad(
