@@ -104,6 +104,12 @@ def sample(
     """
     if not isinstance(den, Denoiser):
         raise TypeError(f"den must be a sdeflow.Denoiser, got {type(den).__name__}")
+    if not isinstance(enable_grad, bool):
+        raise ValueError(f"enable_grad must be True or False, got {enable_grad!r}")
+    if model_kwargs is not None and not isinstance(model_kwargs, dict):
+        raise ValueError(
+            f"model_kwargs must be a dict of keyword inputs for the net, got {type(model_kwargs).__name__}"
+        )
     if model_kwargs:
         if isinstance(solver, Solver):
             raise ValueError(
@@ -158,6 +164,8 @@ def _span(sde: Any, grid: str | torch.Tensor | None, t_start: float | None, t_en
         if grid.ndim != 1 or grid.numel() < 2:
             raise ValueError(f"grid must be a 1-D tensor of at least 2 times, got shape {tuple(grid.shape)}")
         g0, g1 = float(grid[0]), float(grid[-1])
+        if not bool((grid[1:] < grid[:-1]).all()):
+            raise ValueError("grid must be strictly decreasing (sampling runs from noise to data)")
         tol = 1e-9 * max(1.0, T)
         if t_start is None and abs(g0 - T) > tol:
             raise ValueError(
@@ -235,6 +243,51 @@ def _sample(
         )
     if noise is None and s.noise_draws:
         noise = IIDNoise(generator)
+    zero_signal = (
+        den.prediction in ("eps", "score") and float(sde.alpha(torch.tensor(t_start, dtype=torch.float64))) == 0
+    )
+    try:
+        return _drive(
+            s,
+            den,
+            x_T,
+            nfe,
+            grid,
+            t_start,
+            t_end,
+            return_trajectory,
+            progress,
+            denoise_final,
+            noise,
+            callback,
+            max_steps,
+        )
+    except SolverError as err:
+        if zero_signal:  # the NaN comes from x0 = (x - s eps) / a at a = 0: say so
+            raise ValueError(
+                f"the path has a(t_start) = 0 at t_start={t_start} (pure noise), where a {den.prediction}-prediction "
+                "model carries no information about x0: start below it (t_start < T) or use an x0 / v / flow model"
+            ) from err
+        raise
+
+
+def _drive(
+    s: Solver,
+    den: Denoiser,
+    x_T: torch.Tensor,
+    nfe: int | None,
+    grid: str | torch.Tensor | None,
+    t_start: float,
+    t_end: float,
+    return_trajectory: bool,
+    progress: bool,
+    denoise_final: bool,
+    noise: NoiseSource | None,
+    callback: Callback | None,
+    max_steps: int,
+) -> SampleResult:
+    """Run the driver the configured solver's type asks for (module doc) and finish the result."""
+    sde = den.sde
     nfe0 = den.nfe
     whole = s.integrator()
     tol = s.tolerances

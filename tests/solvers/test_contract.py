@@ -183,3 +183,26 @@ def test_output_dtype_follows_the_samples():
     x_T = torch.randn(3, 2, dtype=torch.float64)
     for solver in ("ddim", "euler", "dpm_solver++", "heun", "unipc"):
         assert sf.sample(den, solver, nfe=6, x_T=x_T).x.dtype == torch.float64, solver
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"model_kwargs": [1]}, "model_kwargs must be a dict"),
+        ({"enable_grad": "yes"}, "enable_grad must be True or False"),
+        ({"t_start": float("nan")}, "t_start must be a finite number"),
+        ({"t_start": 2.0}, "t_start must satisfy"),
+        ({"max_steps": 0, "solver": "rk45"}, "max_steps must be an integer >= 1"),
+        ({"grid": torch.tensor([1e-3, 1.0], dtype=torch.float64)}, "grid must be strictly decreasing"),
+    ],
+)
+def test_new_sample_options_refuse_wrong_values(den, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sf.sample(den, x_T=_x(den), **kwargs)
+
+
+def test_eps_model_cannot_start_where_a_is_zero():
+    den = sf.GaussianMixture([[1.0, 0.5]], [0.4]).denoiser(sf.FlowMatchingPath())
+    with pytest.raises(ValueError, match="a\\(t_start\\) = 0"):
+        sf.sample(den, "dpm_solver++", x_T=torch.randn(2, 2))
+    assert torch.isfinite(sf.sample(den, "dpm_solver++", x_T=torch.randn(2, 2), t_start=0.99, nfe=8).x).all()
