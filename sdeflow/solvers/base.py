@@ -41,7 +41,7 @@ import torch
 
 from .._utils import append_dims
 from ..denoiser import Denoiser, Prediction, convert
-from .state import GridCoefficients
+from .state import GridCoefficients, memo_per_grid
 
 if TYPE_CHECKING:
     from ..noise import NoiseSource
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CAPABILITIES",
+    "AffineGridStepper",
     "EmbeddedStepper",
     "GridCoefficients",
     "Integrator",
@@ -310,6 +311,39 @@ class SingleStepper(Stepper):
         return StepEvaluator(
             self, grid, over_ranks, state
         )  # batched steps run without a GridCoefficients (single_step)
+
+
+class AffineGridStepper(SingleStepper):
+    r"""A single stepper whose grid step is affine in (x, net output): :math:`x_1 = c_x x + c_o\,\mathrm{out} +
+    \sigma z` with per-step constants (DDIM / DDPM, Euler). Subclasses give the constants of every step of a grid in
+    :meth:`grid_rows` (columns c_x, c_o, sigma, p, q, where :math:`\hat x_0 = p x + q\,\mathrm{out}` is the callback's
+    data prediction); this class memoizes them per grid and takes the step with one or two fused tensor ops. Without
+    the table (per-sample times, a Denoiser whose conversion is not the table's) :meth:`single_step` runs."""
+
+    def grid_rows(self, grid: torch.Tensor) -> torch.Tensor | None:
+        """(steps, 5) float64 constants for the float64 CPU ``grid``, or None (the general step runs)."""
+        raise NotImplementedError
+
+    def init(self, x: torch.Tensor, grid: torch.Tensor) -> GridCoefficients | None:
+        return memo_per_grid(self.den, (type(self), repr(self.opts)), grid, lambda: self._table(grid))
+
+    def _table(self, grid: torch.Tensor) -> GridCoefficients | None:
+        rows = self.grid_rows(grid.detach().to(device="cpu", dtype=torch.float64))
+        if rows is None or not bool(torch.isfinite(rows).all()):
+            return None
+        return GridCoefficients(tuple(map(tuple, rows.tolist())))
+
+    def step(
+        self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, state: Any, noise: torch.Tensor | None
+    ) -> StepResult:
+        if not isinstance(state, GridCoefficients):
+            return self.single_step(t0, t1, x, noise)
+        cx, co, sig, p, q = state.here
+        out = self.den.raw(x, t0)
+        x1 = torch.add(x * cx, out, alpha=co)
+        if sig:
+            x1 = x1.add_(self.require_noise(noise)[0], alpha=sig)
+        return StepResult(x=x1, state=state.next(), x0=lambda: torch.add(x * p, out, alpha=q))
 
 
 class EmbeddedStepper(SingleStepper):

@@ -18,12 +18,9 @@ For VP paths :math:`\tilde\sigma^2 = \tfrac{1-\bar\alpha_{t-1}}{1-\bar\alpha_t}\
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from .base import GridCoefficients, SingleStepper, StepResult, check_unit_interval, prediction_affine
-from .state import memo_per_grid
+from .base import AffineGridStepper, GridCoefficients, StepResult, check_unit_interval, prediction_affine
 
 
 def posterior_std(sde, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
@@ -31,7 +28,7 @@ def posterior_std(sde, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
     return sde.sigma(t1) * torch.sqrt(-torch.expm1(2 * (sde.log_snr(t0) - sde.log_snr(t1))))
 
 
-class DDIM(SingleStepper):
+class DDIM(AffineGridStepper):
     r"""DDIM, Song, Meng & Ermon 2021 (eq. 12), generalized to any Gaussian path (VE included).
 
     :math:`x_{t_1} = a_1\hat x_0 + \sqrt{s_1^2 - c^2}\,\hat\varepsilon + c z`, :math:`c = \eta\tilde\sigma`.
@@ -56,15 +53,10 @@ class DDIM(SingleStepper):
         c = float(self.opts["eta"]) * posterior_std(self.sde, t0, t1)
         return c, c
 
-    def init(self, x: torch.Tensor, grid: torch.Tensor) -> GridCoefficients | None:
-        return memo_per_grid(self.den, (type(self), repr(self.opts)), grid, lambda: self._coefficients(grid))
-
-    def _coefficients(self, grid: torch.Tensor) -> GridCoefficients | None:
-        r"""Every step's coefficients once per grid: with :math:`\hat x_0 = p x + q\,\mathrm{out}`,
+    def grid_rows(self, g: torch.Tensor) -> torch.Tensor | None:
+        r"""Every step's constants: with :math:`\hat x_0 = p x + q\,\mathrm{out}`,
         :math:`\hat\varepsilon = r x + u\,\mathrm{out}` (:func:`~sdeflow.solvers.base.prediction_affine`) the step is
-        :math:`x_1 = (a_1 p + k r) x + (a_1 q + k u)\,\mathrm{out} + \sigma z`, :math:`k = \sqrt{s_1^2 - c^2}`: one
-        fused update per step. None when the denoiser's conversion is not the table's (the general step runs)."""
-        g = grid.detach().to(device="cpu", dtype=torch.float64)
+        :math:`x_1 = (a_1 p + k r) x + (a_1 q + k u)\,\mathrm{out} + \sigma z`, :math:`k = \sqrt{s_1^2 - c^2}`."""
         aff = prediction_affine(self.den, g[:-1])
         if aff is None:
             return None
@@ -75,22 +67,7 @@ class DDIM(SingleStepper):
         else:
             c = sig = torch.zeros_like(a1)
         k = torch.sqrt((s1**2 - c**2).clamp(min=0))
-        rows = torch.stack([a1 * p + k * r, a1 * q + k * u, sig, p, q], 1)
-        if not bool(torch.isfinite(rows).all()):
-            return None
-        return GridCoefficients(tuple(map(tuple, rows.tolist())))
-
-    def step(
-        self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, state: Any, noise: torch.Tensor | None
-    ) -> StepResult:
-        if not isinstance(state, GridCoefficients):
-            return self.single_step(t0, t1, x, noise)
-        cx, co, sig, p, q = state.here
-        out = self.den.raw(x, t0)
-        x1 = torch.add(x * cx, out, alpha=co)
-        if sig:
-            x1 = x1.add_(self.require_noise(noise)[0], alpha=sig)
-        return StepResult(x=x1, state=state.next(), x0=lambda: torch.add(x * p, out, alpha=q))
+        return torch.stack([a1 * p + k * r, a1 * q + k * u, sig, p, q], 1)
 
     def single_step(
         self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None

@@ -2,16 +2,13 @@ r"""Euler on the probability-flow ODE and Euler-Maruyama on the reverse SDE (Son
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ..denoiser import Prediction
-from .base import SingleStepper, Solver, StepResult, prediction_affine
-from .state import GridCoefficients, memo_per_grid
+from .base import AffineGridStepper, SingleStepper, Solver, StepResult, prediction_affine
 
 
-class Euler(SingleStepper):
+class Euler(AffineGridStepper):
     r"""Euler's method on the probability-flow ODE (Song et al. 2021, eq. 13).
 
     .. math:: x_{t_1} = x_{t_0} + (t_1 - t_0)\,[f(t_0) x_{t_0} - \tfrac12 g(t_0)^2 \nabla\log p_{t_0}(x_{t_0})]
@@ -23,36 +20,18 @@ class Euler(SingleStepper):
     order = 1.0
     nfe_per_step = 1
 
-    def init(self, x: torch.Tensor, grid: torch.Tensor) -> GridCoefficients | None:
-        return memo_per_grid(self.den, (type(self), repr(self.opts)), grid, lambda: self._coefficients(grid))
-
-    def _coefficients(self, grid: torch.Tensor) -> GridCoefficients | None:
-        r"""Every step's constants once per grid: with :math:`\hat x_0 = p x + q\,\mathrm{out}`,
+    def grid_rows(self, g: torch.Tensor) -> torch.Tensor | None:
+        r"""Every step's constants: with :math:`\hat x_0 = p x + q\,\mathrm{out}`,
         :math:`\hat\varepsilon = r x + u\,\mathrm{out}` (:func:`~sdeflow.solvers.base.prediction_affine`) the velocity
         :math:`a'\hat x_0 + s'\hat\varepsilon` gives :math:`x_1 = (1 + h(a'p + s'r))\,x + h(a'q + s'u)\,\mathrm{out}`
         (h = t1 - t0)."""
-        g = grid.detach().to(device="cpu", dtype=torch.float64)
         aff = prediction_affine(self.den, g[:-1])
         if aff is None:
             return None
         p, q, r, u = aff
         t0, h = g[:-1], g[1:] - g[:-1]
         da, ds = self.sde.d_alpha(t0), self.sde.d_sigma(t0)  # velocity a' x0 + s' eps (base.probability_flow_velocity)
-        rows = torch.stack([1.0 + h * (da * p + ds * r), h * (da * q + ds * u), p, q], 1)
-        if not bool(torch.isfinite(rows).all()):
-            return None
-        return GridCoefficients(tuple(map(tuple, rows.tolist())))
-
-    def step(
-        self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, state: Any, noise: torch.Tensor | None
-    ) -> StepResult:
-        if not isinstance(state, GridCoefficients):
-            return self.single_step(t0, t1, x, noise)
-        cx, co, p, q = state.here
-        out = self.den.raw(x, t0)
-        return StepResult(
-            x=torch.add(x * cx, out, alpha=co), state=state.next(), x0=lambda: torch.add(x * p, out, alpha=q)
-        )
+        return torch.stack([1.0 + h * (da * p + ds * r), h * (da * q + ds * u), torch.zeros_like(h), p, q], 1)
 
     def single_step(
         self, t0: torch.Tensor, t1: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None
