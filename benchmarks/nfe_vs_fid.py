@@ -26,13 +26,16 @@ checkpoint present, 45 from scratch; with a GPU a few minutes in all.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from sdeflow.evaluation import report, sweep
+from sdeflow.sampling import make_solver
 from sdeflow.training import ensure_trained, load_run
 
 PARTS = {
@@ -60,9 +63,13 @@ PARTS = {
         "n": 1000,
         "nfes": [5, 10, 20, 50, 100],
         "tolerances": [1e-1, 1e-2],
+        # issue 17's targets: the high-accuracy ODE within 2x of the data floor, the best solver at NFE 10 within
+        # 1.1x of its own NFE 1000 (checked by `targets`, written into the summary)
+        "reference": {"solvers": ["heun", "ddim"], "nfes": [1000], "tolerances": [1e-3, 1e-4], "target_nfe": 10},
     },
 }
 QUICK = {"steps": 20, "n": 64, "nfes": [2, 4], "tolerances": [0.1], "solvers": ["euler", "dpm_solver++", "rk45"]}
+QUICK_REFERENCE = {"solvers": ["heun"], "nfes": [8], "tolerances": [1e-2], "target_nfe": 4}
 QUICK_TRAIN = {
     "checkerboard": {"hidden": 16, "depth": 1},
     "digits": {"channels": 8, "channel_mult": [1], "attention_levels": [], "batch_size": 16},
@@ -101,6 +108,12 @@ def run_part(name: str, out: Path, args: argparse.Namespace) -> str:
         progress=not args.no_progress,
     )
     t_sweep = time.perf_counter() - t1
+    targets = ""
+    if "reference" in part:
+        ref = QUICK_REFERENCE if args.quick else part["reference"]
+        t2 = time.perf_counter()
+        result, targets = reference_phase(den, scorer, config, part, ref, result, args, device)
+        t_sweep += time.perf_counter() - t2
     params = sum(p.numel() for p in den.net.parameters())
     note = (
         f"Model: {config['net']['name']} ({params:,} parameters), {config['sde']['name']} SDE, "
@@ -125,11 +138,87 @@ def run_part(name: str, out: Path, args: argparse.Namespace) -> str:
     print(grid, flush=True)
     print(f"[bench] {name}: sweep {t_sweep:.0f} s -> {paths['markdown']}, {paths['plot']}", flush=True)
     section = [f"## {name}", "", note, "", f"{result.metrics[0]}, lower is better:", "", grid, ""]
+    if targets:
+        section += [targets, ""]
+        (run_dir / "targets.md").write_text(targets + "\n")
     adaptive = report.markdown_adaptive(result)
     if adaptive:
         section += [adaptive, ""]
     section += [f"Details: `{paths['markdown']}`, plot: `{paths['plot']}`.", ""]
     return "\n".join(section)
+
+
+def stochastic(den: Any, label: str) -> bool:
+    """Whether the solver a sweep row names (``name`` or ``name:key=value``) is stochastic."""
+    spec = sweep.parse_solver(label)
+    return bool(make_solver(den, spec.name, **spec.kwargs).stochastic)
+
+
+def reference_phase(
+    den: Any,
+    scorer: Any,
+    config: dict[str, Any],
+    part: dict[str, Any],
+    ref: dict[str, Any],
+    result: sweep.SweepResult,
+    args: argparse.Namespace,
+    device: str,
+) -> tuple[sweep.SweepResult, str]:
+    """The high-accuracy cells (a few ODE solvers at NFE 1000, rk45 at tight tolerances, and the best solver at the
+    target NFE run at NFE 1000 too), merged into ``result``, and the markdown that checks issue 17's two targets:
+    the best high-accuracy ODE cell within 2x of the data floor, the best solver at ``target_nfe`` within 1.1x of
+    its own value at the largest reference NFE."""
+    metric = result.metrics[0]
+    at_target = [c for c in result.cells if c.budget == ref["target_nfe"] and c.ok]
+    best = min(at_target, key=lambda c: c.metrics[metric]) if at_target else None
+    solvers = list(dict.fromkeys([*ref["solvers"], *([best.solver] if best else []), "rk45"]))
+    extra = sweep.run_sweep(
+        den,
+        scorer,
+        config["data"]["data_shape"],
+        solvers=solvers,
+        nfes=ref["nfes"],
+        tolerances=ref["tolerances"],
+        nfe_cap=1e9,
+        n=part["n"],
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=device,
+        progress=not args.no_progress,
+    )
+    merged = sweep.SweepResult(
+        result.cells + extra.cells,
+        result.metrics,
+        result.floor,
+        tuple(sorted({*result.nfes, *extra.nfes})),
+        tuple(sorted({*result.tolerances, *extra.tolerances}, reverse=True)),
+        result.samples,
+        result.floor_std,
+        result.seeds,
+    )
+    top = max(ref["nfes"])
+    floor = result.floor.get(metric, math.nan)
+    ode = [c for c in extra.cells if c.ok and (c.budget == top or c.tol == min(ref["tolerances"]))]
+    ode = [c for c in ode if not stochastic(den, c.solver)]
+    lines = [f"**Targets** ({metric}; data floor {floor:.3g}):", ""]
+    if ode:
+        hi = min(ode, key=lambda c: c.metrics[metric])
+        where = f"NFE {hi.budget}" if hi.budget is not None else f"rtol = atol = {hi.tol:g}, NFE {hi.nfe:.0f}"
+        ratio = hi.metrics[metric] / floor
+        lines.append(
+            f"- high-accuracy probability-flow ODE ({hi.solver}, {where}): {hi.metrics[metric]:.3g} = "
+            f"{ratio:.2f}x the floor (target <= 2x): {'met' if ratio <= 2 else 'missed'}"
+        )
+    if best is not None:
+        own = [c for c in extra.cells if c.solver == best.solver and c.budget == top and c.ok]
+        if own:
+            ratio = best.metrics[metric] / own[0].metrics[metric]
+            lines.append(
+                f"- best solver at NFE {ref['target_nfe']} ({best.solver}): {best.metrics[metric]:.3g}, its own NFE "
+                f"{top}: {own[0].metrics[metric]:.3g}, ratio {ratio:.2f} (target <= 1.1): "
+                f"{'met' if ratio <= 1.1 else 'missed'}"
+            )
+    return merged, "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
