@@ -112,7 +112,18 @@ def jobs(x: torch.Tensor, nfe: int, kd: types.ModuleType | None) -> dict[str, di
     }
     if kd is not None:
         # the sigmas are built inside each call (a sampling call's set-up, as sf.sample and set_timesteps do):
-        # nfe steps ending at sigma 0 for Euler and 2M (nfe NFE), nfe // 2 + 1 for Heun (2N - 1 NFE, final Euler)
+        # nfe steps ending at sigma 0 for Euler and 2M (nfe NFE), nfe // 2 + 1 for Heun (2N - 1 NFE, final Euler);
+        # sdeflow's heun takes its Euler last step only where the grid ends at sigma = 0, which the VE path never
+        # reaches (s(0) = sigma_min): it runs on EDM's path (from_edm) on the same sigmas, final 0 included
+        from sdeflow.integrations import from_edm
+
+        edm0 = from_edm(free_d, SIGMA_MIN, SIGMA_MAX)
+
+        def karras_to_zero(n: int) -> torch.Tensor:  # get_sigmas_karras's formula, in float64 (sdeflow's time)
+            ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+            hi, lo = SIGMA_MAX ** (1 / 7), SIGMA_MIN ** (1 / 7)
+            return torch.cat([(hi + ramp * (lo - hi)) ** 7, torch.zeros(1, dtype=torch.float64)])
+
         def karras(n: int) -> torch.Tensor:
             return kd.get_sigmas_karras(n, SIGMA_MIN, SIGMA_MAX)
 
@@ -122,7 +133,7 @@ def jobs(x: torch.Tensor, nfe: int, kd: types.ModuleType | None) -> dict[str, di
             "k-diffusion sample_euler": lambda: kd.sample_euler(free_d, xe, karras(nfe), disable=True),
         }
         out["Heun (EDM x0)"] = {
-            "sdeflow heun": lambda: sf.sample(edm, "heun", nfe=nfe - 1, x_T=xe),
+            "sdeflow heun": lambda: sf.sample(edm0, "heun", x_T=xe, grid=karras_to_zero(nfe // 2 + 1)),
             "k-diffusion sample_heun": lambda: kd.sample_heun(free_d, xe, karras(nfe // 2 + 1), disable=True),
         }
         out["DPM-Solver++(2M) (EDM x0)"] = {

@@ -7,7 +7,7 @@ rtol = 1e-10, atol = 1e-12 on the flattened batch.
 
 For every deterministic solver in ``sdeflow.solvers.SOLVERS`` (default options, each on its own default grid) plus
 the option variants in ``VARIANTS``, and every NFE budget, it records the RMS error per coordinate of x(t_end), the
-NFE actually spent (Heun spends 2N - 1 of an even budget), the wall time and the process CPU time (medians of
+NFE actually spent (Heun takes nfe // 2 full steps: the grid ends at sigma(t_end) > 0), the wall time and the process CPU time (medians of
 ``--repeats`` runs, one torch thread; on a shared machine the CPU time is the stable one). ``rk45`` (adaptive) is
 swept over rtol = atol instead and reported at the NFE it chose.
 
@@ -187,8 +187,8 @@ def markdown(results: dict[str, Any], nfes: list[int]) -> str:
     lines = [
         f"RMS error per coordinate of x(t_end) against the reference ({s['reference']}), {s['sde']}, t_end = "
         f"{s['t_end']}, batch {s['batch']}, {s['dtype']}, exact mixture denoiser. Columns: NFE budget; cells: error "
-        f"(wall ms / CPU ms, medians of {s['repeats']} runs, {s['threads']} torch thread). Heun spends 2N - 1 of an "
-        "even budget.",
+        f"(wall ms / CPU ms, medians of {s['repeats']} runs, {s['threads']} torch thread). Heun takes nfe "
+        "// 2 full steps (the grid ends at sigma(t_end) > 0).",
         "",
     ]
     for prob in results["problems"]:

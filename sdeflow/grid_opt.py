@@ -450,8 +450,9 @@ def _fixed_grid_stepper(den: Denoiser, solver: str | Stepper, **options: Any) ->
     return stepper
 
 
-def _check_solver(stepper: Stepper, nfe: int) -> int:
-    """Refuse what a fitted fixed grid cannot serve; return the number of grid steps for the budget."""
+def _check_solver(stepper: Stepper, nfe: int, t_end: float | None = None) -> int:
+    """Refuse what a fitted fixed grid cannot serve; return the number of grid steps for the budget (on a grid ending
+    at ``t_end``)."""
     if stepper.stochastic or stepper.noise_draws:
         raise ValueError(
             f"solver {stepper.name!r} with options {stepper.opts} is stochastic: a fitted grid needs a deterministic "
@@ -459,7 +460,7 @@ def _check_solver(stepper: Stepper, nfe: int) -> int:
         )
     if not isinstance(nfe, int) or isinstance(nfe, bool) or nfe < 1:
         raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
-    return stepper.num_steps(nfe)
+    return stepper.num_steps(nfe, t_end)
 
 
 def fit_grid(
@@ -534,12 +535,12 @@ def fit_grid(
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not supported; allowed values: {', '.join(map(repr, METHODS))}")
     stepper = _fixed_grid_stepper(den, solver, **solver_options)
-    steps = _check_solver(stepper, nfe)
     sde = den.sde
     T = float(sde.T)
     t_end = float(sde.eps if t_end is None else t_end)
     if not 0.0 <= t_end < T:
         raise ValueError(f"t_end must lie in [0, T) = [0, {T}), got t_end={t_end}")
+    steps = _check_solver(stepper, nfe, t_end)
     for name, v in (("n", n), ("reference_steps", reference_steps), ("candidates", candidates)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -578,7 +579,7 @@ def fit_grid(
     default = time_grid(sde, steps, stepper.default_grid, t_end=t_end)
     probe = x_T[:1].to(dtype)
     before = den.nfe
-    stepper.num_steps(nfe)
+    stepper.num_steps(nfe, t_end)
     solve(stepper, probe, default)
     spent = den.nfe - before
     if spent != nfe:

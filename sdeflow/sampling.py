@@ -77,9 +77,12 @@ def sample(
     Args:
         den: the :class:`~sdeflow.Denoiser`.
         solver: a name in ``sdeflow.solvers.SOLVERS`` (see ``sdeflow.solvers.available()``) or a solver instance.
-        nfe: budget of net calls (default 10); fixed-step solvers take ``nfe // nfe_per_step`` steps (one fewer NFE
-            when ``denoise_final``). With a grid tensor the grid sets the steps: leave nfe None, or give the budget
-            that makes exactly that many steps (anything else raises). Ignored by adaptive solvers (rtol/atol).
+        nfe: budget of net calls (default 10), never exceeded: fixed-step solvers take the most steps it pays for,
+            ``solver.num_steps(nfe, t_end)`` (``nfe // nfe_per_step``; heun: ``nfe // 2`` full Heun steps, or
+            ``(nfe + 1) // 2`` on a grid ending at sigma = s/a = 0, where its last step is an Euler step), on one
+            fewer NFE when ``denoise_final``. What a solver cannot split is left unspent (heun's odd budget at
+            sigma > 0): ``res.nfe`` is what was spent. With a grid tensor the grid sets the steps: leave nfe None, or
+            give a budget that makes exactly that many steps (anything else raises). Ignored by adaptive solvers.
         x_T: the state at ``t_start``: drawn from the prior (with ``generator``) when None, then ``shape`` is
             required (only at t_start = T: below T pass the state, e.g. ``sde.marginal(x0, t_start, noise)``).
         generator: a torch.Generator or a :class:`~sdeflow.noise.PerSampleGenerator` for x_T and the solver's noise.
@@ -313,10 +316,10 @@ def _drive(
             if nfe is not None and tol is None:  # adaptive configurations take the grid as output times
                 _check_nfe(nfe)
                 budget = nfe - (1 if denoise_final else 0)
-                if budget < 1 or s.num_steps(budget) != steps:
+                if budget < 1 or s.num_steps(budget, t_end) != steps:
                     raise ValueError(
                         f"nfe={nfe} does not fit the grid tensor of {steps} steps (solver {s.name!r} takes "
-                        f"{s.num_steps(budget) if budget >= 1 else 0} steps for it): pass nfe=None to let the grid set "
+                        f"{s.num_steps(budget, t_end) if budget >= 1 else 0} steps for it): pass nfe=None to let the grid set "
                         "the steps, or a grid of that many steps"
                     )
         else:
@@ -325,7 +328,7 @@ def _drive(
             budget = nfe - (1 if denoise_final else 0)
             if budget < 1:
                 raise ValueError(f"nfe={nfe} leaves no net call for the solver after the final denoising step")
-            steps = s.num_steps(budget)
+            steps = s.num_steps(budget, t_end)
         kind = grid if grid is not None else s.default_grid
         if isinstance(kind, str) and grid is None and kind in ZERO_SNR_GRIDS and not _finite_log_snr(sde, t_start):
             kind = ZERO_SNR_GRIDS[kind]  # a(T) = 0 (flow path, zero terminal SNR): no log-SNR / sigma grid exists

@@ -236,8 +236,8 @@ def test_refuses_stochastic_and_adaptive_solvers(solver, opts, match):
 
 def test_refuses_budgets_the_solver_cannot_split():
     with pytest.raises(ValueError, match="cannot be split"):
-        fit_grid(DEN, "heun", 6, shape=(2,), **FAST)  # N steps spend 2N - 1 NFE
-    assert fit_grid(DEN, "heun", 5, shape=(2,), **TINY).grid.numel() == 4  # 3 steps spend 5
+        fit_grid(DEN, "heun", 5, shape=(2,), **FAST)  # N full Heun steps spend 2N NFE (the grid ends at sigma > 0)
+    assert fit_grid(DEN, "heun", 6, shape=(2,), **TINY).grid.numel() == 4  # 3 steps spend 6
 
 
 @given(st.one_of(st.integers(-5, 0), st.just(2.5), st.just("4"), st.just(True)))

@@ -28,8 +28,8 @@ CASES = [
     ("ddim", {"eta": 0.5}, 40),
     ("ddpm", {}, 40),
     ("euler_maruyama", {}, 40),
-    ("heun", {}, 39),
-    ("heun", {"S_churn": 10.0}, 39),
+    ("heun", {}, 40),
+    ("heun", {"S_churn": 10.0}, 40),
     ("pc", {}, 40),
     ("dpm_solver++", {}, 40),
     ("dpm_solver++", {"order": 3}, 40),
@@ -78,15 +78,11 @@ def test_matches_sequential_within_tol(den, x_T, base, opts, nfe):
     assert float(rms(res.x, seq.x).mean()) <= tol
     assert res.stats["rounds"] < steps  # it actually ran in parallel
     assert res.stats["converged"]
-    # NFE honesty: one batched call per net call of a step per round; Heun's last step (an Euler step, 1 NFE) runs
-    # on its own after the Picard rounds
+    # NFE honesty: one batched call per net call of a step per round (Heun's grid ends at sigma(eps) > 0: every step
+    # is a full Heun step, batched; a last Euler step to sigma = 0 runs on its own, tests/solvers/test_heun_edm.py)
     k = SOLVERS[base](den, **opts).nfe_per_step
-    if base == "heun":
-        assert res.stats["sequential_steps"] == 1 and seq.nfe == 2 * steps - 1
-        assert res.nfe == 2 * (res.stats["rounds"] - 1) + 1
-    else:
-        assert res.stats["sequential_steps"] == 0
-        assert res.nfe == k * res.stats["rounds"]
+    assert res.stats["sequential_steps"] == 0 and seq.nfe == k * steps
+    assert res.nfe == k * res.stats["rounds"]
     assert res.stats["evaluations"] >= seq.nfe  # Picard never evaluates fewer steps than the sequential run
 
 

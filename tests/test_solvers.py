@@ -93,9 +93,12 @@ def test_reported_nfe_is_counted_calls(name):
 @pytest.mark.parametrize(
     "name,opts,nfe,expected",
     [
-        ("heun", {}, 9, 9),  # 5 steps: 4 Heun + 1 Euler
-        ("heun", {}, 10, 9),  # an even budget leaves one call unused
-        ("heun", {}, 1, 1),
+        ("heun", {}, 10, 10),  # 5 full Heun steps: the grid ends at sigma(eps) > 0
+        ("heun", {}, 9, 8),  # an odd budget leaves one call unused there
+        ("heun", {}, 2, 2),
+        ("heun", {"t_end": 0.0, "grid": "uniform"}, 9, 9),  # ends at sigma = 0 (s(0) = 0): 4 Heun + 1 Euler
+        ("heun", {"t_end": 0.0, "grid": "uniform"}, 10, 9),  # an even budget leaves one call unused there
+        ("heun", {"t_end": 0.0, "grid": "uniform"}, 1, 1),
         ("pc", {"n_corrector": 2}, 10, 9),  # 3 steps x (1 + 2)
         ("pc", {"predictor": "none", "n_corrector": 3}, 10, 9),
         ("euler_maruyama", {}, 7, 7),
@@ -112,9 +115,9 @@ def test_nfe_budget_exact(name, opts, nfe, expected):
 def test_denoise_final_counts_and_equals_tweedie():
     sde, gmm, net, den = _setup()
     x_T = sde.prior_sample((5, 2), torch.Generator().manual_seed(1), dtype=torch.float64)
-    plain = sf.sample(den, "heun", nfe=9, x_T=x_T)
-    fin = sf.sample(den, "heun", nfe=10, x_T=x_T, denoise_final=True)
-    assert fin.nfe == 10
+    plain = sf.sample(den, "heun", nfe=8, x_T=x_T)
+    fin = sf.sample(den, "heun", nfe=9, x_T=x_T, denoise_final=True)
+    assert plain.nfe == 8 and fin.nfe == 9
     torch.testing.assert_close(fin.x, gmm.x0(plain.x, sde.eps, sde))
 
 
@@ -320,19 +323,32 @@ def test_heun_same_scaled_trajectory_for_every_sde(churn):
     torch.testing.assert_close(outs[1], outs[2], rtol=1e-9, atol=1e-9)
 
 
-def test_heun_last_step_is_ddim():
-    """Euler in sigma is DDIM (x1 = a1 x0_hat + s1 eps_hat): one-step Heun equals one DDIM step, and the last step of
-    an N-step Heun solve is a DDIM step from the (N-1)-step state."""
+def test_heun_last_step_is_euler_only_at_sigma_zero():
+    """EDM Algorithm 1, line 6: the step to sigma = 0 is an Euler step, which in sigma is DDIM (x1 = a1 x0_hat +
+    s1 eps_hat); every other step, the last one of a grid ending at sigma > 0 included, is a full Heun step
+    (single_step). Counted calls: 2N - 1 on the first grid, 2N on the second."""
     sde, gmm, net, den = _setup()
     x_T = sde.prior_sample((5, 2), torch.Generator().manual_seed(3), dtype=torch.float64)
-    grid = time_grid(sde, 6, "karras")
+    grid = time_grid(sde, 6, "karras")  # ends at sde.eps, sigma = s/a > 0
+    to_zero = torch.cat([grid, torch.zeros(1, dtype=torch.float64)])  # EDM's sigmas: a final 0 (s(0) = 0 on VP)
     ddim, heun = make_stepper(den, "ddim"), make_stepper(den, "heun")
-    torch.testing.assert_close(solve(heun, x_T, grid[:2]).x, solve(ddim, x_T, grid[:2]).x, rtol=1e-12, atol=1e-12)
+    one = torch.tensor([sde.T, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(solve(heun, x_T, one).x, solve(ddim, x_T, one).x, rtol=1e-12, atol=1e-12)
     state = x_T
-    for i in range(5):  # five full Heun steps (single_step is a full Heun step)
+    for i in range(6):  # six full Heun steps
         state = heun.single_step(grid[i], grid[i + 1], state, None).x
-    last = ddim.single_step(grid[5], grid[6], state, None).x
-    torch.testing.assert_close(solve(heun, x_T, grid).x, last, rtol=1e-12, atol=1e-12)
+    net.calls = 0
+    res = solve(heun, x_T, grid)
+    assert net.calls == res.nfe == 12
+    torch.testing.assert_close(res.x, state, rtol=1e-12, atol=1e-12)
+    last = ddim.single_step(to_zero[6], to_zero[7], state, None).x
+    net.calls = 0
+    res = solve(heun, x_T, to_zero)
+    assert net.calls == res.nfe == 13
+    torch.testing.assert_close(res.x, last, rtol=1e-12, atol=1e-12)
+    one_step_heun = heun.single_step(grid[0], grid[1], x_T, None).x  # a one-step grid to sigma > 0: full Heun too
+    torch.testing.assert_close(solve(heun, x_T, grid[:2]).x, one_step_heun, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(one_step_heun, solve(ddim, x_T, grid[:2]).x, rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- predictor-corrector

@@ -33,13 +33,21 @@ def _deterministic_stepper(den: Denoiser, solver: Any, solver_options: dict[str,
 
 
 def _inversion_grid(
-    den: Denoiser, stepper, nfe: int | None, grid: str | torch.Tensor | None, t_data: float, t_noise: float
+    den: Denoiser,
+    stepper,
+    nfe: int | None,
+    grid: str | torch.Tensor | None,
+    t_data: float,
+    t_noise: float,
+    forward: bool = False,
 ) -> torch.Tensor:
-    """The decreasing float64 grid from t_noise to t_data (as sample() builds it)."""
+    """The decreasing float64 grid from t_noise to t_data (as sample() builds it); its step count is the one that fits
+    the budget when walked towards t_noise (``forward``) or t_data."""
     if nfe is None or not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
     kind = grid if grid is not None else stepper.default_grid
-    return time_grid(den.sde, stepper.num_steps(nfe), kind, t_end=t_data, t_start=t_noise)
+    steps = stepper.num_steps(nfe, t_noise if forward else t_data)
+    return time_grid(den.sde, steps, kind, t_end=t_data, t_start=t_noise)
 
 
 def _span(den: Denoiser, t_data: float | None, t_noise: float | None) -> tuple[float, float]:
@@ -74,7 +82,7 @@ def _run(
         t0, t1 = (t_data, t_noise) if forward else (t_noise, t_data)
         res = solve_adaptive(stepper, x, t0, t1, rtol=tol.rtol, atol=tol.atol, h0=tol.h0)
     else:
-        g = _inversion_grid(den, stepper, nfe, grid, t_data, t_noise)
+        g = _inversion_grid(den, stepper, nfe, grid, t_data, t_noise, forward)
         g = g.flip(0) if forward else g
         res = whole.integrate(x, g) if whole is not None else solve(stepper, x, g)
     res.nfe = den.nfe - nfe0

@@ -290,8 +290,8 @@ class _Drive:
         if s.integrator() is not None or s.tolerances is not None:
             raise ValueError(f"solver {s.name!r} does not step along a fixed grid; it cannot drive a scheduler")
 
-    def num_steps(self, nfe: int) -> int:
-        return int(self.stepper.num_steps(nfe))
+    def num_steps(self, nfe: int, t_end: float | None = None) -> int:
+        return int(self.stepper.num_steps(nfe, t_end))
 
     @property
     def default_grid(self) -> str:
@@ -435,9 +435,9 @@ def _make_scheduler_class() -> type:
             if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
                 raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
             cfg = self.config
-            steps = self._drive.num_steps(num_inference_steps)
-            kind = cfg.grid if cfg.grid is not None else self._drive.default_grid
             t_end = float(self.sde.eps if cfg.t_end is None else cfg.t_end)
+            steps = self._drive.num_steps(num_inference_steps, t_end)
+            kind = cfg.grid if cfg.grid is not None else self._drive.default_grid
             self.grid = time_grid(self.sde, steps, kind, t_end=t_end, steps_offset=int(cfg.steps_offset))
             self.num_inference_steps = num_inference_steps
             # dry run with a zero model: the times of every model call (they do not depend on the values)
@@ -588,7 +588,7 @@ class DiffusersSolver(Integrator):
         )
         self.flow = is_flow_config(self.config)
 
-    def num_steps(self, nfe: int) -> int:
+    def num_steps(self, nfe: int, t_end: float | None = None) -> int:
         if int(nfe) < 1:
             raise ValueError(f"nfe={nfe} is too small for solver {self.name!r}: it needs at least 1")
         return int(nfe)

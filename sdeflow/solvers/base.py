@@ -229,8 +229,10 @@ class Solver:
         RK45's torchdiffeq / scipy backends), or None: a driver of sdeflow's steps it."""
         return None
 
-    def num_steps(self, nfe: int) -> int:
-        """Number of grid steps that spend at most ``nfe`` net calls."""
+    def num_steps(self, nfe: int, t_end: float | None = None) -> int:
+        """Number of grid steps that spend at most ``nfe`` net calls on a grid ending at ``t_end`` (default
+        ``sde.eps``; only a solver whose cost depends on where the grid ends reads it: heun's last step is an Euler
+        step only where sigma(t_end) = 0)."""
         steps = int(nfe) // self.nfe_per_step
         if steps < 1:
             raise ValueError(f"nfe={nfe} is too small for solver {self.name!r}: it needs at least {self.nfe_per_step}")

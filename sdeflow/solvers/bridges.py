@@ -309,10 +309,10 @@ class TorchSDE(Integrator):
     def configure(self) -> None:
         self.nfe_per_step, self.order, self.strong_order = self._spec[2:5]
 
-    def num_steps(self, nfe: int) -> int:
+    def num_steps(self, nfe: int, t_end: float | None = None) -> int:
         if self.opts["adaptive"]:
             return 1
-        return super().num_steps(nfe)
+        return super().num_steps(nfe, t_end)
 
     def _brownian(self, noise: NoiseSource | None, B: int, D: int, grid: torch.Tensor, x: torch.Tensor):
         import torchsde

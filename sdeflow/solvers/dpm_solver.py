@@ -152,7 +152,7 @@ class DPMSolver(ExponentialStepper, EmbeddedStepper):
         return Tolerances(float(o["rtol"]), float(o["atol"]), o["h0"]) if o["adaptive"] else None
 
     # ---------------------------------------------------------------- step plan
-    def num_steps(self, nfe: int) -> int:
+    def num_steps(self, nfe: int, t_end: float | None = None) -> int:
         """K outer steps for an NFE budget (the paper's split, remembered for :meth:`init`)."""
         if not isinstance(nfe, int) or nfe < 1:
             raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")

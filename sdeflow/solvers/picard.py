@@ -481,8 +481,8 @@ class Parallel(Integrator):
     def noise_draws(self) -> int:
         return self.base.noise_draws
 
-    def num_steps(self, nfe: int) -> int:
-        return self.base.num_steps(nfe)
+    def num_steps(self, nfe: int, t_end: float | None = None) -> int:
+        return self.base.num_steps(nfe, t_end)
 
     def integrate(
         self,

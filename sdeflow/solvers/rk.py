@@ -140,7 +140,7 @@ class RK45(EmbeddedStepper):
             raise ValueError('backend="sdeflow" is stepped by sdeflow.integrate.solve_adaptive, not integrated here')
         return bridge.integrate(x, grid, noise, callback, return_trajectory, progress)
 
-    def num_steps(self, nfe: int) -> int:
+    def num_steps(self, nfe: int, t_end: float | None = None) -> int:
         """Adaptive: the budget is not used; the grid only holds the output times (T and t_end)."""
         return 1
 
@@ -198,7 +198,7 @@ class ODEBridge(Integrator):
         self.opts = dict(rk.opts)
         self.order, self.nfe_per_step = rk.order, rk.nfe_per_step
 
-    def num_steps(self, nfe: int) -> int:
+    def num_steps(self, nfe: int, t_end: float | None = None) -> int:
         """Adaptive: the budget is not used; the grid only holds the output times (T and t_end)."""
         return 1
 

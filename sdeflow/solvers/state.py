@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["GridCoefficients", "memo_per_grid"]
+__all__ = ["GridCoefficients", "HeunCoefficients", "memo_per_grid"]
 
 _MEMO: weakref.WeakKeyDictionary[Any, dict[tuple, Any]] = weakref.WeakKeyDictionary()
 _MEMO_MAX = 256
@@ -47,3 +47,18 @@ class GridCoefficients:
     @property
     def here(self) -> tuple[float, ...]:
         return self.coefs[self.i]
+
+
+@dataclass(frozen=True)
+class HeunCoefficients(GridCoefficients):
+    """EDM Heun's :class:`GridCoefficients`, and whether the grid's last step is an Euler step: it ends where
+    sigma = s/a = 0, where the Heun correction is undefined (Karras et al. 2022, Algorithm 1, line 6)."""
+
+    euler_last: bool = False
+
+    def next(self) -> HeunCoefficients:
+        return HeunCoefficients(self.coefs, self.i + 1, self.euler_last)
+
+    def at(self, i: int) -> HeunCoefficients:
+        """The state of step i on the same grid."""
+        return HeunCoefficients(self.coefs, i, self.euler_last)

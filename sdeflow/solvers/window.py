@@ -1,7 +1,7 @@
 r"""Batched-over-time evaluators: the maps :math:`\Phi_j` of a window of steps in one batched call, which the Picard
 driver (:mod:`sdeflow.solvers.picard`) iterates. A stepper hands out its own through
 :meth:`~sdeflow.solvers.base.Stepper.window_evaluator`: the generic one for single steppers, EDM Heun's (its state
-only counts steps) and DPM-Solver++(kM)'s (the multistep history from the same round).
+counts steps) and DPM-Solver++(kM)'s (the multistep history from the same round).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .state import GridCoefficients
+from .state import GridCoefficients, HeunCoefficients
 
 __all__ = ["WindowEvaluator", "StepEvaluator", "HeunEvaluator", "MultistepEvaluator", "flat", "noise_flat"]
 
@@ -93,20 +93,23 @@ class StepEvaluator(WindowEvaluator):
 
 
 class HeunEvaluator(StepEvaluator):
-    """EDM Heun (Algorithm 1/2): its state counts steps only (the last step is an Euler step, churn's gamma uses N), so
-    every step but the last is batched with the state of step 0 and the last runs on its own after the Picard phase."""
+    """EDM Heun (Algorithm 1/2): its state (:class:`~sdeflow.solvers.state.HeunCoefficients`) counts steps and says
+    whether the last step is an Euler step (the grid ends at sigma = 0); churn's gamma uses N. Every full Heun step is
+    batched with the state of step 0; a last Euler step runs on its own after the Picard phase."""
 
     def __init__(self, stepper: Any, grid: torch.Tensor, over_ranks: OverRanks = None, state: Any = None) -> None:
+        if not isinstance(state, HeunCoefficients):
+            raise ValueError("HeunEvaluator needs heun's grid state (stepper.init(x, grid))")
         super().__init__(stepper, grid, over_ranks, state)
-        self.parallel_steps = grid.numel() - 2
+        self.parallel_steps = grid.numel() - (2 if state.euler_last else 1)
 
     def state_at(self, i: int) -> Any:
-        return GridCoefficients(self.state.coefs, i)
+        return self.state.at(i)
 
     @property
     def batched_state(self) -> Any:
         """Step 0's state: a full Heun step with per-sample times (the general path; churn reads N from it)."""
-        return GridCoefficients(self.state.coefs, 0)
+        return self.state.at(0)
 
 
 class MultistepEvaluator(WindowEvaluator):

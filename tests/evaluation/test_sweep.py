@@ -74,7 +74,7 @@ def test_sweep_on_the_oracle(oracle, tmp_path):
         den,
         scorer,
         (2,),
-        solvers=["euler", "heun", "pc", "ddim:bogus=1", "rk45"],
+        solvers=["euler", "heun", "pc", "pc:n_corrector=2", "ddim:bogus=1", "rk45"],
         nfes=[1, 2, 40],
         tolerances=[1e-1, 1e-3],
         n=400,
@@ -91,7 +91,9 @@ def test_sweep_on_the_oracle(oracle, tmp_path):
     )
     for b in (1, 2, 40):
         assert cells[("euler", b, None)].nfe == b  # res.nfe as the Denoiser counted it
-    assert cells[("heun", 40, None)].nfe == 39  # EDM Heun: its last step is an Euler step
+    # EDM Heun on a grid ending at sigma(eps) > 0: full Heun steps only (2 NFE each), so budget 1 buys no step
+    assert cells[("heun", 40, None)].nfe == 40 and cells[("heun", 1, None)].status.startswith("skipped")
+    assert cells[("pc:n_corrector=2", 40, None)].nfe == 39  # 13 steps x (1 + 2): one call unspent
     rk = [cells[("rk45", None, t)] for t in (1e-1, 1e-3)]
     assert all(c.ok for c in rk) and rk[1].nfe > rk[0].nfe  # tighter tolerance, more NFE, reported as spent
     # no model error: the metric falls towards the real-vs-real floor as the NFE grows
@@ -112,7 +114,7 @@ def test_sweep_on_the_oracle(oracle, tmp_path):
     assert len(data["cells"]) == len(res.cells)
     md = paths["markdown"].read_text()
     assert "| euler |" in md and "## Protocol" in md and '"sampling_seed": 7' in md and "| **best** |" in md
-    assert "39" in report.markdown_grid(res)  # heun's spent NFE differs from its budget: shown in brackets
+    assert "(39)" in report.markdown_grid(res)  # pc's spent NFE differs from its budget: shown in brackets
     assert paths["plot"].read_bytes()[:8] == PNG_MAGIC
 
 
