@@ -4,6 +4,7 @@ Example::
 
     sdeflow train --data checkerboard --sde vp --net mlp --steps 5000 --out runs/cb
     sdeflow train --data digits --net unet --conditional --steps 20000 --out runs/digits
+    sdeflow train --data checkerboard --sde flow --steps 5000 --out runs/flow    # flow matching: velocity eps - x0
     sdeflow train --out runs/cb --steps 10000 --resume        # continue the saved run to 10000 steps
 
 Writes ``OUT/ckpt.pt`` (and keeps the previous one as ``OUT/ckpt.prev.pt``) and ``OUT/config.json``. SIGINT/SIGTERM
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ..denoiser import PREDICTIONS
+from ..denoiser import ALL_PREDICTIONS
 from ..distributed import DistributedContext, run_cli
 from ..nets.embeddings import EMBEDDINGS
 from ..training.checkpoint import load_checkpoint, previous_path
@@ -53,8 +54,9 @@ CONFIG_FLAGS: dict[str, tuple[Any, tuple[str, str]]] = {
     "beta_max": (20.0, ("sde", "beta_max")),
     "sigma_min": (0.01, ("sde", "sigma_min")),
     "sigma_max": (None, ("sde", "sigma_max")),
+    "shift": (None, ("sde", "shift")),
     "net": ("mlp", ("net", "name")),
-    "prediction": ("eps", ("loss", "prediction")),
+    "prediction": (None, ("loss", "prediction")),
     "embedding": ("sinusoidal", ("net", "embedding")),
     "hidden": (256, ("net", "hidden")),
     "depth": (3, ("net", "depth")),
@@ -139,9 +141,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--beta-max", type=positive, help="VP / sub-VP" + _default("beta_max"))
     g.add_argument("--sigma-min", type=positive, help="VE" + _default("sigma_min"))
     g.add_argument("--sigma-max", type=positive, help="VE sigma_max (default 10 for 2-D data, 50 else)")
+    g.add_argument("--shift", type=positive, help="flow: SD3's time shift of the path a = 1 - t, s = t (default 1)")
     g = parser.add_argument_group("net")
     g.add_argument("--net", choices=NET_NAMES, help="score network" + _default("net"))
-    g.add_argument("--prediction", choices=PREDICTIONS, help="what the net predicts" + _default("prediction"))
+    g.add_argument(
+        "--prediction",
+        choices=ALL_PREDICTIONS,
+        help="what the net predicts; flow: the velocity a' x0 + s' eps (default flow for --sde flow, eps else)",
+    )
     g.add_argument("--embedding", choices=EMBEDDINGS, help="time embedding" + _default("embedding"))
     g.add_argument("--hidden", type=int_at_least(1), help="MLP width" + _default("hidden"))
     g.add_argument("--depth", type=int_at_least(0), help="MLP residual blocks" + _default("depth"))
@@ -225,8 +232,9 @@ def config_from_args(args: argparse.Namespace, data: DataSource | None = None) -
         beta_max=_value(args, "beta_max"),
         sigma_min=_value(args, "sigma_min"),
         sigma_max=args.sigma_max,
+        shift=args.shift,
         net=_value(args, "net"),
-        prediction=_value(args, "prediction"),
+        prediction=args.prediction,
         embedding=_value(args, "embedding"),
         hidden=_value(args, "hidden"),
         depth=_value(args, "depth"),

@@ -2,11 +2,16 @@
 
 A checkpoint's ``config`` (primitives only, so ``weights_only`` loading reads it) has the sections::
 
-    {"sde":  {"name": "vp", "beta_min": 0.1, "beta_max": 20.0, "schedule": "linear"},   # or subvp / ve
+    {"sde":  {"name": "vp", "beta_min": 0.1, "beta_max": 20.0, "schedule": "linear"},   # or subvp / ve / flow
      "net":  {"name": "mlp", "dim": 2, "hidden": 256, ..., "input_scaling": true, "sigma_data": 1.0},
      "loss": {"prediction": "eps", "weighting": "simple", ...},                          # DenoisingScoreMatching
      "data": {"name": "checkerboard", "data_shape": [2], "num_classes": null, ...},
      "train": {"steps": 5000, "batch_size": 256, "lr": ..., "seed": 0, ...}}
+
+Flow matching (Lipman et al. 2023; Liu et al. 2023) is ``"sde": {"name": "flow", "shift": 1.0}``
+(:class:`~sdeflow.sdes.FlowMatchingPath`, a = 1 - t, s = t, SD3's time shift) with ``"loss": {"prediction": "flow"}``:
+the net regresses the velocity u = a' x0 + s' eps (eps - x0 on the plain path) and loads as a ``prediction="flow"``
+Denoiser.
 
 EDM (Karras et al. 2022) is two options: ``"net": {..., "preconditioning": "edm", "sigma_data": 0.5}`` wraps the net
 in :class:`~sdeflow.preconditioning.EDMPreconditioning` (instead of input scaling; the net then predicts x0), and
@@ -28,7 +33,7 @@ from .._utils import check_choice
 from ..denoiser import Denoiser
 from ..nets import InputScaling, MLPScoreNet, UNet
 from ..preconditioning import EDMPreconditioning
-from ..sdes import VESDE, VPSDE, GaussianSDE, SubVPSDE
+from ..sdes import VESDE, VPSDE, FlowMatchingPath, GaussianSDE, SubVPSDE
 from .checkpoint import CheckpointError, load_checkpoint
 from .losses import OBJECTIVES, DenoisingScoreMatching, EDMLoss
 
@@ -45,7 +50,7 @@ __all__ = [
     "load_run",
 ]
 
-SDE_NAMES = ("vp", "subvp", "ve")
+SDE_NAMES = ("vp", "subvp", "ve", "flow")
 NET_NAMES = ("mlp", "unet")
 #: ``config["net"]["preconditioning"]``: ``"none"`` (the net as built, optionally input-scaled) or ``"edm"``
 PRECONDITIONINGS = ("none", "edm")
@@ -54,8 +59,9 @@ _SDE_KEYS = {
     "vp": ("beta_min", "beta_max", "schedule"),
     "subvp": ("beta_min", "beta_max"),
     "ve": ("sigma_min", "sigma_max"),
+    "flow": ("shift",),
 }
-_SDE_CLASSES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
+_SDE_CLASSES: dict[str, type[GaussianSDE]] = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE, "flow": FlowMatchingPath}
 _MLP_KEYS = ("dim", "hidden", "depth", "time_dim", "embedding", "num_classes", "dropout")
 _UNET_KEYS = (
     "in_channels",
@@ -78,7 +84,7 @@ def _section(config: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def build_sde(config: dict[str, Any]) -> GaussianSDE:
-    """The SDE of ``config["sde"]``: ``{"name": "vp" | "subvp" | "ve", ...its constructor arguments}``."""
+    """The SDE of ``config["sde"]``: ``{"name": "vp" | "subvp" | "ve" | "flow", ...its constructor arguments}``."""
     sec = _section(config, "sde")
     check_choice("sde", sec["name"], SDE_NAMES)
     kwargs = {k: sec[k] for k in _SDE_KEYS[sec["name"]] if k in sec}

@@ -1,7 +1,7 @@
-r"""Denoising score matching (Vincent 2011; Song & Ermon 2019; Ho et al. 2020) for eps, x0, v and score nets.
+r"""Denoising score matching (Vincent 2011; Song & Ermon 2019; Ho et al. 2020) for eps, x0, v, score and flow nets.
 
 For :math:`x_t = a(t) x_0 + s(t)\varepsilon` every objective here is a weighted regression of one *target space*
-:math:`\mathcal S \in \{\varepsilon, x_0, v, \nabla\log p\}`:
+:math:`\mathcal S \in \{\varepsilon, x_0, v, \nabla\log p, u\}`:
 
 .. math:: \mathcal L = \frac{1}{T-\epsilon}\int_\epsilon^T w(t)\;
           \mathbb E\,\tfrac1d\big\|\hat{\mathcal S}_\theta(x_t, t) - \mathcal S(x_0, \varepsilon, t)\big\|^2\,dt,
@@ -19,7 +19,14 @@ weighting      space                 :math:`w(t)`              reference
 
 ``min_snr`` in x0 space reproduces Hang et al.'s per-target weights: :math:`\min(\mathrm{SNR},\gamma)/\mathrm{SNR}`
 for eps, :math:`\min(\mathrm{SNR},\gamma)` for x0 and :math:`\min(\mathrm{SNR},\gamma)/(\mathrm{SNR}+1)` for v
-(:math:`\mathrm{SNR} = a^2/s^2 = e^{2\lambda}`). With ``likelihood``, :math:`\tfrac d2 (T-\epsilon)\mathcal L` is the
+(:math:`\mathrm{SNR} = a^2/s^2 = e^{2\lambda}`).
+
+Flow matching (Lipman et al. 2023; Liu et al. 2023, rectified flow): a ``"flow"`` net regresses the path's velocity
+:math:`u = a'(t)x_0 + s'(t)\varepsilon = \mathrm{d}x_t/\mathrm{d}t` (with ``simple``), which on
+:class:`~sdeflow.sdes.FlowMatchingPath` (a = 1 - t, s = t) is :math:`\varepsilon - x_0`, the conditional
+flow-matching loss :math:`\mathbb E\|\hat u_\theta(x_t, t) - (\varepsilon - x_0)\|^2` with :math:`t \sim U[\epsilon, 1]`
+(T = 1 is included: every term is finite there). The other weightings convert it through the table's flow row.
+With ``likelihood``, :math:`\tfrac d2 (T-\epsilon)\mathcal L` is the
 score-matching term of the negative log-likelihood bound (Song, Durkan et al. 2021, Thm. 1) up to a
 model-independent constant.
 
@@ -29,7 +36,9 @@ Time sampling. ``"uniform"``: :math:`t\sim U[\epsilon, T]`. ``"importance"``: th
 :math:`g^2/s^2 = -2\,\mathrm{d}\lambda/\mathrm{d}t`: the importance density is *uniform in log-SNR*, sampled exactly
 for every SDE as :math:`t = \lambda^{-1}(u)`, :math:`u\sim U[\lambda(T), \lambda(\epsilon)]`. Each sample carries the
 ratio :math:`1/((T-\epsilon)p(t)) = 2 s^2 \Delta\lambda / (g^2 (T-\epsilon))`, so every combination of weighting and
-sampling estimates the same :math:`\mathcal L` without bias. ``stratified=True`` puts one uniform draw in each of B
+sampling estimates the same :math:`\mathcal L` without bias. Both need a finite log-SNR at :math:`t_{max}`
+(and the likelihood weight :math:`g^2` is infinite where a = 0): on a path that reaches :math:`a(T) = 0` (the flow
+path) their default :math:`t_{max}` is :math:`T - \epsilon`. ``stratified=True`` puts one uniform draw in each of B
 equal strata of [0, 1) before the map to t (lower variance, same expectation).
 
 :class:`EDMLoss` is the EDM objective (Karras et al. 2022): x0 space, weight
@@ -47,7 +56,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .._utils import check_choice, check_positive
-from ..denoiser import PREDICTIONS, Denoiser, Prediction, convert, to_target
+from ..denoiser import ALL_PREDICTIONS, Denoiser, Prediction, convert, to_target
 from ..sdes import GaussianSDE
 
 __all__ = ["DenoisingScoreMatching", "EDMLoss", "DSMDraw", "WEIGHTINGS", "TIME_SAMPLINGS", "OBJECTIVES"]
@@ -56,6 +65,10 @@ WEIGHTINGS = ("simple", "likelihood", "min_snr")
 TIME_SAMPLINGS = ("uniform", "importance")
 #: the loss classes a run config can name in ``config["loss"]["objective"]`` (absent: ``"dsm"``)
 OBJECTIVES = ("dsm", "edm")
+
+
+def _finite_log_snr(sde: GaussianSDE, t: float) -> bool:
+    return math.isfinite(float(sde.log_snr(torch.tensor(t, dtype=torch.float64))))
 
 
 class DSMDraw(NamedTuple):
@@ -72,11 +85,12 @@ class DenoisingScoreMatching:
 
     Args:
         sde: the Gaussian path.
-        prediction: what the net outputs, ``"eps" | "x0" | "v" | "score"``.
+        prediction: what the net outputs, ``"eps" | "x0" | "v" | "score" | "flow"`` (the velocity a' x0 + s' eps).
         weighting: ``"simple" | "likelihood" | "min_snr"``.
         time_sampling: ``"uniform"`` in [t_min, T] or ``"importance"`` (uniform in log-SNR).
         stratified: stratify the batch's uniform draws.
-        t_min: smallest training time (defaults to ``sde.eps``); t_max defaults to ``sde.T``.
+        t_min: smallest training time (defaults to ``sde.eps``); t_max defaults to ``sde.T`` (``T - eps`` for the
+            likelihood weighting or importance sampling on a path with a(T) = 0, where the log-SNR is infinite).
         min_snr_gamma: gamma of the min-SNR weighting.
         p_uncond: probability of replacing a label by the null class (classifier-free guidance training).
 
@@ -98,14 +112,23 @@ class DenoisingScoreMatching:
     ) -> None:
         if not isinstance(sde, GaussianSDE):
             raise TypeError(f"sde must be a GaussianSDE, got {type(sde).__name__}")
-        check_choice("prediction", prediction, PREDICTIONS)
+        check_choice("prediction", prediction, ALL_PREDICTIONS)
         check_choice("weighting", weighting, WEIGHTINGS)
         check_choice("time_sampling", time_sampling, TIME_SAMPLINGS)
+        needs_finite_snr = weighting == "likelihood" or time_sampling == "importance"
         self.t_min = float(sde.eps if t_min is None else t_min)
-        self.t_max = float(sde.T if t_max is None else t_max)
+        if t_max is None:  # a(T) = 0 (the flow path): lambda(T) = -inf, g(T)^2 = inf; stop eps short of T there
+            t_max = sde.T - sde.eps if needs_finite_snr and not _finite_log_snr(sde, sde.T) else sde.T
+        self.t_max = float(t_max)
         if not 0.0 < self.t_min < self.t_max <= sde.T:
             raise ValueError(
                 f"t_min and t_max must satisfy 0 < t_min < t_max <= T={sde.T}, got {self.t_min}, {self.t_max}"
+            )
+        if needs_finite_snr and not _finite_log_snr(sde, self.t_max):
+            what = "weighting='likelihood'" if weighting == "likelihood" else "time_sampling='importance'"
+            raise ValueError(
+                f"{what} needs a finite log-SNR at t_max, but the path has a(t_max) = 0 at t_max={self.t_max}: "
+                f"pass t_max < {self.t_max} (the default is T - eps = {sde.T - sde.eps})"
             )
         if not min_snr_gamma > 0:
             raise ValueError(f"min_snr_gamma must be positive, got {min_snr_gamma}")
@@ -192,8 +215,11 @@ class DenoisingScoreMatching:
         t, x_t = draw.t, draw.x_t
         out = den.raw(x_t, t, **net_kwargs).to(x_t.dtype)  # autocast may hand back half precision
         a, s = den.coefficients(x_t, t)
-        pred = convert(out, x_t, a, s, self.prediction, self.space)
-        target = to_target(Prediction(x0, draw.noise), self.space, a, s)
+        d: dict[str, torch.Tensor] = {}
+        if "flow" in (self.prediction, self.space):  # the velocity's row of the table needs a'(t), s'(t)
+            d["da"], d["ds"] = den.derivatives(x_t, t)
+        pred = convert(out, x_t, a, s, self.prediction, self.space, **d)
+        target = to_target(Prediction(x0, draw.noise), self.space, a, s, **d)
         err = (pred - target).square().reshape(x0.shape[0], -1).mean(dim=1)
         return (self.weight(t) * draw.ratio).to(err.dtype) * err
 

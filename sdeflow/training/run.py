@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .._utils import check_choice
+from ..denoiser import ALL_PREDICTIONS
 from .checkpoint import load_checkpoint, previous_path
 from .config import NET_NAMES, SDE_NAMES, build_trainer, edm_options
 from .data import DataSource, make_data
@@ -51,8 +52,9 @@ def run_config(
     beta_max: float = 20.0,
     sigma_min: float = 0.01,
     sigma_max: float | None = None,
+    shift: float | None = None,
     net: str = "mlp",
-    prediction: str = "eps",
+    prediction: str | None = None,
     embedding: str = "sinusoidal",
     hidden: int = 256,
     depth: int = 3,
@@ -87,7 +89,9 @@ def run_config(
     The keywords are ``sdeflow train``'s options (``--beta-min`` is ``beta_min``). Defaults that depend on the data
     or the net: ``sigma_max`` 10 for 2-D data and 50 else (VE); ``sigma_data`` 0.5 for images, 1 else; ``p_uncond``
     0.1 with ``conditional``; ``time_sampling`` importance for the likelihood weighting, uniform else; ``steps`` 5000;
-    ``batch_size`` 256 (mlp) / 64 (unet); ``lr`` 1e-3 (mlp) / 2e-4 (unet).
+    ``batch_size`` 256 (mlp) / 64 (unet); ``lr`` 1e-3 (mlp) / 2e-4 (unet); ``prediction`` ``"flow"`` on
+    ``sde="flow"`` (the flow-matching path a = 1 - t, s = t; ``shift`` is SD3's time shift, default 1), ``"eps"``
+    else.
 
     Args:
         data: a toy name (8gaussians, checkerboard, moons, swissroll, 2spirals, rings), ``gmm``, ``digits``, a .npy
@@ -95,11 +99,28 @@ def run_config(
         data_source: the already built source of ``data`` (skips building it again).
 
     Raises:
-        ValueError: an unknown sde / net / schedule name, ``conditional`` on unlabelled data, ``net="unet"`` on data
-        that is not (C, H, W).
+        ValueError: an unknown sde / net / schedule / prediction name, ``conditional`` on unlabelled data,
+        ``net="unet"`` on data that is not (C, H, W), ``shift`` on another sde than ``"flow"``, and on
+        ``sde="flow"`` an eps or score prediction or ``objective="edm"`` (both undefined where the path reaches
+        a(T) = 0).
     """
     check_choice("sde", sde, SDE_NAMES)
     check_choice("objective", objective, OBJECTIVES)
+    prediction = prediction if prediction is not None else ("flow" if sde == "flow" else "eps")
+    check_choice("prediction", prediction, ALL_PREDICTIONS)
+    if shift is not None and sde != "flow":
+        raise ValueError(f"shift={shift} is the flow path's time shift: it needs sde='flow', got sde={sde!r}")
+    if sde == "flow" and prediction in ("eps", "score"):
+        raise ValueError(
+            f"prediction={prediction!r} on sde='flow': the path reaches a(T) = 0 (pure noise) at T = 1, where an "
+            f"{prediction} net carries no information about x0 and sampling from T divides by a(T) = 0; use "
+            "prediction='flow' (the velocity eps - x0, as SD3 / Flux), 'x0' or 'v'"
+        )
+    if sde == "flow" and objective == "edm":
+        raise ValueError(
+            "objective='edm' on sde='flow': EDM's preconditioning works on x/a(t) and sigma = s/a, infinite at the "
+            "flow path's T = 1; train it with objective='dsm' and prediction='flow'"
+        )
     check_choice("net", net, NET_NAMES)
     check_choice("schedule", schedule, VP_SCHEDULES)
     source = data_source if data_source is not None else make_data(data, size=image_size)
@@ -109,6 +130,8 @@ def run_config(
         sde_cfg: dict[str, Any] = {"name": "vp", "beta_min": beta_min, "beta_max": beta_max, "schedule": schedule}
     elif sde == "subvp":
         sde_cfg = {"name": "subvp", "beta_min": beta_min, "beta_max": beta_max}
+    elif sde == "flow":
+        sde_cfg = {"name": "flow", "shift": float(shift) if shift is not None else 1.0}
     else:
         sde_cfg = {
             "name": "ve",
