@@ -118,10 +118,15 @@ class GaussianSDE:
     Attributes:
         T: final time (noise end). Samplers integrate from ``T`` down to ``t_end``.
         eps: default smallest time for sampling and likelihoods (1e-3 VP/sub-VP, 1e-5 VE, 1/N discrete).
+        default_grid: the grid sdeflow's multistep exponential integrators (``dpm_solver++``, ``unipc``, ``deis``)
+            take on this path when none is given: ``"quadratic"`` (uniform in sqrt t) on the VP, sub-VP, discrete
+            DDPM and flow-matching paths, ``"logsnr"`` elsewhere (VE, EDM, a user's ``GaussianPath``), where t is
+            not a diffusion time. Chosen by measurement (docs/solvers.md, "Default grids").
     """
 
     T: float = 1.0
     eps: float = 1e-3
+    default_grid: str = "logsnr"
 
     # ------------------------------------------------------------------ subclass hooks (tensor in, tensor out)
     def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
@@ -336,6 +341,8 @@ class GaussianSDE:
 class _VPBase(GaussianSDE):
     r"""Variance-preserving paths: :math:`s^2 = 1 - a^2`, hence :math:`g^2 = \beta(t) = -2 f(t)`."""
 
+    default_grid = "quadratic"
+
     def _log_sigma(self, t: torch.Tensor) -> torch.Tensor:
         return 0.5 * log1mexp(2 * self._log_alpha(t))
 
@@ -549,6 +556,8 @@ class SubVPSDE(GaussianSDE):
     VP one); :math:`g^2 = \beta(t)(1 - a^4)`. Log-SNR inverse in closed form:
     :math:`\log a = -\operatorname{asinh}(e^{-\lambda}/2)` from :math:`a/(1-a^2) = e^\lambda`.
     """
+
+    default_grid = "quadratic"
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, *, eps: float = 1e-3) -> None:
         self._vp = VPSDE(beta_min, beta_max, "linear", eps=eps)
@@ -829,6 +838,8 @@ class FlowMatchingPath(GaussianSDE):
     :math:`g^2 = 2 s s' - 2 f s^2`, log-SNR inverse :math:`\sigma = \mathrm{sigmoid}(-\lambda)`,
     :math:`t = \sigma / (k - (k-1)\sigma)`.
     """
+
+    default_grid = "quadratic"
 
     def __init__(self, shift: float = 1.0, *, eps: float = 1e-3) -> None:
         shift, eps = _positive("shift", shift), _positive("eps", eps)

@@ -321,15 +321,19 @@ def test_multistep_history_matches_the_papers_formulas(kind):
         for order in (1, 2, 3):
             for lof in (True, False):
                 for st in ("midpoint", "taylor"):
-                    ours = _nfe_run(den, "dpm_solver++", nfe, x, order=order, solver_type=st, lower_order_final=lof).x
+                    ours = _nfe_run(
+                        den, "dpm_solver++", nfe, x, order=order, solver_type=st, lower_order_final=lof, grid="logsnr"
+                    ).x
                     ref = ref_dpm_solver_pp(den, sde, g, x, order, st, lof)
                     torch.testing.assert_close(ours, ref, rtol=1e-11, atol=1e-11)
                 for variant in ("bh1", "bh2"):
-                    ours = _nfe_run(den, "unipc", nfe, x, order=order, variant=variant, lower_order_final=lof).x
+                    ours = _nfe_run(
+                        den, "unipc", nfe, x, order=order, variant=variant, lower_order_final=lof, grid="logsnr"
+                    ).x
                     ref = ref_unipc(den, sde, g, x, order, variant, lof)
                     torch.testing.assert_close(ours, ref, rtol=1e-11, atol=1e-11)
         for opts in ({"corrector": False}, {"predict_x0": False}):
-            ours = _nfe_run(den, "unipc", nfe, x, order=3, variant="bh1", **opts).x
+            ours = _nfe_run(den, "unipc", nfe, x, order=3, variant="bh1", grid="logsnr", **opts).x
             ref = ref_unipc(den, sde, g, x, 3, "bh1", True, **opts)
             torch.testing.assert_close(ours, ref, rtol=1e-11, atol=1e-11)
 
@@ -578,3 +582,24 @@ def test_diffusers_schedulers_are_reproduced_on_their_grids():
             grid = torch.cat([(sched.timesteps.to(F64) + 1) / 1000, torch.tensor([1e-3], dtype=F64)])
             ours = sf.sample(den, solver, nfe=nfe, x_T=x_T, grid=grid, **opts).x
             assert _rms(ours, x) < 1e-5 * float(x.pow(2).mean().sqrt()), (solver, nfe, _rms(ours, x))
+
+
+def test_default_grid_follows_the_path():
+    """The multistep exponential integrators take the path's default grid (quadratic on VP-type paths, log-SNR on VE;
+    benchmarks/default_grids.py), singlestep DPM-Solver stays on log-SNR, and sample() uses it."""
+    for sde, want in (
+        (sf.VPSDE(), "quadratic"),
+        (sf.SubVPSDE(), "quadratic"),
+        (sf.DiscreteVPSDE.cosine(1000), "quadratic"),
+        (sf.FlowMatchingPath(), "quadratic"),
+        (sf.VESDE(), "logsnr"),
+    ):
+        den = sf.GaussianMixture(**MIX).denoiser(sde)
+        for name in ("dpm_solver++", "unipc", "deis"):
+            assert make_stepper(den, name).default_grid == want, (type(sde).__name__, name)
+        assert make_stepper(den, "dpm_solver").default_grid == "logsnr"
+        if isinstance(sde, sf.FlowMatchingPath):  # an eps model cannot start at a(T) = 0 (tests/integrations)
+            continue
+        x = _x_T(sde, 3)
+        res = sf.sample(den, "unipc", nfe=6, x_T=x)
+        torch.testing.assert_close(res.times, time_grid(sde, 6, want, t_end=float(sde.eps)).to(res.times))

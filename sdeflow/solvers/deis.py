@@ -53,6 +53,7 @@ class DEIS(ExponentialStepper, MultistepStepper):
         lower_order_final: below 15 steps, drop to lower order on the last steps (diffusers' default True).
     """
 
+    grid_from_path = True
     name = "deis"
     starts_at_zero_signal = False  # the noise form has no limit at lambda = -inf (a(T) = 0)
     nfe_per_step = 1

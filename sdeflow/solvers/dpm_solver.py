@@ -253,6 +253,7 @@ class DPMSolverPP(ExponentialStepper, MultistepStepper):
         thresholding, threshold_ratio, threshold_max: dynamic thresholding (ratio-quantile of |x0|, data bound).
     """
 
+    grid_from_path = True
     name = "dpm_solver++"
     nfe_per_step = 1
     state_type = History

@@ -53,7 +53,7 @@ import math
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
@@ -416,10 +416,16 @@ class ExponentialStepper(Stepper):
 
     requires = frozenset({"semilinear"})
     default_grid = "logsnr"
+    #: take the path's ``sde.default_grid`` instead of ``default_grid`` (the multistep methods, where measured:
+    #: docs/solvers.md, "Default grids"; singlestep DPM-Solver-3 stays on "logsnr", the quadratic grid hurt it on
+    #: the discrete cosine schedule)
+    grid_from_path: ClassVar[bool] = False
     _orders: tuple[int, ...] = (1, 2, 3)
 
     def __init__(self, denoiser, **options: Any) -> None:
         super().__init__(denoiser, **options)
+        if self.grid_from_path:
+            self.default_grid = str(self.sde.default_grid)
         self.view = LogSNRView.of(self.sde)
         # the Denoiser's own predict() is raw() + the conversion table at a(t), s(t): with the point's cached a, s the
         # same table is applied without recomputing the schedule (wrappers override raw() only; a subclass that

@@ -46,6 +46,7 @@ class UniPC(ExponentialStepper, MultistepStepper):
         thresholding, threshold_ratio, threshold_max: dynamic thresholding of x0 (data prediction only).
     """
 
+    grid_from_path = True
     name = "unipc"
     nfe_per_step = 1
     state_type = History
