@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ._utils import append_dims, check_choice, check_positive
+from .adams import adams_integrate
 from .denoiser import Denoiser
 from .divergence import DIVERGENCE_METHODS, EXACT_MODES, PROBE_KINDS, hutchinson_probes
 from .divergence import divergence as estimate_divergence
@@ -56,23 +57,52 @@ __all__ = [
     "METHODS",
     "VARIABLES",
     "GRID_SOLVERS",
+    "vp_time_from_log_snr",
+    "log_snr_from_vp_time",
 ]
 
 DIVERGENCES = DIVERGENCE_METHODS  # ("exact", "hutchinson", "hutch++")
 PROBES = PROBE_KINDS
-VARIABLES = ("auto", "t", "logsnr")
-#: fixed-grid solvers of ``log_likelihood(solver=..., nfe=...)``: name -> (torchdiffeq method, evaluations per step)
+VARIABLES = ("auto", "t", "logsnr", "vp_time")
+#: fixed-grid solvers of ``log_likelihood(solver=..., nfe=...)``: name -> (integrator, evaluations per step). The
+#: Runge-Kutta ones are torchdiffeq's; ``abm3`` / ``abm4`` are sdeflow.adams' PEC Adams pairs (AB3/AM4, AB4/AM5: one
+#: evaluation per step plus one at the start).
 GRID_SOLVERS: dict[str, tuple[str, int]] = {
     "euler": ("euler", 1),
     "midpoint": ("midpoint", 2),
     "heun": ("heun2", 2),
     "heun3": ("heun3", 3),
     "rk4": ("rk4", 4),
+    "abm3": ("adams", 1),
+    "abm4": ("adams", 1),
 }
-ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+#: sdeflow's own integrators (sdeflow.adams): no torchdiffeq adjoint
+OWN_METHODS = ("adams",)
+ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "adams")
 FIXED_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams")
 METHODS = ADAPTIVE_METHODS + FIXED_METHODS
 _LN2 = math.log(2.0)
+#: the linear VP SDE (Song et al. 2021) whose time is ``variable="vp_time"``: beta(tau) = 0.1 + 19.9 tau
+_VP_B0, _VP_B1 = 0.1, 20.0
+
+
+def vp_time_from_log_snr(lam: torch.Tensor) -> torch.Tensor:
+    r""":math:`\tau(\lambda)`: the time at which the linear VP SDE (beta from 0.1 to 20) has log-SNR
+    :math:`\lambda`, for any real :math:`\lambda` (tau > 1 beyond that SDE's end, 0 at :math:`+\infty`).
+
+    :math:`\log a = -\tfrac12\mathrm{softplus}(-2\lambda)` and the positive root of
+    :math:`\tfrac14(\beta_1-\beta_0)\tau^2 + \tfrac12\beta_0\tau + \log a = 0`, rationalized (no cancellation)."""
+    la = -0.5 * torch.nn.functional.softplus(-2 * lam)
+    return -2 * la / (0.5 * _VP_B0 + torch.sqrt(0.25 * _VP_B0**2 - (_VP_B1 - _VP_B0) * la))
+
+
+def log_snr_from_vp_time(tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The inverse of :func:`vp_time_from_log_snr` and its derivative: :math:`(\lambda(\tau), d\lambda/d\tau)`,
+    :math:`\lambda = \log a - \tfrac12\log(1 - a^2)`, :math:`d\lambda/d\tau = f(\tau)/s(\tau)^2` with
+    :math:`f = -\tfrac12\beta(\tau)` (a variance-preserving path)."""
+    la = -0.25 * tau**2 * (_VP_B1 - _VP_B0) - 0.5 * tau * _VP_B0
+    s2 = -torch.expm1(2 * la)
+    return la - 0.5 * torch.log(s2), -0.5 * (_VP_B0 + tau * (_VP_B1 - _VP_B0)) / s2
 
 
 @dataclass(frozen=True)
@@ -222,7 +252,8 @@ def _needs_data_noise_form(den: Denoiser) -> bool:
 class _AugmentedFlow:
     """Right-hand side of the augmented probability-flow ODE d[x, Delta]/du = [v, div v] dt/du for torchdiffeq.
 
-    u is t (``variable="t"``) or minus the log-SNR (``"logsnr"``). Delta is (B,) for the exact divergence and
+    u is t (``variable="t"``), minus the log-SNR (``"logsnr"``) or the linear VP SDE's time of the log-SNR
+    (``"vp_time"``). Delta is (B,) for the exact divergence and
     (B, m) for the stochastic ones (one integral per probe). Second-order graphs are built only when someone needs
     them: grad mode on and the state or a parameter requiring grad (direct backpropagation, or the adjoint's
     backward pass).
@@ -276,13 +307,18 @@ class _AugmentedFlow:
         self.method, self.sketch = "hutchinson", k
 
     def time(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """t(u) and dt/du (None for u = t)."""
+        """t(u) and dt/du (None for u = t): dt/du = (dlambda/du) / lambda'(t)."""
         if self.variable == "t":
             # the solvers stop exactly at t_eps and T (step_t), but an initial-step probe may look past T
             return u.clamp(0.0, self.T), None
-        t = self.sde.t_from_log_snr(-u.detach()).clamp(0.0, self.T)
+        dlam_du: torch.Tensor | float
+        if self.variable == "logsnr":
+            lam, dlam_du = -u.detach(), -1.0
+        else:  # vp_time: lambda(tau) of the linear VP SDE
+            lam, dlam_du = log_snr_from_vp_time(u.detach())
+        t = self.sde.t_from_log_snr(lam).clamp(0.0, self.T)
         dlam = self.sde.f(t) - self.sde.d_sigma(t) / self.sde.sigma(t)  # lambda'(t) = a'/a - s'/s < 0
-        return t, -1.0 / dlam
+        return t, dlam_du / dlam
 
     def velocity(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.data_noise_form:
@@ -292,7 +328,7 @@ class _AugmentedFlow:
             return da * pred.x0 + ds * pred.eps
         return probability_flow_velocity(self.den, z, t)[0]
 
-    def __call__(self, u: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, u: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         y = state[0]
         create_graph = torch.is_grad_enabled() and (y.requires_grad or self.params_need_grad)
         x = y.to(self.model_dtype)
@@ -354,6 +390,26 @@ def _adjoint_params(den: Denoiser, extra: Sequence[torch.Tensor] | None) -> tupl
         known = {id(p) for p in params}
         params.extend(p for p in extra if id(p) not in known)
     return tuple(params)
+
+
+def _grid_min_nfe(solver: str) -> int:
+    """The evaluations of one step of a fixed-grid solver (the Adams pairs: the start and one step)."""
+    method, stages = GRID_SOLVERS[solver]
+    return 2 if method == "adams" else stages
+
+
+def _fixed_grid(solver: str, nfe: int, u_ends: tuple[float, float], variable: str) -> torch.Tensor:
+    """The nodes of a fixed-grid solve: ``nfe // stages`` equal steps for the Runge-Kutta methods; ``nfe - 1`` steps
+    for the Adams pairs, quadratic in t and vp_time (u0 + (u1 - u0)(i/n)^2: small first steps while the order ramps
+    up from 1, where the integrand is not yet small) and uniform in the log-SNR (whose first steps lie in the data
+    end's tail, where the integrand decays like sigma^2); measured in benchmarks/likelihood.py."""
+    method, stages = GRID_SOLVERS[solver]
+    if method != "adams":
+        return torch.linspace(u_ends[0], u_ends[1], nfe // stages + 1, dtype=torch.float64)
+    s = torch.linspace(0.0, 1.0, nfe, dtype=torch.float64)
+    if variable != "logsnr":
+        s = s * s
+    return u_ends[0] + (u_ends[1] - u_ends[0]) * s
 
 
 def prior_gap_bound(den_or_sde: Denoiser | GaussianSDE, x: torch.Tensor) -> torch.Tensor:
@@ -461,10 +517,9 @@ def log_likelihood(
     check_choice("exact_mode", exact_mode, EXACT_MODES)
     if solver is not None:
         check_choice("solver", solver, tuple(GRID_SOLVERS))
-        if not (isinstance(nfe, int) and not isinstance(nfe, bool) and nfe >= GRID_SOLVERS[solver][1]):
-            raise ValueError(
-                f"nfe must be an integer >= {GRID_SOLVERS[solver][1]} (one step of solver={solver!r}), got {nfe!r}"
-            )
+        least = _grid_min_nfe(solver)
+        if not (isinstance(nfe, int) and not isinstance(nfe, bool) and nfe >= least):
+            raise ValueError(f"nfe must be an integer >= {least} (one step of solver={solver!r}), got {nfe!r}")
     elif nfe is not None:
         raise ValueError("nfe is the budget of a fixed-grid solver: pass solver= (one of GRID_SOLVERS) with it")
     check_positive("rtol", rtol)
@@ -482,6 +537,18 @@ def log_likelihood(
     options = dict(options or {})
     if solver is None and method in FIXED_METHODS and "step_size" not in options and "grid_constructor" not in options:
         raise ValueError(f'method={method!r} is a fixed-grid method: pass options={{"step_size": h}}')
+    own = (solver is not None and GRID_SOLVERS[solver][0] == "adams") or (solver is None and method in OWN_METHODS)
+    if own and adjoint:
+        raise ValueError(
+            f"adjoint=True needs a torchdiffeq integrator; {'solver=' + repr(solver) if solver else 'method=' + repr(method)}"
+            " is sdeflow's own (gradients flow by direct backpropagation: pass adjoint=False)"
+        )
+    if solver is None and method in OWN_METHODS:
+        bad = set(options) - {"order", "first_step", "max_num_steps"}
+        if bad:
+            raise ValueError(
+                f"options for method={method!r} must be among 'order', 'first_step', 'max_num_steps', got {sorted(bad)}"
+            )
     sde = den.sde
     t_eps = float(sde.eps if t_eps is None else t_eps)
     if not (0.0 <= t_eps < sde.T):
@@ -492,21 +559,28 @@ def log_likelihood(
     if variable == "auto":
         variable = "t"
         if isinstance(sde, DiscreteVPSDE) and math.isfinite(float(sde.log_snr(sde.T))):
-            variable = "logsnr"
-    if variable == "logsnr":
-        u_ends = (-float(sde.log_snr(t_eps)), -float(sde.log_snr(sde.T)))
-        if not all(math.isfinite(u) for u in u_ends):
+            variable = "vp_time"
+    if variable in ("logsnr", "vp_time"):
+        lam_ends = (float(sde.log_snr(t_eps)), float(sde.log_snr(sde.T)))
+        if not all(math.isfinite(v) for v in lam_ends):
             raise ValueError(
-                f"variable='logsnr' needs a finite log-SNR at t_eps and T, got {-u_ends[0]} and {-u_ends[1]} "
+                f"variable={variable!r} needs a finite log-SNR at t_eps and T, got {lam_ends[0]} and {lam_ends[1]} "
                 "(a(T) = 0 for flow matching): use variable='t'"
             )
+        if variable == "logsnr":
+            u_ends = (-lam_ends[0], -lam_ends[1])
+        else:
+            tau = vp_time_from_log_snr(torch.tensor(lam_ends, dtype=torch.float64))
+            u_ends = (float(tau[0]), float(tau[1]))
+    fixed_grid: torch.Tensor | None = None
     if solver is not None:
         assert nfe is not None
         method, stages = GRID_SOLVERS[solver]
-        steps = nfe // stages
-        fixed_grid = torch.linspace(u_ends[0], u_ends[1], steps + 1, dtype=torch.float64)
-        options = {"grid_constructor": lambda func, y0, t: fixed_grid.to(t.device)}
-    elif method in ADAPTIVE_METHODS and "step_t" not in options:
+        fixed_grid = _fixed_grid(solver, nfe, u_ends, variable)
+        if method != "adams":
+            grid_ = fixed_grid
+            options = {"grid_constructor": lambda func, y0, t: grid_.to(t.device)}
+    elif method in ADAPTIVE_METHODS and method not in OWN_METHODS and "step_t" not in options:
         # land exactly on both ends instead of stepping past T (or below t_eps in the adjoint pass) and interpolating
         options["step_t"] = torch.tensor(u_ends, dtype=torch.float64)
     _check_x(x, dequantize)
@@ -547,14 +621,22 @@ def log_likelihood(
         dshape = (xb.shape[0],) if divergence == "exact" else (xb.shape[0], n_div)
         y0 = (xb.to(state_dtype), torch.zeros(dshape, dtype=state_dtype, device=xb.device))
         akw = {"adjoint_rtol": adjoint_rtol, "adjoint_atol": adjoint_atol, "adjoint_options": adjoint_options}
-        try:  # the same torchdiffeq bridge as sampling (sdeflow.solvers.bridges.odeint)
-            with warnings.catch_warnings():  # torchdiffeq's fixed-grid methods ignore the bridge's step counters
-                warnings.filterwarnings("ignore", message="Solver .* does not support callbacks")
-                ys, _, _ = odeint(
-                    flow, y0, times, rtol, atol, method, adjoint=adjoint, adjoint_params=params, options=options,
-                    adjoint_kwargs=akw,
+        try:
+            if method == "adams":  # sdeflow.adams: PEC Adams, adaptive or on the fixed grid
+                order = int(solver[3:]) if solver is not None else int(options.get("order", 4))
+                y_end, _ = adams_integrate(
+                    flow, y0, u_ends[0], u_ends[1], grid=fixed_grid, order=order, rtol=rtol, atol=atol,
+                    first_step=options.get("first_step"), max_num_steps=int(options.get("max_num_steps", 10_000)),
                 )  # fmt: skip
-        except SolverError as err:  # torchdiffeq's checks: non-finite state, step-size underflow, max_num_steps
+                ys = tuple(torch.stack([a, b]) for a, b in zip(y0, y_end, strict=True))
+            else:  # the same torchdiffeq bridge as sampling (sdeflow.solvers.bridges.odeint)
+                with warnings.catch_warnings():  # torchdiffeq's fixed-grid methods ignore the bridge's step counters
+                    warnings.filterwarnings("ignore", message="Solver .* does not support callbacks")
+                    ys, _, _ = odeint(
+                        flow, y0, times, rtol, atol, method, adjoint=adjoint, adjoint_params=params, options=options,
+                        adjoint_kwargs=akw,
+                    )  # fmt: skip
+        except SolverError as err:  # non-finite state, step-size underflow, max_num_steps
             raise SolverError(
                 f"the probability-flow ODE solve failed ({err}); check the model output between t_eps={t_eps} and "
                 f"T={sde.T} and the data scaling"

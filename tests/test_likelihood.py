@@ -15,7 +15,14 @@ import pytest
 import torch
 
 import sdeflow as sf
-from sdeflow.likelihood import VARIABLES, UniformDequantization, drift_and_divergence, prior_gap_bound
+from sdeflow.likelihood import (
+    VARIABLES,
+    UniformDequantization,
+    drift_and_divergence,
+    log_snr_from_vp_time,
+    prior_gap_bound,
+    vp_time_from_log_snr,
+)
 
 F64 = torch.float64
 SDES = {"vp": lambda: sf.VPSDE(0.1, 20.0), "subvp": lambda: sf.SubVPSDE(0.1, 20.0), "ve": lambda: sf.VESDE(0.01, 50.0)}
@@ -568,7 +575,7 @@ def test_diffusers_ddpm_and_edm_likelihoods() -> None:
     assert isinstance(den.sde, sf.DiscreteVPSDE) and den.sde.eps == 1e-3
     exact_prior = lambda z: gmm.marginal_log_prob(z, 1.0, dsde)
     res = sf.log_likelihood(den, x, rtol=1e-6, atol=1e-6, prior=exact_prior)
-    assert res.stats["variable"] == "logsnr"  # "auto" on a DiscreteVPSDE
+    assert res.stats["variable"] == "vp_time"  # "auto" on a DiscreteVPSDE
     ref = gmm.marginal_log_prob(x, den.sde.eps, dsde)  # diffusers' timestep 0: noise std sqrt(beta_1) = 0.01
     assert float((res.log_prob - ref).abs().max()) < 1e-5
     # in t, f(t) jumps at each of the 1000 knots: the adaptive solver spends more and misses the error
@@ -602,3 +609,77 @@ def test_issue19_bad_input() -> None:
     for match, kw in cases.items():
         with pytest.raises(ValueError, match=match):
             sf.log_likelihood(den, x, **kw)
+
+
+def test_vp_time_is_the_linear_vp_time_of_the_log_snr() -> None:
+    """vp_time_from_log_snr inverts the linear VP SDE's log-SNR (beyond its T too), log_snr_from_vp_time inverts it
+    back, and its derivative is the autograd derivative."""
+    vp = sf.VPSDE(0.1, 20.0)
+    t = torch.tensor([1e-4, 1e-3, 0.1, 0.5, 0.9, 1.0], dtype=F64)
+    torch.testing.assert_close(vp_time_from_log_snr(vp.log_snr(t)), t, rtol=1e-12, atol=0)
+    tau = torch.tensor([1e-3, 0.3, 1.0, 1.2], dtype=F64, requires_grad=True)  # 1.2: beyond the SDE's T = 1
+    lam, dlam = log_snr_from_vp_time(tau)
+    torch.testing.assert_close(vp_time_from_log_snr(lam), tau.detach(), rtol=1e-12, atol=0)
+    (auto,) = torch.autograd.grad(lam.sum(), tau)
+    torch.testing.assert_close(dlam, auto, rtol=1e-10, atol=0)
+
+
+def test_vp_time_variable_and_adams() -> None:
+    """variable='vp_time' and method='adams' (sdeflow.adams' PEC pair) give the closed-form density; the fixed-grid
+    Adams pairs take exactly nfe evaluations and converge at their order (k + 1)."""
+    d = 3
+    gmm = make_gmm(d, seed=13)
+    x = gmm.sample(6, generator=torch.Generator().manual_seed(0))
+    # VE at a tighter tolerance: the Adams error estimate is optimistic there (docs/likelihood.md)
+    for kind, tol, kws in (
+        ("vp", 1e-6, [dict(variable="vp_time"), dict(method="adams")]),
+        ("ve", 1e-7, [dict(method="adams", variable="vp_time")]),
+    ):
+        sde = SDES[kind]()
+        den = gmm.denoiser(sde)
+        ref = gmm.marginal_log_prob(x, sde.eps, sde)
+        for kw in kws:
+            res = sf.log_likelihood(den, x, rtol=tol, atol=tol, **kw)
+            assert res.stats["variable"] == kw.get("variable", "t")
+            assert (ode_part(res, gmm, sde) - ref).abs().max() / d < 2e-5, (kind, kw)
+    sde = SDES["vp"]()
+    den = gmm.denoiser(sde)
+    ref = gmm.marginal_log_prob(x, sde.eps, sde)
+    for solver, order in (("abm3", 4), ("abm4", 5)):
+        errs = []
+        for nfe in (33, 65):
+            res = sf.log_likelihood(den, x, solver=solver, nfe=nfe)
+            assert res.nfe == res.stats["evaluations"] == nfe
+            errs.append(float((ode_part(res, gmm, sde) - ref).abs().mean()))
+        assert errs[1] < errs[0] / 2 ** (order - 1), (solver, errs)  # 2^order expected
+
+
+def test_adams_carries_probes_and_gradients() -> None:
+    """method='adams' integrates one Delta per Hutchinson probe (std_error) and backpropagates to the exact score;
+    adjoint=True and foreign options are refused by name."""
+    sde = sf.VPSDE()
+    gmm = make_gmm(2, seed=8)
+    den = gmm.denoiser(sde)
+    x = gmm.sample(3, generator=torch.Generator().manual_seed(0))
+    res = sf.log_likelihood(
+        den, x, "hutchinson", n_probes=4, method="adams", generator=torch.Generator().manual_seed(1)
+    )
+    assert res.std_error is not None and res.std_error.shape == (3,) and bool((res.std_error > 0).all())
+    xg = x.clone().requires_grad_(True)
+    res = sf.log_likelihood(
+        den, xg, rtol=1e-8, atol=1e-8, method="adams", prior=lambda z: gmm.marginal_log_prob(z, sde.T, sde)
+    )
+    (grad,) = torch.autograd.grad(res.log_prob.sum(), xg)
+    torch.testing.assert_close(grad, gmm.score(x, sde.eps, sde), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="adjoint=True needs a torchdiffeq integrator; method='adams'"):
+        sf.log_likelihood(den, x, method="adams", adjoint=True)
+    with pytest.raises(ValueError, match="adjoint=True needs a torchdiffeq integrator; solver='abm4'"):
+        sf.log_likelihood(den, x, solver="abm4", nfe=10, adjoint=True)
+    with pytest.raises(ValueError, match="options for method='adams' must be among"):
+        sf.log_likelihood(den, x, method="adams", options={"step_size": 0.1})
+    with pytest.raises(ValueError, match="nfe must be an integer >= 2"):
+        sf.log_likelihood(den, x, solver="abm3", nfe=1)
+    with pytest.raises(ValueError, match="variable='vp_time' needs a finite log-SNR"):
+        from sdeflow.sdes import FlowMatchingPath
+
+        sf.log_likelihood(_flow_denoiser(gmm, FlowMatchingPath()), x, variable="vp_time")
