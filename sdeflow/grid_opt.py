@@ -477,7 +477,7 @@ def fit_grid(
     dtype: torch.dtype = torch.float32,
     reference: Reference | None = None,
     reference_steps: int = 240,
-    reference_dtype: torch.dtype = torch.float64,
+    reference_dtype: torch.dtype | None = None,
     check_reference: bool = True,
     candidates: int = 48,
     dp_samples: int = 64,
@@ -509,8 +509,9 @@ def fit_grid(
         dtype: the dtype the solver runs in while fitting (the dtype you will sample in).
         reference: a :func:`reference_solve` of this model to reuse (its noises are the fitting noises; its step
             count must be a multiple of ``candidates``); when None, one is made with ``reference_steps`` (rounded
-            up to an even multiple of ``candidates``), ``reference_dtype`` (float32 for a net that only takes
-            float32) and ``check_reference`` (also solve at half resolution and report the reference's error).
+            up to an even multiple of ``candidates``), ``reference_dtype`` (default float64, or the dtype of the
+            net's parameters when they are another floating type: an nn.Module in float32 takes float32 inputs) and
+            ``check_reference`` (also solve at half resolution and report the reference's error).
         candidates: number of candidate intervals of the DP (``"dp"``).
         dp_samples: noises used for the DP's one-step costs (the refinement uses all of them).
         refine: run the coordinate descent on the true end error after the DP.
@@ -590,6 +591,10 @@ def fit_grid(
 
     # the reference: a fine solve whose grid holds the DP candidates
     if reference is None:
+        if reference_dtype is None:
+            net = den.net
+            param = next(iter(net.parameters()), None) if isinstance(net, torch.nn.Module) else None
+            reference_dtype = param.dtype if param is not None and param.is_floating_point() else torch.float64
         sub = -(-reference_steps // (2 * candidates)) * 2
         reference = reference_solve(den, x_T, t_end, sub * candidates, reference_dtype, check_reference, mix)
     sub = (reference.times.numel() - 1) // candidates

@@ -118,8 +118,8 @@ class GaussianSDE:
     Attributes:
         T: final time (noise end). Samplers integrate from ``T`` down to ``t_end``.
         eps: default smallest time for sampling and likelihoods (1e-3 VP/sub-VP, 1e-5 VE, 1/N discrete).
-        default_grid: the grid sdeflow's multistep exponential integrators (``dpm_solver++``, ``unipc``, ``deis``)
-            take on this path when none is given: ``"quadratic"`` (uniform in sqrt t) on the VP, sub-VP, discrete
+        default_grid: the grid sdeflow's exponential integrators (``dpm_solver``, ``dpm_solver++``, ``unipc``,
+            ``deis``) take on this path when none is given: ``"quadratic"`` (uniform in sqrt t) on the VP, sub-VP, discrete
             DDPM and flow-matching paths, ``"logsnr"`` elsewhere (VE, EDM, a user's ``GaussianPath``), where t is
             not a diffusion time. Chosen by measurement (docs/solvers.md, "Default grids").
     """

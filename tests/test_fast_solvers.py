@@ -361,7 +361,7 @@ def test_singlestep_plan_and_steps_match_the_paper(kind):
         for nfe in range(1, 13):
             plan = nfe_split(nfe, order)
             assert sum(plan) == nfe and max(plan) <= order
-            ours = _nfe_run(den, "dpm_solver", nfe, x, order=order).x
+            ours = _nfe_run(den, "dpm_solver", nfe, x, order=order, grid="logsnr").x
             ref = ref_dpm_solver(den, sde, time_grid(sde, len(plan), "logsnr"), x, plan)
             torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
 
@@ -585,8 +585,8 @@ def test_diffusers_schedulers_are_reproduced_on_their_grids():
 
 
 def test_default_grid_follows_the_path():
-    """The multistep exponential integrators take the path's default grid (quadratic on VP-type paths, log-SNR on VE;
-    benchmarks/default_grids.py), singlestep DPM-Solver stays on log-SNR, and sample() uses it."""
+    """The measured exponential integrators take the path's default grid (quadratic on VP-type paths, log-SNR on VE;
+    benchmarks/default_grids.py), the others keep their own, and sample() uses it."""
     for sde, want in (
         (sf.VPSDE(), "quadratic"),
         (sf.SubVPSDE(), "quadratic"),
@@ -595,9 +595,9 @@ def test_default_grid_follows_the_path():
         (sf.VESDE(), "logsnr"),
     ):
         den = sf.GaussianMixture(**MIX).denoiser(sde)
-        for name in ("dpm_solver++", "unipc", "deis"):
+        for name in ("dpm_solver", "dpm_solver++", "unipc", "deis"):
             assert make_stepper(den, name).default_grid == want, (type(sde).__name__, name)
-        assert make_stepper(den, "dpm_solver").default_grid == "logsnr"
+        assert make_stepper(den, "sa_solver").default_grid == "logsnr"
         if isinstance(sde, sf.FlowMatchingPath):  # an eps model cannot start at a(T) = 0 (tests/integrations)
             continue
         x = _x_T(sde, 3)

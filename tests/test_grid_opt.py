@@ -114,7 +114,7 @@ def test_grid_shape_and_cost_report():
     assert g.dtype == F64 and g.numel() == 5
     assert float(g[0]) == SDE.T and float(g[-1]) == SDE.eps
     assert bool((g[1:] < g[:-1]).all())
-    torch.testing.assert_close(fit.default_grid, time_grid(SDE, 4, "logsnr"), rtol=0, atol=0)
+    torch.testing.assert_close(fit.default_grid, time_grid(SDE, 4, SDE.default_grid), rtol=0, atol=0)
     assert fit.reference_nfe == 96 + 48  # the reference and its half-resolution check
     assert fit.fit_nfe > fit.reference_nfe and fit.evaluations > 10 and fit.seconds > 0
     assert fit.reference_error < 1e-2 * fit.error  # the reference is far more accurate than what is fitted
@@ -259,3 +259,23 @@ def test_refuses_bad_arguments():
         fit_grid(DEN, "dpm_solver++", 10, shape=(2,), candidates=4)
     with pytest.raises(ValueError, match="unknown solver"):
         fit_grid(DEN, "nope", 5, shape=(2,))
+
+
+class _Net32(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.body(torch.cat([x, t.reshape(-1, 1).expand(x.shape[0], 1).to(x)], 1))
+
+
+def test_float32_module_gets_a_float32_reference():
+    """An nn.Module in float32 takes float32 inputs: fit_grid's reference follows its parameters' dtype by default
+    (a float64 reference crashed inside the net); an explicit float64 reference still reaches the net."""
+    torch.manual_seed(0)
+    den = sf.Denoiser(_Net32(), SDE, "eps")
+    fit = fit_grid(den, "unipc", 4, shape=(2,), **FAST)
+    assert fit.error <= fit.default_error and fit.grid.dtype == F64 and fit.grid.numel() == 5
+    with pytest.raises(RuntimeError):
+        fit_grid(den, "unipc", 4, shape=(2,), reference_dtype=F64, **FAST)

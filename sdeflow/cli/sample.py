@@ -36,6 +36,7 @@ import torch
 
 from ..distributed import DistributedContext, run_cli, sample_sharded
 from ..grids import GRIDS, SPACINGS
+from ..sampling import DEFAULT_SOLVER
 from ..training.config import load_run
 from ..training.data import to_unit_range
 from .common import (
@@ -68,10 +69,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="checkpoint written by `sdeflow train`")
     parser.add_argument(
         "--solver",
-        default="dpm_solver++",
+        default=DEFAULT_SOLVER,
         choices=available(),
         metavar="SOLVER",
-        help="one of: " + ", ".join(available()) + " (default dpm_solver++)",
+        help="one of: " + ", ".join(available()) + f" (default {DEFAULT_SOLVER})",
     )
     parser.add_argument("--nfe", type=int_at_least(1), default=10, help="net-evaluation budget (fixed-step solvers)")
     parser.add_argument("--n", type=int_at_least(1), default=1000, help="number of samples")

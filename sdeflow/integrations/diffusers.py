@@ -31,6 +31,7 @@ import torch
 
 from ..denoiser import Denoiser, canonical_prediction
 from ..grids import time_grid
+from ..sampling import DEFAULT_SOLVER
 from ..sdes import DiscreteVPSDE, FlowMatchingPath, GaussianSDE
 from ..solvers import SOLVERS
 from ..solvers.base import Integrator, Stepper
@@ -383,7 +384,7 @@ def _make_scheduler_class() -> type:
             rescale_betas_zero_snr: bool = False,
             flow: bool = False,
             shift: float = 1.0,
-            solver: str = "dpm_solver++",
+            solver: str = DEFAULT_SOLVER,
             solver_options: dict[str, Any] | None = None,
             grid: str | None = None,
             t_end: float | None = None,
@@ -403,7 +404,7 @@ def _make_scheduler_class() -> type:
 
         # ---------------------------------------------------------------- construction from other schedulers
         @classmethod
-        def from_scheduler(cls, scheduler: Any, solver: str = "dpm_solver++", **options: Any) -> SdeflowScheduler:
+        def from_scheduler(cls, scheduler: Any, solver: str = DEFAULT_SOLVER, **options: Any) -> SdeflowScheduler:
             """A SdeflowScheduler for the model of ``scheduler`` (instance or config), running ``solver``.
 
             ``options`` are solver options (``order=``, ``variant=``, ``eta=`` ...) plus the scheduler's own

@@ -109,6 +109,7 @@ class DPMSolver(ExponentialStepper, EmbeddedStepper):
         thresholding, threshold_ratio, threshold_max: dynamic thresholding of x0 (needs ``predict_x0=True``).
     """
 
+    grid_from_path = True
     name = "dpm_solver"
     starts_at_zero_signal = False  # singlestep stages at lambda_0 + r h are undefined when lambda_0 = -inf
     _nfe_plan: list[int] | None = None

@@ -416,9 +416,8 @@ class ExponentialStepper(Stepper):
 
     requires = frozenset({"semilinear"})
     default_grid = "logsnr"
-    #: take the path's ``sde.default_grid`` instead of ``default_grid`` (the multistep methods, where measured:
-    #: docs/solvers.md, "Default grids"; singlestep DPM-Solver-3 stays on "logsnr", the quadratic grid hurt it on
-    #: the discrete cosine schedule)
+    #: take the path's ``sde.default_grid`` instead of ``default_grid`` (the solvers measured by
+    #: benchmarks/default_grids.py: dpm_solver, dpm_solver++, unipc, deis; docs/solvers.md, "Default grids")
     grid_from_path: ClassVar[bool] = False
     _orders: tuple[int, ...] = (1, 2, 3)
 
