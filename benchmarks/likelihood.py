@@ -294,61 +294,138 @@ def neural_net_comparison(d, n, tol, repeats) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------ divergences
-def divergence_fields(d: int, kind: str):
-    """A (B, d) -> (B, d) field: the probability-flow drift of the d-dimensional mixture at t = 0.5 ("gmm") or an
-    MLPScoreNet eps-net (hidden 256, depth 3, random weights) at t = 0.5 ("mlp"); float32."""
+def _field_net(d: int, kind: str) -> torch.nn.Module:
+    from sdeflow.nets import MLPScoreNet, UNet
+
+    torch.manual_seed(0)
+    if kind == "unet":  # the digits U-Net of `sdeflow train --data digits --net unet` (1 x 8 x 8, d = 64)
+        net: torch.nn.Module = UNet(in_channels=1, channels=64, channel_mult=(1, 2, 2), num_res_blocks=2)
+    else:
+        net = MLPScoreNet(dim=d, hidden=256, depth=3)
+    for m in net.modules():  # zero-initialised output layers (a constant Jacobian): torch's default init instead
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            m.reset_parameters()
+    return net.eval().requires_grad_(False)
+
+
+def divergence_fields(d: int, kind: str, net_only: bool = False):
+    """A (B, *shape) -> (B, *shape) field at t = 0.5, float32: the probability-flow drift of the d-dimensional mixture
+    ("gmm"), of an MLPScoreNet eps-net (hidden 256, depth 3, random weights, "mlp") or of the digits U-Net at 8x8
+    ("unet"). ``net_only``: the net's raw output alone, what log_likelihood differentiates (the drift is
+    c_x x + c_o net(x), so div = c_x d + c_o div net)."""
     sde = sf.VPSDE()
     t = torch.tensor(0.5, dtype=F64)
     if kind == "gmm":
         den = make_gmm(d).denoiser(sde)
         return lambda z: sde.probability_flow_drift(z, t, den.score(z, t))
-    from sdeflow.nets import MLPScoreNet
-
-    torch.manual_seed(0)
-    net = MLPScoreNet(dim=d, hidden=256, depth=3)
-    for m in net.modules():  # the output layer starts at zero (a constant Jacobian): use torch's default init
-        if isinstance(m, torch.nn.Linear):
-            m.reset_parameters()
-    net = net.eval().requires_grad_(False)
-    den = sf.Denoiser(net, sde, prediction="eps")
+    den = sf.Denoiser(_field_net(d, kind), sde, prediction="eps")
+    if net_only:
+        return lambda z: den.raw(z, t)
     return lambda z: sde.probability_flow_drift(z, t, den.score(z, t))
 
 
-def divergence_timing(dims, batch: int, repeats: int, kinds=("gmm", "mlp")) -> list[dict[str, Any]]:
-    """CPU ms per sample of the exact trace: vmap(jacrev) against sdeflow.divergence's modes and chunks."""
-    from sdeflow.divergence import divergence, exact_chunk
+def _field_input(d: int, kind: str, batch: int) -> torch.Tensor:
+    shape = (batch, 1, 8, 8) if kind == "unet" else (batch, d)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(1))
+
+
+def divergence_timing(shapes, repeats: int) -> list[dict[str, Any]]:
+    """CPU ms per sample of the exact trace: ``vmap(jacrev)`` against sdeflow.divergence's modes and chunks, the
+    one-off autotuned choice (``mode="auto"``, timed on its second call) and, for the nets, auto on the net alone
+    (log_likelihood's path). ``shapes``: (field, d, batch) triples."""
+    from sdeflow.divergence import clear_autotune_cache, divergence
 
     rows = []
-    for kind in kinds:
-        for d in dims:
-            f = divergence_fields(d, kind)
-            x = torch.randn(batch, d, generator=torch.Generator().manual_seed(1))
+    for kind, d, batch in shapes:
+        f = divergence_fields(d, kind)
+        x = _field_input(d, kind, batch)
 
-            def jacrev_trace() -> torch.Tensor:
-                J = torch.func.vmap(torch.func.jacrev(lambda z: f(z[None])[0]))(x)
-                return J.diagonal(dim1=1, dim2=2).sum(1)
+        def jacrev_trace() -> torch.Tensor:
+            J = torch.func.vmap(torch.func.jacrev(lambda z: f(z[None])[0]))(x)
+            return J.reshape(batch, d, d).diagonal(dim1=1, dim2=2).sum(1)
 
-            jacrev_trace()  # warm-up: first-call costs of torch.func out of the timing
-            divergence(f, x, mode="forward", chunk=16)
-            t_ref, ref = cpu_seconds(jacrev_trace, max(1, min(repeats, 2)))
-            variants = [("reverse", None), ("reverse", 4), ("forward", 16), ("auto", None)]
-            for mode, chunk in variants:
-                sec, res = cpu_seconds(lambda: divergence(f, x, mode=mode, chunk=chunk), repeats)
-                err = float((res.value - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-                rows.append(
-                    {
-                        "field": kind,
-                        "d": d,
-                        "batch": batch,
-                        "mode": mode if mode != "auto" else f"auto ({res.mode})",
-                        "chunk": chunk if chunk is not None else exact_chunk(x),
-                        "ms_per_sample": 1e3 * sec / batch,
-                        "jacrev_ms_per_sample": 1e3 * t_ref / batch,
-                        "ratio": sec / t_ref,
-                        "max_rel_diff": err,
-                    }
-                )
-                print(f"  {kind} d={d} {mode} chunk={chunk}: {sec / t_ref:.3f} x vmap(jacrev)", flush=True)
+        jacrev_trace()  # warm-up: first-call costs of torch.func out of the timing
+        divergence(f, x, mode="forward", chunk=16)
+        divergence(f, x, mode="vjp", chunk=16)
+        t_ref, ref = cpu_seconds(jacrev_trace, max(1, min(repeats, 2)))
+        variants: list[tuple[str, int | None, bool]] = [
+            ("reverse", None, False),
+            ("reverse", 16, False),
+            ("vjp", 64, False),
+            ("forward", 16, False),
+            ("auto", None, False),
+        ]
+        if kind != "gmm":
+            variants.append(("auto", None, True))
+        for mode, chunk, net_only in variants:
+            g = divergence_fields(d, kind, net_only=True) if net_only else f
+            if mode == "auto":
+                clear_autotune_cache()
+                divergence(g, x, mode="auto")  # the one-off timing of the candidates
+            sec, res = cpu_seconds(lambda: divergence(g, x, mode=mode, chunk=chunk), repeats)
+            value = res.value
+            if net_only:  # drift = c_x x + c_o eps_hat(x) with eps_hat = net output: div = c_x d + c_o div net
+                sde, t = sf.VPSDE(), 0.5
+                cx, co = float(sde.f(t)), float(sde.g2(t)) / (2 * float(sde.sigma(t)))
+                value = cx * d + co * value
+            err = float((value - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+            label = mode if mode != "auto" else f"auto -> {res.mode} {res.chunk}"
+            rows.append(
+                {
+                    "field": kind,
+                    "d": d,
+                    "batch": batch,
+                    "mode": label + (" (net only)" if net_only else ""),
+                    "chunk": res.chunk if chunk is None else chunk,
+                    "ms_per_sample": 1e3 * sec / batch,
+                    "jacrev_ms_per_sample": 1e3 * t_ref / batch,
+                    "ratio": sec / t_ref,
+                    "max_rel_diff": err,
+                }
+            )
+            print(f"  {kind} d={d} {rows[-1]['mode']} chunk={rows[-1]['chunk']}: {sec / t_ref:.3f} x", flush=True)
+    return rows
+
+
+def divergence_profile(shapes) -> list[dict[str, Any]]:
+    """torch.profiler over one evaluation of vmap(jacrev) and of sdeflow's reverse / vjp modes: total self CPU time, the
+    share of the GEMM / convolution kernels, the calls of the top kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sdeflow.divergence import divergence
+
+    heavy = ("aten::mm", "aten::addmm", "aten::bmm", "aten::convolution_backward", "aten::mkldnn_convolution",
+             "aten::_slow_conv2d_backward", "aten::_slow_conv2d_forward")  # fmt: skip
+    rows = []
+    for kind, d, batch in shapes:
+        f = divergence_fields(d, kind)
+        x = _field_input(d, kind, batch)
+        runs = {
+            "vmap(jacrev)": lambda: torch.func.vmap(torch.func.jacrev(lambda z: f(z[None])[0]))(x),
+            "reverse 16": lambda: divergence(f, x, mode="reverse", chunk=16),
+            "vjp 64": lambda: divergence(f, x, mode="vjp", chunk=64),
+        }
+        for name, run in runs.items():
+            run()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                run()
+            ev = prof.key_averages()
+            total = sum(e.self_cpu_time_total for e in ev)
+            top = max(ev, key=lambda e: e.self_cpu_time_total)
+            rows.append(
+                {
+                    "field": kind,
+                    "d": d,
+                    "batch": batch,
+                    "run": name,
+                    "self_ms": total / 1e3,
+                    "heavy_share": sum(e.self_cpu_time_total for e in ev if e.key in heavy) / total,
+                    "top_op": top.key,
+                    "top_share": top.self_cpu_time_total / total,
+                    "top_calls": top.count,
+                }
+            )
+            print(f"  profile {kind} d={d} {name}: {total / 1e3:.0f} ms, top {top.key} x{top.count}", flush=True)
     return rows
 
 
@@ -518,17 +595,33 @@ def markdown_new_parts(results: dict[str, Any]) -> list[str]:
         r0 = results["divergence"][0]
         lines += [
             "",
-            f"Exact divergence, one evaluation, batch {r0['batch']}, float32, CPU ms per sample (sdeflow.divergence "
-            "against torch.func.vmap(torch.func.jacrev(f)); gmm = mixture probability-flow drift, mlp = MLPScoreNet "
-            "hidden 256 depth 3 with torch's default init, its zero output layer included):",
+            "Exact divergence, one evaluation, float32, CPU ms per sample (sdeflow.divergence against "
+            "torch.func.vmap(torch.func.jacrev(f)) on the probability-flow drift; gmm = mixture, mlp = MLPScoreNet "
+            "hidden 256 depth 3, unet = the digits U-Net (64 channels, mult 1,2,2, 1 x 8 x 8), torch's default init "
+            "in place of the zero output layers; auto = the autotuned choice on its second call; net only = auto on "
+            "the net's raw output plus the affine part, what log_likelihood does):",
             "",
-            "| field | d | mode | chunk | ms/sample | vmap(jacrev) ms/sample | ratio | max rel diff |",
-            "|---|---:|---|---:|---:|---:|---:|---:|",
+            "| field | d | batch | mode | chunk | ms/sample | vmap(jacrev) ms/sample | ratio | max rel diff |",
+            "|---|---:|---:|---|---:|---:|---:|---:|---:|",
         ]
         for r in results["divergence"]:
             lines.append(
-                f"| {r['field']} | {r['d']} | {r['mode']} | {r['chunk']} | {r['ms_per_sample']:.4f} | "
+                f"| {r['field']} | {r['d']} | {r['batch']} | {r['mode']} | {r['chunk']} | {r['ms_per_sample']:.4f} | "
                 f"{r['jacrev_ms_per_sample']:.4f} | {r['ratio']:.3f} | {fmt(r['max_rel_diff'])} |"
+            )
+    if results.get("divergence_profile"):
+        lines += [
+            "",
+            "Where the time goes (torch.profiler, one evaluation; heavy = GEMM and convolution kernels, mm / addmm / "
+            "bmm / convolution_backward / mkldnn_convolution / slow_conv2d):",
+            "",
+            "| field | d | batch | run | self CPU ms | heavy kernels | top op | its share | its calls |",
+            "|---|---:|---:|---|---:|---:|---|---:|---:|",
+        ]
+        for r in results["divergence_profile"]:
+            lines.append(
+                f"| {r['field']} | {r['d']} | {r['batch']} | {r['run']} | {r['self_ms']:.0f} | "
+                f"{100 * r['heavy_share']:.0f}% | {r['top_op']} | {100 * r['top_share']:.0f}% | {r['top_calls']} |"
             )
     if results.get("hutchinson_cost"):
         r0 = results["hutchinson_cost"][0]
@@ -1036,8 +1129,14 @@ def main(argv: list[str] | None = None) -> None:
         results["mlp"] = neural_net_comparison(16 if args.quick else 64, n, hutch_tol, repeats)
     if "divergence" in parts:
         print("exact divergence against vmap(jacrev)", flush=True)
-        results["divergence"] = divergence_timing(
-            (2, 8) if args.quick else (2, 64, 256), 64 if args.quick else 256, repeats
+        shapes = (
+            [("gmm", 8, 64), ("mlp", 8, 64)]
+            if args.quick
+            else [("gmm", 64, 256), ("gmm", 256, 256), ("mlp", 64, 256), ("mlp", 256, 256), ("unet", 64, 8)]
+        )
+        results["divergence"] = divergence_timing(shapes, repeats)
+        results["divergence_profile"] = divergence_profile(
+            [("mlp", 8, 64)] if args.quick else [("mlp", 256, 64), ("unet", 64, 4)]
         )
     if "hutchinson_cost" in parts:
         print("hutchinson cost per unit variance", flush=True)

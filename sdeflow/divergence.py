@@ -8,11 +8,18 @@ ODE evaluation, both :math:`f(x)` and :math:`\nabla\!\cdot f(x) = \mathrm{tr}\,J
 * ``"exact"``: :math:`\sum_i e_i^\top J e_i` over the d basis vectors, by reverse mode (vector-Jacobian products
   :math:`e_i^\top J` through the graph of the one forward call, ``chunk`` basis vectors per backward pass, vectorized
   with ``is_grads_batched``) or forward mode (Jacobian-vector products :math:`J e_i` by ``torch.func.jvp`` under
-  ``torch.func.vmap`` over ``chunk`` basis vectors). One basis vector serves all B samples at once, so the cost is d
-  products of batch B, where ``vmap(jacrev(f))`` builds every per-sample Jacobian in one vectorized pass of size
-  d x B x d. ``mode="auto"`` picks reverse mode on CPU (it was faster at every shape measured, see
-  ``benchmarks/likelihood.py``) and, on accelerators, the faster of the two by a one-off timing per (shape, dtype,
-  device), cached in this module.
+  ``torch.func.vmap`` over ``chunk`` basis vectors), or ``"vjp"``: ``torch.func.vjp`` once (one forward call) and
+  ``torch.func.vmap`` of its pullback over ``chunk`` basis cotangents. One basis vector serves all B samples at once,
+  so the cost is d products of batch B, the same arithmetic as ``vmap(jacrev(f))``, which builds every per-sample
+  Jacobian. The modes differ in how the d products are vectorized: ``"reverse"`` vmaps the autograd graph recorded
+  by the forward call (``is_grads_batched``), and some backward formulas run slice by slice there (a U-Net's
+  ``convolution_backward`` was called 2145 times per evaluation instead of vmap(jacrev)'s 99), which ``"vjp"``'s
+  functorch graph vectorizes. ``mode="auto"`` with the default chunk times the candidates (reverse with chunks 1, 4,
+  16, 64, vjp and forward with chunks 16 and 64, up to d) once per (device, dtype, shape) on the actual call, keeps
+  the fastest in this module's cache and returns the value of the last candidate (every candidate computes the same
+  trace): a one-off cost of a few evaluations per shape (``clear_autotune_cache()`` after switching nets). On CPU the
+  torch.func modes are timed only when one evaluation takes 0.5 s or more (or torch._dynamo is loaded): their first
+  use imports torch._dynamo, 2-3 s once per process.
 * ``"hutchinson"``: :math:`\frac1n\sum_j \varepsilon_j^\top J\varepsilon_j` with n probes, :math:`E[\varepsilon
   \varepsilon^\top] = I` (Hutchinson 1990; Skilling 1989), all probes in ONE batched backward pass. The per-sample
   variance of one probe's estimate is estimated from the n probes (n >= 2) and reported with the standard error
@@ -39,6 +46,7 @@ ODE evaluation, both :math:`f(x)` and :math:`\nabla\!\cdot f(x) = \mathrm{tr}\,J
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,15 +67,18 @@ __all__ = [
 ]
 
 DIVERGENCE_METHODS = ("exact", "hutchinson", "hutch++")
-EXACT_MODES = ("auto", "reverse", "forward")
+EXACT_MODES = ("auto", "reverse", "forward", "vjp")
 PROBE_KINDS = ("rademacher", "gaussian")
 # basis vectors per vectorized pass: chunk * batch * d stays below this many elements by default. On CPU small chunks
 # measured fastest (benchmarks/likelihood.py, batch 256: chunk 4 at d = 64, 1 at d = 256): vmap's batched backward
 # pays only while the cotangents stay in cache; on accelerators vectorizing pays.
 _CHUNK_ELEMENTS_CPU = 1 << 16
 _CHUNK_ELEMENTS_ACCEL = 1 << 22
-# (device type, dtype, shape) -> "reverse" | "forward", filled by mode="auto" on accelerators
-_AUTOTUNE: dict[tuple[str, torch.dtype, tuple[int, ...]], str] = {}
+# (device type, dtype, shape) -> (mode, chunk), filled by mode="auto"
+_AUTOTUNE: dict[tuple[str, torch.dtype, tuple[int, ...]], tuple[str, int]] = {}
+_CHUNKS_REVERSE = (1, 4, 16, 64)
+_CHUNKS_FUNC = (16, 64)
+_FUNC_MIN_SECONDS = 0.5
 
 
 @dataclass
@@ -84,7 +95,7 @@ class DivergenceResult:
             ``probe_variance / target_se**2`` probes reach a target standard error.
         matvecs: Jacobian products per sample (d for exact, n_probes otherwise).
         method: ``"exact"``, ``"hutchinson"`` or ``"hutch++"``.
-        mode: ``"reverse"`` or ``"forward"`` (exact), ``"reverse"`` (stochastic).
+        mode: ``"reverse"``, ``"vjp"`` or ``"forward"`` (exact), ``"reverse"`` (stochastic).
         chunk: vectors per vectorized pass.
         per_probe: the stochastic methods' estimates one probe at a time, shape (m, B), whose mean is ``value``
             (Hutch++: the low-rank part plus each of the m residual probes' terms). A likelihood ODE that keeps one
@@ -184,21 +195,23 @@ def _input(x: torch.Tensor, create_graph: bool) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------- exact
-def _exact_reverse(f, x, chunk, create_graph):
+def _exact_reverse(f, x, chunk, create_graph, stop=None):
     B, d = x.shape[0], x[0].numel()
+    dd = d if stop is None else min(d, stop)  # stop: the first `stop` basis vectors only (autotune's warm-up)
     with torch.enable_grad():
         z = _input(x, create_graph)
         v = _call(f, z)
         div = torch.zeros(B, dtype=v.dtype, device=v.device)
-        for i0 in range(0, d, chunk):
-            n = min(d, i0 + chunk) - i0
+        for i0 in range(0, dd, chunk):
+            n = min(dd, i0 + chunk) - i0
             rows = _vjp(v, z, _basis(v, i0, n), create_graph)
             div = div + _diag_part(rows, i0, B, d)
     return v, div
 
 
-def _exact_forward(f, x, chunk, create_graph):
+def _exact_forward(f, x, chunk, create_graph, stop=None):
     B, d = x.shape[0], x[0].numel()
+    dd = d if stop is None else min(d, stop)
     z = x if create_graph else x.detach()
     v: torch.Tensor | None = None
     div = torch.zeros(B, dtype=x.dtype, device=x.device)
@@ -208,8 +221,8 @@ def _exact_forward(f, x, chunk, create_graph):
         return out, tangent
 
     with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
-        for i0 in range(0, d, chunk):
-            n = min(d, i0 + chunk) - i0
+        for i0 in range(0, dd, chunk):
+            n = min(dd, i0 + chunk) - i0
             tangents = _basis(x, i0, n)
             if n == 1:
                 out, jv = jvp(tangents[0])
@@ -225,37 +238,96 @@ def _exact_forward(f, x, chunk, create_graph):
     return v, div
 
 
+def _exact_vjp(f, x, chunk, create_graph, stop=None):
+    """torch.func.vjp once, then its pullback vmapped over ``chunk`` basis cotangents at a time."""
+    B, d = x.shape[0], x[0].numel()
+    dd = d if stop is None else min(d, stop)
+    z = x if create_graph else x.detach()
+    with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+        v, pullback = torch.func.vjp(f, z)
+        if not isinstance(v, torch.Tensor) or v.shape != x.shape:
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"f must map x of shape {tuple(x.shape)} to a tensor of the same shape, got {got}")
+        div = torch.zeros(B, dtype=v.dtype, device=v.device)
+        for i0 in range(0, dd, chunk):
+            n = min(dd, i0 + chunk) - i0
+            basis = _basis(v, i0, n)
+            rows = pullback(basis[0])[0][None] if n == 1 else torch.func.vmap(pullback)(basis)[0]
+            div = div + _diag_part(rows, i0, B, d)
+    return v, div
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _exact(f, x, mode, chunk, create_graph) -> tuple[torch.Tensor, torch.Tensor, str]:
-    if mode == "reverse":
-        return (*_exact_reverse(f, x, chunk, create_graph), "reverse")
-    if mode == "forward":
-        return (*_exact_forward(f, x, chunk, create_graph), "forward")
-    if x.device.type == "cpu":
-        return (*_exact_reverse(f, x, chunk, create_graph), "reverse")
+_EXACT = {"reverse": _exact_reverse, "forward": _exact_forward, "vjp": _exact_vjp}
+
+
+def _candidates(x: torch.Tensor) -> list[tuple[str, int]]:
+    """(mode, chunk) pairs ``mode="auto"`` times: reverse over a few chunk sizes (the default one included), vjp and
+    forward over larger ones; chunks clipped to d and to the memory budget of :func:`exact_chunk` x 64."""
+    d = x[0].numel()
+    cap = max(1, 64 * exact_chunk(x))
+    out: list[tuple[str, int]] = []
+    for mode, chunks in (
+        ("reverse", (exact_chunk(x), *_CHUNKS_REVERSE)),
+        ("vjp", _CHUNKS_FUNC),
+        ("forward", _CHUNKS_FUNC),
+    ):
+        for c in chunks:
+            pair = (mode, max(1, min(c, d, cap)))
+            if pair not in out:
+                out.append(pair)
+    return out
+
+
+def _exact(f, x, mode, chunk, create_graph, chunk_given=True) -> tuple[torch.Tensor, torch.Tensor, str, int]:
+    if mode != "auto":
+        return (*_EXACT[mode](f, x, chunk, create_graph), mode, chunk)
+    if create_graph:  # no timing with second-order graphs: reverse mode
+        return (*_exact_reverse(f, x, chunk, create_graph), "reverse", chunk)
     key = (x.device.type, x.dtype, tuple(x.shape))
     choice = _AUTOTUNE.get(key)
-    if choice is not None:
-        return (*_exact(f, x, choice, chunk, create_graph)[:2], choice)
-    # one-off timing: each mode once as a warm-up, then timed
-    seconds: dict[str, float] = {}
-    for m in ("reverse", "forward"):
+    if chunk_given:  # the chunk is the user's: choose the mode only
+        pairs = [(m, chunk) for m in ("reverse", "vjp", "forward")]
+        if choice is not None and choice[1] == chunk:
+            pairs = [choice]
+    else:
+        pairs = [choice] if choice is not None else _candidates(x)
+    if len(pairs) == 1:
+        m, c = pairs[0]
+        return (*_EXACT[m](f, x, c, create_graph), m, c)
+    # one-off timing on the actual call: a warm-up of each mode (one forward call and two products through the
+    # vectorized path: first-call costs of torch.func and vmap out of the timing), then each candidate once. On CPU the torch.func modes are tried only when one
+    # evaluation takes >= _FUNC_MIN_SECONDS or torch._dynamo is loaded already: their first use imports it (2-3 s once
+    # per process), which only a large net amortizes, and they won only on conv nets (benchmarks/likelihood.py).
+    seconds: dict[tuple[str, int], float] = {}
+    result: tuple[torch.Tensor, torch.Tensor] | None = None
+    warm: set[str] = set()
+    skip_func = False
+    for m, c in sorted(pairs, key=lambda p: p[0] != "reverse"):
+        if m != "reverse" and skip_func:
+            continue
         try:
-            _exact(f, x, m, chunk, create_graph)
+            if m not in warm:
+                _EXACT[m](f, x, 2, False, stop=2)  # one forward call and one vectorized pair of products
+                warm.add(m)
             _sync(x.device)
             t0 = time.perf_counter()
-            _exact(f, x, m, chunk, create_graph)
+            result = _EXACT[m](f, x, c, False)
             _sync(x.device)
-            seconds[m] = time.perf_counter() - t0
-        except (RuntimeError, NotImplementedError):  # e.g. an op without a forward-mode formula
-            seconds[m] = math.inf
-    choice = min(seconds, key=lambda m: seconds[m])
-    _AUTOTUNE[key] = choice
-    return _exact(f, x, choice, chunk, create_graph)
+            seconds[(m, c)] = time.perf_counter() - t0
+        except (RuntimeError, NotImplementedError):  # e.g. an op without a forward-mode formula or batching rule
+            seconds[(m, c)] = math.inf
+        if m == "reverse" and x.device.type == "cpu" and "torch._dynamo" not in sys.modules:
+            skip_func = seconds[(m, c)] < _FUNC_MIN_SECONDS
+    best = min(seconds, key=lambda p: seconds[p])
+    if result is None or not math.isfinite(seconds[best]):
+        raise RuntimeError("no exact divergence mode could evaluate f (reverse, vjp and forward all failed)")
+    _AUTOTUNE[key] = best
+    return (*result, best[0], best[1])
 
 
 # ---------------------------------------------------------------------------------------------------- stochastic
@@ -340,9 +412,9 @@ def divergence(
         probes: fixed probes of shape (n, *x.shape) instead of drawing ``n_probes`` from ``generator`` (a likelihood
             ODE keeps one set per solve).
         generator: source of the probes.
-        mode: exact method only: ``"reverse"`` (vector-Jacobian products), ``"forward"`` (``torch.func.jvp``; f must
-            be a ``torch.func``-compatible function) or ``"auto"`` (reverse on CPU, a cached one-off timing of both
-            on accelerators).
+        mode: exact method only: ``"reverse"`` (vector-Jacobian products through the autograd graph),
+            ``"vjp"`` (``torch.func.vjp`` and ``vmap``), ``"forward"`` (``torch.func.jvp``; both need a
+            ``torch.func``-compatible f) or ``"auto"`` (a cached one-off timing per shape, module docstring).
         chunk: vectors per vectorized pass (memory ~ chunk x the activations of one batch); default
             :func:`exact_chunk` for the exact method, all probes at once for the stochastic ones.
         control: a number or a per-sample (B,) tensor c, independent of the probes: the stochastic methods estimate
@@ -369,8 +441,7 @@ def divergence(
     d = x[0].numel()
 
     if method == "exact":
-        c = exact_chunk(x, chunk)
-        v, div, used = _exact(f, x, mode, c, create_graph)
+        v, div, used, c = _exact(f, x, mode, exact_chunk(x, chunk), create_graph, chunk_given=chunk is not None)
         if not create_graph:
             v, div = v.detach(), div.detach()
         return DivergenceResult(div, v, torch.zeros_like(div), None, d, method, used, c)

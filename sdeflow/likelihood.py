@@ -10,8 +10,10 @@ to :math:`T` gives
           \approx \log\pi(x_T) + \Delta(T),
 
 where the prior :math:`\pi = N(0, s(T)^2 I)` stands in for the unknown :math:`p_T` (the *prior gap*, bounded in
-:class:`LikelihoodResult`). The divergence is either the exact Jacobian trace (``d`` vector-Jacobian products through
-one net call's graph, vectorized in chunks with ``is_grads_batched``) or the Hutchinson / Skilling estimator
+:class:`LikelihoodResult`). The velocity is affine in the net's raw output, :math:`v = c_x x + c_o\,\mathrm{net}`, so
+:math:`\nabla\cdot v = c_x d + c_o\nabla\cdot\mathrm{net}` and only the net is differentiated. The divergence is
+either the exact Jacobian trace (``d`` products through one net call, vectorized in chunks; the mode and chunk
+autotuned per shape by :func:`sdeflow.divergence.divergence`) or the Hutchinson / Skilling estimator
 :math:`E_\varepsilon[\varepsilon^\top J\varepsilon]` with probes drawn once per solve. The derivation, the bits/dim
 offset for dequantized images and the pitfalls are in ``docs/likelihood.md``.
 
@@ -43,7 +45,7 @@ from .denoiser import Denoiser
 from .divergence import DIVERGENCE_METHODS, EXACT_MODES, PROBE_KINDS, hutchinson_probes
 from .divergence import divergence as estimate_divergence
 from .sdes import DiscreteVPSDE, GaussianSDE
-from .solvers.base import SolverError, probability_flow_velocity
+from .solvers.base import SolverError, prediction_affine, probability_flow_velocity
 from .solvers.bridges import odeint
 
 __all__ = [
@@ -328,25 +330,42 @@ class _AugmentedFlow:
             return da * pred.x0 + ds * pred.eps
         return probability_flow_velocity(self.den, z, t)[0]
 
+    def affine(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        r"""(c_x, c_o) with :math:`v = c_x x + c_o\,\mathrm{out}` for the net's raw output (every prediction type is
+        affine in (x, out): :func:`sdeflow.solvers.base.prediction_affine`), or None for Denoiser subclasses."""
+        coeffs = prediction_affine(self.den, t)
+        if coeffs is None:
+            return None
+        p, q, r, w = coeffs
+        da, ds = self.sde.d_alpha(t), self.sde.d_sigma(t)
+        cx, co = da * p + ds * r, da * q + ds * w  # v = a' x0_hat + s' eps_hat
+        if not (bool(torch.isfinite(cx.detach())) and bool(torch.isfinite(co.detach()))):
+            return None
+        return cx, co  # tensors: t carries the solver's graph when gradients flow through the solve
+
     def __call__(self, u: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         y = state[0]
         create_graph = torch.is_grad_enabled() and (y.requires_grad or self.params_need_grad)
         x = y.to(self.model_dtype)
         t, dt_du = self.time(u.to(torch.float64))
+        aff = self.affine(t)
+        # div(c_x x + c_o net(x)) = c_x d + c_o div net(x): differentiate the net alone (no conversion ops in the d
+        # backward passes; the stochastic estimators then see the linear part exactly, a control variate for free)
+        field = (lambda z: self.den.raw(z, t)) if aff is not None else (lambda z: self.velocity(z, t))
         res = estimate_divergence(
-            lambda z: self.velocity(z, t),
-            x,
-            self.method,
-            probes=self.probes,
-            mode=self.mode,
-            chunk=self.chunk,
-            create_graph=create_graph,
+            field, x, self.method, probes=self.probes, mode=self.mode, chunk=self.chunk, create_graph=create_graph
         )
-        v = res.f_x.to(y.dtype)
         per = res.per_probe
         if per is not None and self.sketch:  # tr(Q^T J Q) + each residual probe's term
             per = per[: self.sketch].sum(dim=0, keepdim=True) + per[self.sketch :]
-        div = (res.value if per is None else per.transpose(0, 1)).to(y.dtype)
+        div = res.value if per is None else per.transpose(0, 1)
+        if aff is not None:
+            cx, co = (c.to(device=y.device, dtype=y.dtype) for c in aff)
+            d = x[0].numel()
+            v = cx * y + co * res.f_x.to(y.dtype)
+            div = cx * d + co * div.to(y.dtype)
+        else:
+            v, div = res.f_x.to(y.dtype), div.to(y.dtype)
         if dt_du is not None:
             w = dt_du.to(device=y.device, dtype=y.dtype)
             v, div = v * w, div * w

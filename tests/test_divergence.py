@@ -9,6 +9,7 @@ use), and the closed-form variances of Hutchinson's estimator (Avron & Toledo 20
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -51,7 +52,7 @@ def per_sample_jacobians(f, x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ exact
-@pytest.mark.parametrize("mode", ["reverse", "forward", "auto"])
+@pytest.mark.parametrize("mode", ["reverse", "forward", "vjp", "auto"])
 @pytest.mark.parametrize("chunk", [None, 1, 3, 100])
 def test_exact_linear_map(mode: str, chunk: int | None) -> None:
     f, M = linear_field(4, 7)
@@ -61,10 +62,10 @@ def test_exact_linear_map(mode: str, chunk: int | None) -> None:
     torch.testing.assert_close(res.value, M.diagonal(dim1=1, dim2=2).sum(1), rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(res.f_x, f(x))
     assert res.matvecs == 7 and torch.equal(res.std_error, torch.zeros(4, dtype=F64))
-    assert res.mode in ("reverse", "forward") and not res.value.requires_grad
+    assert res.mode in ("reverse", "forward", "vjp") and not res.value.requires_grad
 
 
-@pytest.mark.parametrize("mode", ["reverse", "forward"])
+@pytest.mark.parametrize("mode", ["reverse", "forward", "vjp"])
 def test_exact_gmm_score_field_and_image_shape(mode: str) -> None:
     gmm, f = gmm_field(6)
     x = gmm.sample(5, generator=torch.Generator().manual_seed(3)).reshape(5, 2, 3)  # (B, *shape) with 2 data dims
@@ -77,7 +78,7 @@ def test_exact_gmm_score_field_and_image_shape(mode: str) -> None:
 def test_exact_create_graph_gradient() -> None:
     """d/dx tr J for f(x) = x * sin(x) (J diagonal): tr J = sum(sin x + x cos x), gradient 2 cos x - x sin x."""
     x = torch.randn(3, 4, dtype=F64, requires_grad=True)
-    for mode in ("reverse", "forward"):
+    for mode in ("reverse", "forward", "vjp"):
         res = divergence(lambda z: z * torch.sin(z), x, mode=mode, create_graph=True)
         (g,) = torch.autograd.grad(res.value.sum(), x)
         torch.testing.assert_close(g, 2 * torch.cos(x) - x * torch.sin(x))
@@ -87,7 +88,7 @@ def test_exact_create_graph_gradient() -> None:
     st.integers(1, 4),
     st.sampled_from([(1,), (5,), (2, 3), (2, 2, 2)]),
     st.integers(1, 9),
-    st.sampled_from(["reverse", "forward"]),
+    st.sampled_from(["reverse", "forward", "vjp"]),
     st.integers(0, 2**16),
 )
 def test_exact_equals_jacobian_trace_any_shape(B: int, shape: tuple, chunk: int, mode: str, seed: int) -> None:
@@ -100,6 +101,37 @@ def test_exact_equals_jacobian_trace_any_shape(B: int, shape: tuple, chunk: int,
     x = torch.randn(B, *shape, generator=g, dtype=F64)
     ref = per_sample_jacobians(f, x).diagonal(dim1=1, dim2=2).sum(1)
     torch.testing.assert_close(divergence(f, x, mode=mode, chunk=chunk).value, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_exact_auto_times_once_per_shape_and_caches() -> None:
+    """mode='auto' with the default chunk times every candidate once on the first call of a shape (counting the
+    field's calls), caches the winner and then calls f once per evaluation for the reverse / vjp modes."""
+    from sdeflow import divergence as dv
+
+    dv.clear_autotune_cache()
+    f0, M = linear_field(4, 7)
+    calls = [0]
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return f0(z)
+
+    x = torch.randn(4, 7, dtype=F64)
+    exact = M.diagonal(dim1=1, dim2=2).sum(1)
+    res = divergence(f, x, mode="auto")
+    torch.testing.assert_close(res.value, exact, rtol=1e-13, atol=1e-13)
+    key = ("cpu", F64, (4, 7))
+    assert dv._AUTOTUNE[key] == (res.mode, res.chunk)
+    # every reverse candidate ran (a fast f on CPU skips the torch.func modes, whose first use imports torch._dynamo)
+    assert calls[0] >= sum(m == "reverse" for m, _ in dv._candidates(x)) >= 3
+    assert res.mode == "reverse" or "torch._dynamo" in sys.modules
+    calls[0] = 0
+    again = divergence(f, x, mode="auto")
+    assert (again.mode, again.chunk) == (res.mode, res.chunk)
+    assert calls[0] == (1 if res.mode != "forward" else math.ceil(7 / res.chunk))
+    torch.testing.assert_close(again.value, exact, rtol=1e-13, atol=1e-13)
+    dv.clear_autotune_cache()
+    assert key not in dv._AUTOTUNE
 
 
 def test_exact_chunk_default_and_clip() -> None:
