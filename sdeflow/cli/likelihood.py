@@ -1,6 +1,15 @@
 """`sdeflow likelihood`: exact log-likelihood and bits/dim of a data file under a training checkpoint.
 
     sdeflow likelihood --ckpt runs/cb/ckpt.pt --data test.npy --divergence exact --out ll.json
+    sdeflow likelihood --ckpt runs/cb/ckpt.pt --data test.npy --solver abm4 --nfe 33        # a fixed budget
+    sdeflow likelihood --ckpt runs/cb/ckpt.pt --data test.npy --divergence hutchinson --n-probes 8  # + std errors
+
+Integration (docs/likelihood.md): ``--variable`` (t, logsnr, vp_time; auto: vp_time for DDPM schedules, t otherwise),
+``--method`` (an adaptive torchdiffeq method, or adams: sdeflow's one-evaluation-per-step Adams pair) with
+``--rtol/--atol``, or ``--solver NAME --nfe N`` for exactly N evaluations on a fixed grid (euler, midpoint, heun,
+heun3, rk4, abm3, abm4). With ``--divergence hutchinson --n-probes M`` (M >= 2; hutch++: >= 2 residual probes) every
+sample gets the standard error of its log p from its M per-probe integrals; the summary prints their mean and the
+probe noise of the mean log p, and ``--out`` holds them per sample.
 
 Data: a .npy (``allow_pickle=False``) or .pt (``weights_only=True``) array of shape (N, *data_shape), or ``digits``
 (scikit-learn's 8x8 digits, integer levels 0..16). Floating-point data is taken as it is, in the model's units.
@@ -35,8 +44,10 @@ from ..likelihood import (
     ADAPTIVE_METHODS,
     DIVERGENCES,
     FIXED_METHODS,
+    GRID_SOLVERS,
     METHODS,
     PROBES,
+    VARIABLES,
     UniformDequantization,
     log_likelihood,
 )
@@ -70,8 +81,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rtol", type=positive, default=1e-5, help="relative tolerance of the ODE (default 1e-5)")
     parser.add_argument("--atol", type=positive, default=1e-5, help="absolute tolerance of the ODE (default 1e-5)")
     parser.add_argument("--t-eps", type=positive, default=None, help="start time in (0, T) (default: the SDE's eps)")
-    parser.add_argument("--method", choices=METHODS, default="dopri5", help="torchdiffeq method")
-    parser.add_argument("--step-size", type=positive, default=None, help="step of the fixed-grid methods (rk4, ...)")
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default=None,
+        help="adaptive integrator: a torchdiffeq method or adams (default dopri5)",
+    )
+    parser.add_argument("--step-size", type=positive, default=None, help="step of torchdiffeq's fixed-grid methods")
+    parser.add_argument(
+        "--variable",
+        choices=VARIABLES,
+        default="auto",
+        help="integration variable (default auto: vp_time on DDPM, else t)",
+    )
+    parser.add_argument(
+        "--solver", choices=tuple(GRID_SOLVERS), default=None, help="fixed-grid solver taking exactly --nfe evaluations"
+    )
+    parser.add_argument("--nfe", type=int_at_least(1), default=None, help="evaluations of the fixed-grid --solver")
     parser.add_argument(
         "--batch-size", type=int_at_least(1), default=256, help="samples per solve (the unit split across ranks)"
     )
@@ -164,10 +190,26 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> int:
     out_path = check_output_file(args.out, "--out", args.force, (".json",)) if args.out else None
     check_tolerance(args.rtol, "--rtol", dtype)
     check_tolerance(args.atol, "--atol", dtype)
-    if args.step_size is not None and args.method in ADAPTIVE_METHODS:
-        raise CLIError(f"--step-size applies to the fixed-grid methods (rk4, euler, ...), not --method {args.method}")
-    if args.step_size is None and args.method in FIXED_METHODS:
-        raise CLIError(f"--method {args.method} is a fixed-grid method: pass --step-size H (e.g. --step-size 0.01)")
+    if args.solver is not None:
+        if args.method is not None or args.step_size is not None:
+            flag = "--method" if args.method is not None else "--step-size"
+            raise CLIError(f"{flag} and --solver exclude each other: --solver {args.solver} --nfe N is a fixed grid")
+        least = 2 if GRID_SOLVERS[args.solver][0] == "adams" else GRID_SOLVERS[args.solver][1]
+        if args.nfe is None:
+            raise CLIError(f"--solver {args.solver} needs --nfe N (evaluations, >= {least})")
+        if args.nfe < least:
+            raise CLIError(f"--nfe must be >= {least} (one step of --solver {args.solver}), got {args.nfe}")
+    elif args.nfe is not None:
+        raise CLIError(f"--nfe is the budget of a fixed-grid --solver ({', '.join(GRID_SOLVERS)}): pass --solver")
+    method = args.method or "dopri5"
+    if args.step_size is not None and method in ADAPTIVE_METHODS:
+        raise CLIError(f"--step-size applies to the fixed-grid methods (rk4, euler, ...), not --method {method}")
+    if args.step_size is None and method in FIXED_METHODS:
+        raise CLIError(f"--method {method} is a fixed-grid method: pass --step-size H (e.g. --step-size 0.01)")
+    if args.divergence == "hutch++" and args.n_probes < 3:
+        raise CLIError(
+            f"--n-probes must be >= 3 for --divergence hutch++ (sketch, projection, residual), got {args.n_probes}"
+        )
     try:
         den, config, _ = load_run(args.ckpt, ema=not args.no_ema, device=device, dtype=dtype)
     except FileNotFoundError as err:
@@ -193,6 +235,8 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> int:
         )
     if args.n is not None:
         data = data[: args.n]
+    if args.variable in ("logsnr", "vp_time") and not math.isfinite(float(den.sde.log_snr(den.sde.T))):
+        raise CLIError(f"--variable {args.variable} needs a finite log-SNR at T; {den.sde!r} reaches a(T) = 0: use t")
     options = None if args.step_size is None else {"step_size": args.step_size}
 
     def chunk(idx: range) -> dict[str, Any]:
@@ -209,7 +253,10 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> int:
                 generator=gen,
                 n_probes=args.n_probes,
                 probe=args.probe,
-                method=args.method,
+                method=method,
+                solver=args.solver,
+                nfe=args.nfe,
+                variable=args.variable,
                 dequantize=deq,
                 options=options,
             )
@@ -217,10 +264,13 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> int:
             "log_prob": res.log_prob,
             "bits_per_dim": res.bits_per_dim,
             "prior_gap": res.prior_gap_bound,
+            "std_error": res.std_error,
+            "probe_variance": res.probe_variance,
             "nfe": res.nfe,
             "evaluations": res.stats["evaluations"],
             "t_eps": res.t_eps,
             "offset": res.dequantization_offset,
+            "variable": res.stats["variable"],
         }
 
     start = time.perf_counter()
@@ -233,14 +283,22 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> int:
     log_prob = torch.cat([p["log_prob"] for p in parts])
     bits_per_dim = torch.cat([p["bits_per_dim"] for p in parts])
     gap = None if parts[0]["prior_gap"] is None else torch.cat([p["prior_gap"] for p in parts])
+    se = None if parts[0]["std_error"] is None else torch.cat([p["std_error"] for p in parts]).double()
+    pv = None if parts[0]["probe_variance"] is None else torch.cat([p["probe_variance"] for p in parts]).double()
     nfe = sum(p["nfe"] for p in parts)
     offset = parts[0]["offset"]
+    n_out = int(data.shape[0])
     out: dict[str, Any] = {
         "ckpt": str(args.ckpt),
         "data": str(args.data),
-        "n": int(data.shape[0]),
+        "n": n_out,
         "sde": repr(den.sde),
         "divergence": args.divergence,
+        "n_probes": args.n_probes if args.divergence != "exact" else 0,
+        "method": None if args.solver else method,
+        "solver": args.solver,
+        "nfe_budget": args.nfe,
+        "variable": parts[0]["variable"],
         "rtol": args.rtol,
         "atol": args.atol,
         "t_eps": parts[0]["t_eps"],
@@ -249,23 +307,40 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> int:
         "log_prob": _summary(log_prob),
         "bits_per_dim": _summary(bits_per_dim),
         "prior_gap_bound_nats": float(gap.mean()) if gap is not None else None,
+        # the probes' share of the uncertainty: the mean per-sample standard error, and that of the mean log p
+        "probe_std_error_mean": float(se.mean()) if se is not None else None,
+        "probe_std_error_of_mean_log_prob": float(se.pow(2).sum().sqrt() / n_out) if se is not None else None,
         "nfe": nfe,
         "evaluations": sum(p["evaluations"] for p in parts),
         "seconds": seconds,
         "world_size": ctx.world_size,
     }
     lp, bpd = out["log_prob"], out["bits_per_dim"]
+    integ = (
+        f"solver={args.solver}, nfe={args.nfe}"
+        if args.solver
+        else f"method={method}, rtol={args.rtol}, atol={args.atol}"
+    )
     print(
-        f"{out['n']} samples, {den.sde!r}, divergence={args.divergence}, rtol={args.rtol}, atol={args.atol}\n"
+        f"{out['n']} samples, {den.sde!r}, divergence={args.divergence}, {integ}, variable={out['variable']}\n"
         f"log p (nats/sample): {lp['mean']:.6g} +- {lp['stderr']:.2g}\n"
         f"bits/dim:            {bpd['mean']:.6g} +- {bpd['stderr']:.2g}"
         + (f"  (dequantization offset {offset:.4f} bits)" if deq is not None else "")
+        + (
+            f"\nprobe std. error:    {out['probe_std_error_mean']:.3g} nats/sample (mean over samples; "
+            f"{out['probe_std_error_of_mean_log_prob']:.2g} for the mean log p)"
+            if se is not None
+            else ""
+        )
         + f"\nprior gap bound:     {out['prior_gap_bound_nats']:.3g} nats/sample (mean)\n"
         f"nfe {nfe}, {seconds:.2f} s ({seconds / out['n'] * 1e3:.3g} ms/sample)"
         + (f" on {ctx.world_size} ranks" if ctx.distributed else "")
     )
     if out_path is not None:
         out["per_sample"] = {"log_prob": log_prob.tolist(), "bits_per_dim": bits_per_dim.tolist()}
+        if se is not None and pv is not None:
+            out["per_sample"]["std_error"] = se.tolist()
+            out["per_sample"]["probe_variance"] = pv.tolist()
         atomic_write_bytes(out_path, (json.dumps(out, indent=2) + "\n").encode())
         print(f"wrote {out_path}", file=sys.stderr)
     return 0
