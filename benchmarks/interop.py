@@ -211,11 +211,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default="runs/interop")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--kinds", nargs="+", default=["linear-eps", "cosine-v", "flow"])
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    kinds = ["linear-eps", "cosine-v", "flow"]
+    kinds = args.kinds
     nfes = [10] if args.quick else [10, 20]
-    seeds = [0] if args.quick else [0, 1]
+    seeds = args.seeds if args.seeds is not None else [0] if args.quick else [0, 1]
     rows = run(kinds, nfes, seeds, args.batch)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
