@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from mixture_posterior import posterior_x0_var
 from scipy import integrate, stats
 
 import sdeflow as sf
@@ -18,22 +19,6 @@ from sdeflow.training import default_gmm
 from sdeflow.training.losses import EDMLoss
 
 SDES = {"vp": lambda: sf.VPSDE(), "ve": lambda: sf.VESDE(0.002, 80.0)}
-
-
-def posterior_x0_var(gmm: sf.GaussianMixture, x: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Var(x0 | x_t = x) per coordinate (B, d) of a diagonal mixture, written out here (not sdeflow.analytic):
-    component k gives x0 | x_t, k ~ N(mu_k + a sig_k^2 (x - a mu_k)/v_k, sig_k^2 s^2 / v_k), v_k = a^2 sig_k^2 + s^2,
-    mixed with the responsibilities."""
-    mu, sig2, w = gmm.means, gmm.stds**2, gmm.weights
-    a, s = a[:, None, None], s[:, None, None]
-    v = a**2 * sig2[None] + s**2
-    diff = x[:, None, :] - a * mu[None]
-    logr = torch.log(w)[None] - 0.5 * (diff**2 / v + torch.log(2 * math.pi * v)).sum(-1)
-    r = torch.softmax(logr, dim=1)[..., None]
-    m = mu[None] + a * sig2[None] * diff / v
-    c = sig2[None] * s**2 / v
-    mean = (r * m).sum(1)
-    return (r * (c + m**2)).sum(1) - mean**2
 
 
 def lognormal_expectation(fn, loss: EDMLoss) -> float:

@@ -16,6 +16,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from mixture_posterior import posterior_x0_var
 
 import sdeflow as sf
 from sdeflow.cli import main
@@ -31,20 +32,6 @@ F64 = torch.float64
 def sigma_and_slope(t: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor]:
     """SD3's shifted noise level sigma(t) = k t / (1 + (k - 1) t) and its derivative k / (1 + (k - 1) t)^2."""
     return k * t / (1 + (k - 1) * t), k / (1 + (k - 1) * t) ** 2
-
-
-def posterior_x0_var(gmm: sf.GaussianMixture, x: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Var(x0 | x_t = x) per coordinate (B, d) of a diagonal mixture: component k gives x0 | x_t, k ~ N(mu_k + a
-    sig_k^2 (x - a mu_k) / v_k, sig_k^2 s^2 / v_k), v_k = a^2 sig_k^2 + s^2, mixed with the responsibilities."""
-    mu, sig2, w = gmm.means, gmm.stds**2, gmm.weights
-    a, s = a[:, None, None], s[:, None, None]
-    v = a**2 * sig2[None] + s**2
-    diff = x[:, None, :] - a * mu[None]
-    logr = torch.log(w)[None] - 0.5 * (diff**2 / v + torch.log(2 * math.pi * v)).sum(-1)
-    r = torch.softmax(logr, dim=1)[..., None]
-    m = mu[None] + a * sig2[None] * diff / v
-    mean = (r * m).sum(1)
-    return (r * (sig2[None] * s**2 / v + m**2)).sum(1) - mean**2
 
 
 def velocity_oracle(gmm: sf.GaussianMixture, path: FlowMatchingPath):
