@@ -590,6 +590,12 @@ def fit_grid(
         )
 
     # the reference: a fine solve whose grid holds the DP candidates
+    if reference_dtype is not None and not (
+        isinstance(reference_dtype, torch.dtype) and reference_dtype.is_floating_point
+    ):
+        raise ValueError(
+            f"reference_dtype must be None or a floating torch.dtype (e.g. torch.float64), got {reference_dtype!r}"
+        )
     if reference is None:
         if reference_dtype is None:
             net = den.net

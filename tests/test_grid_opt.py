@@ -279,3 +279,6 @@ def test_float32_module_gets_a_float32_reference():
     assert fit.error <= fit.default_error and fit.grid.dtype == F64 and fit.grid.numel() == 5
     with pytest.raises(RuntimeError):
         fit_grid(den, "unipc", 4, shape=(2,), reference_dtype=F64, **FAST)
+    for bad in ("float64", torch.int64, 64):
+        with pytest.raises(ValueError, match="reference_dtype"):
+            fit_grid(den, "unipc", 4, shape=(2,), reference_dtype=bad, **FAST)
