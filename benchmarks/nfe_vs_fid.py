@@ -4,9 +4,11 @@
    NFE 5, 10, 20, 50, 100, 200, 500, 1000 and the tolerance-driven ones at rtol = atol = 1e-1 ... 1e-4; 2000 samples
    per cell scored by sliced Wasserstein, multi-scale MMD^2 and the Frechet distance against 2000 held-out draws.
 2. **digits** (8x8 images, scikit-learn): a small U-Net (32 channels, multipliers 1, 2, 2, one residual block per
-   level, attention at 4x4; 1.1 M parameters) trained for 3000 steps; every solver at NFE 5 ... 100 (``--digits-nfe``);
-   1000 samples per cell scored by FD_digits, the Frechet distance in the feature space of the hash-verified digits
-   CNN (:mod:`sdeflow.evaluation.extractors`), against the statistics of all 1797 digits.
+   level, attention at 4x4; 1.1 M parameters) trained for 3000 steps with the EDM recipe; a representative solver set
+   (ddim, ddpm, dpm_solver++, unipc, heun, euler_maruyama, rk45) at NFE 5 ... 100 (``--digits-nfe``), then the
+   reference cells that check issue 17's targets (the best solver at NFE 10 run at NFE 1000, rk45 at rtol 1e-3 and
+   1e-4); 1000 samples per cell scored by FD_digits, the Frechet distance in the feature space of the hash-verified
+   digits CNN (:mod:`sdeflow.evaluation.extractors`), against the statistics of all 1797 digits.
 
 Checkpoints are reused when present (``runs/bench/<name>/ckpt.pt``), resumed when shorter than asked, trained
 otherwise. Each part writes ``results.json``, ``table.md`` and ``nfe_vs_quality.png`` under ``runs/bench/<name>/``
@@ -14,9 +16,8 @@ otherwise. Each part writes ``results.json``, ``table.md`` and ``nfe_vs_quality.
 ``runs/bench/summary.md`` collects the tables and the time of every phase. ``sdeflow bench --ckpt ...`` runs the same
 sweep on any checkpoint.
 
-Time measured on 2 CPU cores (one torch thread; small nets gain nothing from more): checkerboard, training 87 s and
-sweep 338 s; digits, training 1208 s (machine under load) and sweep 1050 s. About 25 minutes with the digits
-checkpoint present, 45 from scratch; with a GPU a few minutes in all.
+Time on 2 CPU cores (torch's default threads: one U-Net call on 1000 samples takes 1.95 s on one thread and 0.98 s
+on two): see docs/benchmarks.md, "make bench", for the measured phases; with a GPU a few minutes in all.
 
     .venv/bin/python benchmarks/nfe_vs_fid.py                 # both parts
     .venv/bin/python benchmarks/nfe_vs_fid.py --only digits   # one part
@@ -63,9 +64,13 @@ PARTS = {
         "n": 1000,
         "nfes": [5, 10, 20, 50, 100],
         "tolerances": [1e-1, 1e-2],
+        # one U-Net call on 1000 samples costs about 1 s on 2 cores, so the digits part sweeps a representative set
+        # (all 19 solvers and their references took over 2 hours): the first-order ODE and SDE baselines, the two
+        # multistep ODE solvers, EDM's Heun, and rk45 (`sdeflow bench --ckpt ... --solvers ...` sweeps any other)
+        "solvers": ["ddim", "ddpm", "dpm_solver++", "unipc", "heun", "euler_maruyama", "rk45"],
         # issue 17's targets: the high-accuracy ODE within 2x of the data floor, the best solver at NFE 10 within
         # 1.1x of its own NFE 1000 (checked by `targets`, written into the summary)
-        "reference": {"solvers": ["heun"], "nfes": [1000], "tolerances": [1e-3, 1e-4], "target_nfe": 10},
+        "reference": {"solvers": [], "nfes": [1000], "tolerances": [1e-3, 1e-4], "target_nfe": 10},
     },
 }
 QUICK = {"steps": 20, "n": 64, "nfes": [2, 4], "tolerances": [0.1], "solvers": ["euler", "dpm_solver++", "rk45"]}
@@ -231,11 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--cache-dir", default=None, help="digits extractor cache (default ~/.cache/sdeflow)")
     p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
     p.add_argument("--quick", action="store_true", help="tiny models and sweeps (smoke test)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, args.threads))
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)
     start = time.perf_counter()
     sections = [run_part(name, out, args) for name in PARTS if args.only in (None, name)]
