@@ -8,7 +8,7 @@ samples from other noises are drawn on the default and on the fitted grid and sc
 ``sdeflow.evaluation.extractors``) against all 1797 digits, as in `make bench`. Reports the fit's cost (reference
 NFE, wall time) next to the scores.
 
-    .venv/bin/python benchmarks/digits_grids.py                       # about 10 minutes on 2 cores
+    .venv/bin/python benchmarks/digits_grids.py --fit-n 128 --solvers unipc   # about 40 minutes on one core
     .venv/bin/python benchmarks/digits_grids.py --ckpt /tmp/x/ckpt.pt --n 64 --fit-n 16 --nfe 4   # smoke run
 """
 
