@@ -7,7 +7,7 @@ then, keeping the grid, fit an offset delta_i of the log-SNR at which the net is
 (the net sees t'_i = t(lambda(t_i) + delta_i); the solver's coefficients still use t_i) by golden-section
 coordinate descent on the same weighted end error; report the fitting and held-out errors of both.
 
-    .venv/bin/python benchmarks/decoupled_times.py --nfe 5 --fit-n 256    # about 3 minutes on one core
+    .venv/bin/python benchmarks/decoupled_times.py --nfe 5 --fit-n 256    # about a minute
 
 Measured (2 cores, loaded): fit-n 256: grid 5.52e-2 fit / 6.39e-2 held-out, + offsets 2.61e-2 fit / 5.42e-2
 held-out; fit-n 1024: grid 7.46e-2 / 7.06e-2, + offsets 5.08e-2 / 5.44e-2. The peers' best at NFE 10 is 5.09e-2.
