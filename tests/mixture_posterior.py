@@ -1,5 +1,5 @@
 """Closed-form posterior moments of a diagonal Gaussian mixture, written out independently of sdeflow.analytic
-(the loss-floor oracle shared by the EDM-loss and flow-matching training tests; tests/ is on sys.path through
+(the loss-floor oracle shared by the DSM, EDM-loss and flow-matching training tests; tests/ is on sys.path through
 conftest.py)."""
 
 from __future__ import annotations

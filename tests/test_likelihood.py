@@ -399,17 +399,12 @@ def test_bad_input_raises() -> None:
 
 # ------------------------------------------------------------------------------------------------ CLI
 def test_cli_on_a_checkpoint(tmp_path, capsys) -> None:
-    from sdeflow.cli import main
-    from sdeflow.training import build_net, build_sde, load_denoiser, save_checkpoint
+    from tiny_checkpoint import write_mlp_checkpoint
 
-    config = {
-        "sde": {"name": "vp", "beta_min": 0.1, "beta_max": 20.0, "schedule": "linear"},
-        "net": {"name": "mlp", "dim": 4, "hidden": 16, "depth": 1, "time_dim": 8},
-        "loss": {"prediction": "eps"},
-    }
-    torch.manual_seed(0)
-    net = build_net(config, build_sde(config))
-    save_checkpoint({"config": config, "model": net.state_dict(), "ema": net.state_dict()}, tmp_path / "ckpt.pt")
+    from sdeflow.cli import main
+    from sdeflow.training import load_denoiser
+
+    write_mlp_checkpoint(tmp_path / "ckpt.pt", dim=4)
     images = np.random.default_rng(0).integers(0, 256, size=(5, 1, 2, 2)).astype(np.uint8)
     np.save(tmp_path / "images.npy", images)
     out = tmp_path / "ll.json"

@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny_checkpoint import write_mlp_checkpoint
 
 import sdeflow as sf
 from sdeflow.cli import main
-from sdeflow.training import build_net, build_sde, load_denoiser, save_checkpoint
+from sdeflow.training import load_denoiser
 
 F64 = torch.float64
 
@@ -19,16 +20,7 @@ F64 = torch.float64
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli_likelihood")
-    config = {
-        "sde": {"name": "vp", "beta_min": 0.1, "beta_max": 20.0, "schedule": "linear"},
-        "net": {"name": "mlp", "dim": 3, "hidden": 16, "depth": 1, "time_dim": 8},
-        "loss": {"prediction": "eps"},
-    }
-    torch.manual_seed(0)
-    net = build_net(config, build_sde(config))
-    for p in net.parameters():  # a non-trivial field (the output layers start at zero)
-        torch.nn.init.normal_(p, std=0.1)
-    save_checkpoint({"config": config, "model": net.state_dict(), "ema": net.state_dict()}, root / "ckpt.pt")
+    write_mlp_checkpoint(root / "ckpt.pt", dim=3, init_std=0.1)  # a non-trivial field
     data = np.random.default_rng(0).standard_normal((6, 3))
     np.save(root / "x.npy", data)
     return root, torch.from_numpy(data)

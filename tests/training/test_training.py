@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from mixture_posterior import posterior_x0_var
 from scipy import integrate
 
 import sdeflow as sf
@@ -14,24 +15,6 @@ from sdeflow.nets import MLPScoreNet
 from sdeflow.training import DenoisingScoreMatching, SampledData, Trainer, default_gmm
 
 PREDICTIONS = ("eps", "x0", "v", "score")
-
-
-def posterior_x0_var(gmm: sf.GaussianMixture, x: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Var(x0 | x_t = x) per coordinate (B, d) for the mixture, written out independently of sdeflow.analytic.
-
-    Component k: x_t | k ~ N(a mu_k, v_k), v_k = a^2 sig_k^2 + s^2; x0 | x_t, k ~ N(m_k, c_k) with
-    m_k = mu_k + a sig_k^2 (x - a mu_k) / v_k, c_k = sig_k^2 s^2 / v_k; mix with the responsibilities r_k.
-    """
-    mu, sig2, w = gmm.means, gmm.stds**2, gmm.weights
-    a, s = a[:, None, None], s[:, None, None]
-    v = a**2 * sig2[None] + s**2  # (B, K, d)
-    diff = x[:, None, :] - a * mu[None]
-    logr = torch.log(w)[None] - 0.5 * (diff**2 / v + torch.log(2 * math.pi * v)).sum(-1)
-    r = torch.softmax(logr, dim=1)[..., None]
-    m = mu[None] + a * sig2[None] * diff / v
-    c = sig2[None] * s**2 / v
-    mean = (r * m).sum(1)
-    return (r * (c + m**2)).sum(1) - mean**2
 
 
 def space_factor(space: str, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
