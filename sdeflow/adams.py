@@ -127,17 +127,21 @@ def adams_integrate(
     hist: list[tuple[float, State]] = [(u0, evaluate(u0, y0))]
     stats = {"evaluations": 1, "accepted": 0, "rejected": 0}
 
+    def pece(y: State, a: float, b: float) -> tuple[int, State, State, State]:
+        """One predict-evaluate-correct step a -> b on the last ``order`` history points: (k, yp, f(b, yp), yc)."""
+        k = min(order, len(hist))
+        H = hist[-k:]
+        yp = _combine(y, lagrange_integrals([p[0] for p in H], a, b), [p[1] for p in H])
+        fp = evaluate(b, yp)
+        stats["evaluations"] += 1
+        Hc = [*H, (b, fp)]
+        return k, yp, fp, _combine(y, lagrange_integrals([p[0] for p in Hc], a, b), [p[1] for p in Hc])
+
     if grid is not None:
         nodes = [float(g) for g in grid]
         for i in range(len(nodes) - 1):
             a, b = nodes[i], nodes[i + 1]
-            k = min(order, len(hist))
-            H = hist[-k:]
-            yp = _combine(y, lagrange_integrals([p[0] for p in H], a, b), [p[1] for p in H])
-            fp = evaluate(b, yp)
-            stats["evaluations"] += 1
-            Hc = [*H, (b, fp)]
-            y = _combine(y, lagrange_integrals([p[0] for p in Hc], a, b), [p[1] for p in Hc])
+            _, _, fp, y = pece(y, a, b)
             hist = [*hist[-(order + 1) :], (b, fp)]
             stats["accepted"] += 1
         return y, stats
@@ -152,13 +156,7 @@ def adams_integrate(
         if h >= remaining or remaining - h < 0.1 * h:  # land exactly on u1 instead of a sliver step
             h = remaining
         un = u + direction * h
-        k = min(order, len(hist))
-        H = hist[-k:]
-        yp = _combine(y, lagrange_integrals([p[0] for p in H], u, un), [p[1] for p in H])
-        fp = evaluate(un, yp)
-        stats["evaluations"] += 1
-        Hc = [*H, (un, fp)]
-        yc = _combine(y, lagrange_integrals([p[0] for p in Hc], u, un), [p[1] for p in Hc])
+        k, yp, fp, yc = pece(y, u, un)
         if len(hist) > k:  # order-(k+2) corrector through one more point: the error of the kept order-(k+1) value
             H2 = [*hist[-(k + 1) :], (un, fp)]
             y2 = _combine(y, lagrange_integrals([p[0] for p in H2], u, un), [p[1] for p in H2])
