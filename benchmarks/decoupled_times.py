@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 import sdeflow as sf
+from sdeflow.cli.common import int_at_least
 from sdeflow.grid_opt import _golden, fit_grid, reference_solve, stratified_noises
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,9 +54,9 @@ class Warp:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--nfe", type=int, default=5)
-    p.add_argument("--fit-n", type=int, default=256)
-    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--nfe", type=int_at_least(2), default=5)
+    p.add_argument("--fit-n", type=int_at_least(8), default=256)
+    p.add_argument("--dim", type=int_at_least(1), default=64)
     p.add_argument("--schedule", default="cosine", choices=["linear", "cosine"])
     args = p.parse_args(argv)
     torch.set_num_threads(1)

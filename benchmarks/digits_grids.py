@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 import sdeflow as sf
+from sdeflow.cli.common import int_at_least
 from sdeflow.evaluation import sweep
 from sdeflow.grid_opt import fit_grid
 from sdeflow.training import load_run
@@ -34,9 +35,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--ckpt", default="runs/bench/digits/ckpt.pt")
     p.add_argument("--out", default="runs/digits_grids")
     p.add_argument("--solvers", nargs="+", default=["unipc", "dpm_solver++"])
-    p.add_argument("--nfe", type=int, nargs="+", default=[5, 10])
-    p.add_argument("--n", type=int, default=1000, help="samples scored per cell")
-    p.add_argument("--fit-n", type=int, default=256, help="fitting noises")
+    p.add_argument("--nfe", type=int_at_least(1), nargs="+", default=[5, 10])
+    p.add_argument("--n", type=int_at_least(2), default=1000, help="samples scored per cell")
+    p.add_argument("--fit-n", type=int_at_least(1), default=256, help="fitting noises")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(1)

@@ -17,7 +17,7 @@ otherwise. Each part writes ``results.json``, ``table.md`` and ``nfe_vs_quality.
 sweep on any checkpoint.
 
 Time on 2 CPU cores (torch's default threads: one U-Net call on 1000 samples takes 1.95 s on one thread and 0.98 s
-on two): see docs/benchmarks.md, "make bench", for the measured phases; with a GPU a few minutes in all.
+on two): see docs/benchmarks.md, "make bench", for the measured phases (no GPU run has been measured).
 
     .venv/bin/python benchmarks/nfe_vs_fid.py                 # both parts
     .venv/bin/python benchmarks/nfe_vs_fid.py --only digits   # one part
@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from sdeflow.cli.common import int_at_least
 from sdeflow.evaluation import report, sweep
 from sdeflow.sampling import make_solver
 from sdeflow.training import ensure_trained, load_run
@@ -67,7 +68,7 @@ PARTS = {
         "nfes": [5, 10, 20, 50, 100],
         "tolerances": [1e-1, 1e-2],
         # one U-Net call on 1000 samples costs about 1 s on 2 cores, so the digits part sweeps a representative set
-        # (all 19 solvers and their references took over 2 hours): the first-order ODE and SDE baselines, the two
+        # (all 19 solvers with their references were on course for over 2 hours): the first-order ODE and SDE baselines, the two
         # multistep ODE solvers, EDM's Heun, and rk45 (`sdeflow bench --ckpt ... --solvers ...` sweeps any other)
         "solvers": ["ddim", "ddpm", "dpm_solver++", "unipc", "heun", "euler_maruyama", "rk45"],
         # issue 17's targets: the high-accuracy ODE within 2x of the data floor, the best solver at NFE 10 within
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument(
         "--threads",
-        type=int,
+        type=int_at_least(1),
         default=None,
         help="torch CPU threads (default: 1 for the checkerboard MLP, torch's default for the U-Net)",
     )
